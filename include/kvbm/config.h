@@ -1,0 +1,61 @@
+// Every DYN_KVBM_* setting, parsed and validated in one place.
+//
+// `KvbmConfig::FromEnvironment()` reads the process environment once; a value that does not
+// parse or is out of range throws ConfigError naming the variable and the value.
+// `Validate()` checks the cross-field rules (at least one of G2 and G3 sized). Values only;
+// thread-compatible.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <optional>
+#include <string>
+
+namespace kvbm {
+
+enum class DiskAllocatorType { kDefault, kOpenDirect };
+
+struct KvbmConfig {
+  double cpu_cache_gb = 0;
+  std::optional<uint64_t> cpu_cache_num_blocks;
+  double disk_cache_gb = 0;
+  std::optional<uint64_t> disk_cache_num_blocks;
+  std::string disk_cache_dir = "/tmp/";
+  bool disk_zerofill_fallback = false;
+  bool disk_disable_o_direct = false;
+  DiskAllocatorType disk_allocator = DiskAllocatorType::kDefault;
+  bool disable_disk_offload_filter = false;
+  uint32_t host_offload_prefix_min_priority = 0;
+  uint32_t max_concurrent_transfers = 4;
+  uint32_t max_transfer_batch_size = 16;
+  uint32_t leader_worker_init_timeout_secs = 120;
+  std::string leader_zmq_host = "127.0.0.1";
+  uint16_t leader_zmq_pub_port = 56001;
+  uint16_t leader_zmq_ack_port = 56002;
+  bool metrics = false;
+  uint16_t metrics_port = 6880;
+  std::string metrics_host = "127.0.0.1";
+  uint32_t cache_stats_max_requests = 1000;
+  uint32_t cache_stats_log_interval_secs = 5;
+  std::string events_endpoint;  // DYN_KVBM_EVENTS_ENDPOINT; empty: no KV events published
+
+  // Reads the environment through `getenv` (injectable for tests).
+  static KvbmConfig FromEnvironment(
+      const std::function<const char*(const char*)>& getenv_fn = nullptr);
+  static KvbmConfig FromMap(const std::map<std::string, std::string>& env);
+
+  // Throws ConfigError when no tier below G1 is sized.
+  void Validate() const;
+
+  // Blocks for a tier: the override wins; else floor(gb * 1e9 / bytes_per_block).
+  uint64_t HostBlocks(uint64_t bytes_per_block) const;
+  uint64_t DiskBlocks(uint64_t bytes_per_block) const;
+};
+
+// Parsers shared by the config and the command line; each throws ConfigError naming `name`.
+bool ParseBool(const char* name, const std::string& value);
+uint64_t ParseUnsigned(const char* name, const std::string& value, uint64_t min, uint64_t max);
+double ParseNonNegativeDouble(const char* name, const std::string& value);
+
+}  // namespace kvbm

@@ -1,0 +1,153 @@
+#include "kvbm/config.h"
+
+#include <algorithm>
+#include <cctype>
+#include <cerrno>
+#include <cmath>
+#include <cstdlib>
+#include <fmt/format.h>
+
+#include "kvbm/error.h"
+
+namespace kvbm {
+namespace {
+
+std::string Lower(std::string s) {
+  std::transform(s.begin(), s.end(), s.begin(), [](unsigned char c) { return std::tolower(c); });
+  return s;
+}
+
+std::string Trim(const std::string& s) {
+  size_t b = s.find_first_not_of(" \t\r\n");
+  if (b == std::string::npos) return "";
+  size_t e = s.find_last_not_of(" \t\r\n");
+  return s.substr(b, e - b + 1);
+}
+
+[[noreturn]] void Bad(const char* name, const std::string& value, const std::string& why) {
+  throw ConfigError(fmt::format("{}=\"{}\": {}", name, value, why));
+}
+
+}  // namespace
+
+bool ParseBool(const char* name, const std::string& raw) {
+  std::string v = Lower(Trim(raw));
+  if (v == "1" || v == "true" || v == "yes" || v == "on") return true;
+  if (v == "0" || v == "false" || v == "no" || v == "off" || v.empty()) return false;
+  Bad(name, raw, "expected a boolean (true/false/1/0/yes/no/on/off)");
+}
+
+uint64_t ParseUnsigned(const char* name, const std::string& raw, uint64_t min, uint64_t max) {
+  std::string v = Trim(raw);
+  if (v.empty() || !std::all_of(v.begin(), v.end(), [](unsigned char c) { return std::isdigit(c); }))
+    Bad(name, raw, "expected a non-negative integer");
+  errno = 0;
+  unsigned long long parsed = std::strtoull(v.c_str(), nullptr, 10);
+  if (errno == ERANGE) Bad(name, raw, "integer overflows 64 bits");
+  if (parsed < min || parsed > max)
+    Bad(name, raw, fmt::format("out of range [{}, {}]", min, max));
+  return parsed;
+}
+
+double ParseNonNegativeDouble(const char* name, const std::string& raw) {
+  std::string v = Trim(raw);
+  char* end = nullptr;
+  errno = 0;
+  double parsed = std::strtod(v.c_str(), &end);
+  if (v.empty() || end != v.c_str() + v.size() || errno == ERANGE || !std::isfinite(parsed))
+    Bad(name, raw, "expected a number");
+  if (parsed < 0) Bad(name, raw, "must not be negative");
+  return parsed;
+}
+
+KvbmConfig KvbmConfig::FromMap(const std::map<std::string, std::string>& env) {
+  return FromEnvironment([&env](const char* name) -> const char* {
+    auto it = env.find(name);
+    return it == env.end() ? nullptr : it->second.c_str();
+  });
+}
+
+KvbmConfig KvbmConfig::FromEnvironment(const std::function<const char*(const char*)>& getenv_fn) {
+  auto get = [&](const char* name) -> std::optional<std::string> {
+    const char* v = getenv_fn ? getenv_fn(name) : std::getenv(name);
+    if (v == nullptr) return std::nullopt;
+    return std::string(v);
+  };
+  KvbmConfig c;
+  if (auto v = get("DYN_KVBM_CPU_CACHE_GB")) c.cpu_cache_gb = ParseNonNegativeDouble("DYN_KVBM_CPU_CACHE_GB", *v);
+  if (auto v = get("DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS"))
+    c.cpu_cache_num_blocks = ParseUnsigned("DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS", *v, 0, 1ull << 40);
+  if (auto v = get("DYN_KVBM_DISK_CACHE_GB")) c.disk_cache_gb = ParseNonNegativeDouble("DYN_KVBM_DISK_CACHE_GB", *v);
+  if (auto v = get("DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS"))
+    c.disk_cache_num_blocks = ParseUnsigned("DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS", *v, 0, 1ull << 40);
+  if (auto v = get("DYN_KVBM_DISK_CACHE_DIR")) {
+    if (Trim(*v).empty()) Bad("DYN_KVBM_DISK_CACHE_DIR", *v, "must name a directory");
+    c.disk_cache_dir = *v;
+  }
+  if (auto v = get("DYN_KVBM_DISK_ZEROFILL_FALLBACK")) c.disk_zerofill_fallback = ParseBool("DYN_KVBM_DISK_ZEROFILL_FALLBACK", *v);
+  if (auto v = get("DYN_KVBM_DISK_DISABLE_O_DIRECT")) c.disk_disable_o_direct = ParseBool("DYN_KVBM_DISK_DISABLE_O_DIRECT", *v);
+  if (auto v = get("DYN_KVBM_DISK_ALLOCATOR_TYPE")) {
+    std::string t = Lower(Trim(*v));
+    if (t == "default" || t.empty()) c.disk_allocator = DiskAllocatorType::kDefault;
+    else if (t == "open-direct" || t == "open_direct") c.disk_allocator = DiskAllocatorType::kOpenDirect;
+    else Bad("DYN_KVBM_DISK_ALLOCATOR_TYPE", *v, "expected 'default' or 'open-direct'");
+  }
+  if (auto v = get("DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER"))
+    c.disable_disk_offload_filter = ParseBool("DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER", *v);
+  if (auto v = get("DYN_KVBM_HOST_OFFLOAD_PREFIX_MIN_PRIORITY"))
+    c.host_offload_prefix_min_priority = ParseUnsigned("DYN_KVBM_HOST_OFFLOAD_PREFIX_MIN_PRIORITY", *v, 0, 100);
+  if (auto v = get("DYN_KVBM_MAX_CONCURRENT_TRANSFERS"))
+    c.max_concurrent_transfers = ParseUnsigned("DYN_KVBM_MAX_CONCURRENT_TRANSFERS", *v, 1, 1024);
+  if (auto v = get("DYN_KVBM_MAX_TRANSFER_BATCH_SIZE"))
+    c.max_transfer_batch_size = ParseUnsigned("DYN_KVBM_MAX_TRANSFER_BATCH_SIZE", *v, 1, 65536);
+  if (auto v = get("DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS"))
+    c.leader_worker_init_timeout_secs = ParseUnsigned("DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS", *v, 1, 86400);
+  if (auto v = get("DYN_KVBM_LEADER_ZMQ_HOST")) {
+    if (Trim(*v).empty()) Bad("DYN_KVBM_LEADER_ZMQ_HOST", *v, "must name a host");
+    c.leader_zmq_host = Trim(*v);
+  }
+  if (auto v = get("DYN_KVBM_LEADER_ZMQ_PUB_PORT"))
+    c.leader_zmq_pub_port = ParseUnsigned("DYN_KVBM_LEADER_ZMQ_PUB_PORT", *v, 1, 65535);
+  if (auto v = get("DYN_KVBM_LEADER_ZMQ_ACK_PORT"))
+    c.leader_zmq_ack_port = ParseUnsigned("DYN_KVBM_LEADER_ZMQ_ACK_PORT", *v, 1, 65535);
+  if (c.leader_zmq_pub_port == c.leader_zmq_ack_port)
+    Bad("DYN_KVBM_LEADER_ZMQ_ACK_PORT", std::to_string(c.leader_zmq_ack_port),
+        "must differ from DYN_KVBM_LEADER_ZMQ_PUB_PORT");
+  if (auto v = get("DYN_KVBM_METRICS")) c.metrics = ParseBool("DYN_KVBM_METRICS", *v);
+  if (auto v = get("DYN_KVBM_METRICS_PORT"))
+    c.metrics_port = ParseUnsigned("DYN_KVBM_METRICS_PORT", *v, 0, 65535);
+  if (auto v = get("DYN_KVBM_METRICS_HOST")) {
+    if (Trim(*v).empty()) Bad("DYN_KVBM_METRICS_HOST", *v, "must name an address");
+    c.metrics_host = Trim(*v);
+  }
+  if (auto v = get("DYN_KVBM_CACHE_STATS_MAX_REQUESTS"))
+    c.cache_stats_max_requests = ParseUnsigned("DYN_KVBM_CACHE_STATS_MAX_REQUESTS", *v, 1, 100000000);
+  if (auto v = get("DYN_KVBM_CACHE_STATS_LOG_INTERVAL_SECS"))
+    c.cache_stats_log_interval_secs = ParseUnsigned("DYN_KVBM_CACHE_STATS_LOG_INTERVAL_SECS", *v, 1, 86400);
+  if (auto v = get("DYN_KVBM_EVENTS_ENDPOINT")) c.events_endpoint = Trim(*v);
+  return c;
+}
+
+void KvbmConfig::Validate() const {
+  bool host = cpu_cache_num_blocks ? *cpu_cache_num_blocks > 0 : cpu_cache_gb > 0;
+  bool disk = disk_cache_num_blocks ? *disk_cache_num_blocks > 0 : disk_cache_gb > 0;
+  if (!host && !disk)
+    throw ConfigError(
+        "no cache tier is sized: set DYN_KVBM_CPU_CACHE_GB (or DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS) "
+        "and/or DYN_KVBM_DISK_CACHE_GB (or DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS)");
+}
+
+static uint64_t BlocksFor(double gb, std::optional<uint64_t> override_blocks, uint64_t bytes_per_block) {
+  if (override_blocks) return *override_blocks;
+  if (bytes_per_block == 0) return 0;
+  return static_cast<uint64_t>(std::floor(gb * 1e9 / static_cast<double>(bytes_per_block)));
+}
+
+uint64_t KvbmConfig::HostBlocks(uint64_t bytes_per_block) const {
+  return BlocksFor(cpu_cache_gb, cpu_cache_num_blocks, bytes_per_block);
+}
+uint64_t KvbmConfig::DiskBlocks(uint64_t bytes_per_block) const {
+  return BlocksFor(disk_cache_gb, disk_cache_num_blocks, bytes_per_block);
+}
+
+}  // namespace kvbm

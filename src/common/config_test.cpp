@@ -1,0 +1,47 @@
+#include <gtest/gtest.h>
+
+#include "kvbm/config.h"
+#include "kvbm/error.h"
+
+namespace kvbm {
+namespace {
+
+TEST(Config, DefaultsAndParsing) {
+  auto c = KvbmConfig::FromMap({{"DYN_KVBM_CPU_CACHE_GB", "4"}, {"DYN_KVBM_DISK_ALLOCATOR_TYPE", "open-direct"},
+                                {"DYN_KVBM_METRICS", "true"}});
+  EXPECT_DOUBLE_EQ(c.cpu_cache_gb, 4);
+  EXPECT_EQ(c.disk_allocator, DiskAllocatorType::kOpenDirect);
+  EXPECT_TRUE(c.metrics);
+  EXPECT_EQ(c.metrics_port, 6880);
+  EXPECT_EQ(c.max_transfer_batch_size, 16u);
+  EXPECT_EQ(c.HostBlocks(1'000'000), 4000u);
+  c.Validate();
+}
+
+TEST(Config, OverrideWinsOverGb) {
+  auto c = KvbmConfig::FromMap({{"DYN_KVBM_CPU_CACHE_GB", "4"}, {"DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS", "7"}});
+  EXPECT_EQ(c.HostBlocks(1000), 7u);
+}
+
+TEST(Config, ErrorsNameVariableAndValue) {
+  auto expect_error = [](std::map<std::string, std::string> env, const std::string& needle) {
+    try {
+      KvbmConfig::FromMap(env).Validate();
+      ADD_FAILURE() << "no error for " << needle;
+    } catch (const ConfigError& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+  };
+  expect_error({{"DYN_KVBM_CPU_CACHE_GB", "lots"}}, "DYN_KVBM_CPU_CACHE_GB=\"lots\"");
+  expect_error({{"DYN_KVBM_CPU_CACHE_GB", "-1"}}, "DYN_KVBM_CPU_CACHE_GB");
+  expect_error({{"DYN_KVBM_METRICS_PORT", "70000"}, {"DYN_KVBM_CPU_CACHE_GB", "1"}}, "DYN_KVBM_METRICS_PORT=\"70000\"");
+  expect_error({{"DYN_KVBM_HOST_OFFLOAD_PREFIX_MIN_PRIORITY", "101"}}, "DYN_KVBM_HOST_OFFLOAD_PREFIX_MIN_PRIORITY");
+  expect_error({{"DYN_KVBM_DISK_ALLOCATOR_TYPE", "fast"}}, "DYN_KVBM_DISK_ALLOCATOR_TYPE");
+  expect_error({{"DYN_KVBM_METRICS", "maybe"}}, "DYN_KVBM_METRICS");
+  expect_error({{"DYN_KVBM_MAX_CONCURRENT_TRANSFERS", "0"}}, "DYN_KVBM_MAX_CONCURRENT_TRANSFERS");
+  expect_error({{"DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS", "99999999999999999999999"}}, "overflow");
+  expect_error({}, "no cache tier is sized");
+}
+
+}  // namespace
+}  // namespace kvbm
