@@ -178,6 +178,10 @@ class BlockPool : public std::enable_shared_from_this<BlockPool> {
   // Like MatchPrefix but only counts, taking no references.
   size_t CountPrefix(std::span<const BlockKey> keys) const;
   bool Contains(const BlockKey& key) const;
+  // Removes `key` from the pool's matchable set (e.g. its bytes failed verification): never
+  // matched again; an unreferenced block is freed at once, a referenced one when released.
+  // Returns false when the pool did not hold it.
+  bool Invalidate(const BlockKey& key);
   // Marks inactive blocks with these hashes as most recently used.
   void Touch(std::span<const SequenceHash> hashes);
   // Drops every registered block. FailedPrecondition when any block is still referenced.
@@ -186,6 +190,8 @@ class BlockPool : public std::enable_shared_from_this<BlockPool> {
   BlockPoolStats stats() const;
   // Number of registered children of `hash` in this pool (for tests of leaf tracking).
   uint32_t ChildCount(SequenceHash hash) const;
+  // Every registered block (id, key), for tests and audits.
+  std::vector<std::pair<BlockId, BlockKey>> RegisteredBlocks() const;
   // Sequence hashes in eviction order (first = next victim), for tests.
   std::vector<SequenceHash> EvictionOrder() const;
 

@@ -77,6 +77,8 @@ struct KvbmMetrics {
   std::atomic<uint64_t> load_errors{0};       // blocks reported to the engine as failed loads
   std::atomic<uint64_t> corrupt_blocks{0};    // blocks whose checksum or hash did not verify
   std::atomic<uint64_t> disk_writes_avoided{0};  // blocks the admission filter kept off disk
+  std::atomic<uint64_t> kv_events_published{0};  // KV events sent on the ZeroMQ PUB socket
+  std::atomic<uint64_t> kv_events_dropped{0};    // KV events lost (publisher queue overflow, send error)
   WindowedHitRate host_hit_rate;
   WindowedHitRate disk_hit_rate;
   // Pool occupancy per tier, refreshed by the manager when metrics are read.

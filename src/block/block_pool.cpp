@@ -414,6 +414,28 @@ bool BlockPool::Contains(const BlockKey& key) const {
   return FindLocked(key, key.parent).has_value();
 }
 
+bool BlockPool::Invalidate(const BlockKey& key) {
+  std::lock_guard lock(mu_);
+  auto id = FindLocked(key, key.parent);
+  if (!id) return false;
+  Slot& s = slots_[*id];
+  if (s.inactive) {
+    EvictLocked(*id);
+    free_.push_back(*id);
+    return true;
+  }
+  // Referenced: unregister now; ReleaseRef returns it to Reset since it is no longer Registered.
+  by_hash_.erase(s.key.sequence_hash);
+  if (s.key.parent) {
+    auto it = children_.find(*s.key.parent);
+    if (it != children_.end() && --it->second == 0) children_.erase(it);
+    RekeyParentLocked(*s.key.parent);
+  }
+  if (registry_) registry_->OnRemoved(tier_, s.key);
+  s.state = BlockState::kComplete;
+  return true;
+}
+
 void BlockPool::Touch(std::span<const SequenceHash> hashes) {
   std::lock_guard lock(mu_);
   for (SequenceHash h : hashes) {
@@ -448,6 +470,13 @@ BlockPoolStats BlockPool::stats() const {
 uint32_t BlockPool::ChildCount(SequenceHash hash) const {
   std::lock_guard lock(mu_);
   return ChildCountLocked(hash);
+}
+
+std::vector<std::pair<BlockId, BlockKey>> BlockPool::RegisteredBlocks() const {
+  std::lock_guard lock(mu_);
+  std::vector<std::pair<BlockId, BlockKey>> out;
+  for (const auto& [hash, id] : by_hash_) out.emplace_back(BlockId(id), slots_[id].key);
+  return out;
 }
 
 std::vector<SequenceHash> BlockPool::EvictionOrder() const {

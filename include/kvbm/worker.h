@@ -1,0 +1,122 @@
+// The worker side of the connector core: one per tensor-parallel rank, in the engine's worker
+// process. It owns the memory (G2 host storage, the G3 file) and the transfer engine, knows the
+// engine's KV tensors (G1), and applies the leader's per-step operations to its own shard.
+//
+// Ordering (why loads and stores never see torn or stale bytes):
+//  - loads start when a step is bound (before the forward pass);
+//  - stores of G1 blocks run in ForwardPassDone(), i.e. after the forward pass that wrote them,
+//    and complete before it returns, so the engine may reuse those G1 blocks afterwards;
+//  - a store into a host slot waits until no load or disk offload still reads that slot;
+//  - a load or write of a disk slot starts only after the previous write of that slot finished;
+//  - every disk read is verified against the slot's side data (hash + checksum); a block that
+//    does not verify is a load error for exactly that G1 block, never served.
+//
+// Thread safety: the engine calls BindStep / ForwardPassDone / GetFinished / TakeLoadErrors from
+// one thread (its worker thread); completions arrive on transfer threads. mu_ guards the
+// bookkeeping; it is never held while submitting a transfer.
+#pragma once
+
+#include <condition_variable>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "kvbm/config.h"
+#include "kvbm/connector_ops.h"
+#include "kvbm/layout.h"
+#include "kvbm/metrics.h"
+#include "kvbm/storage.h"
+#include "kvbm/transfer.h"
+
+namespace kvbm {
+
+// The engine's KV tensors, one per layer (vLLM: kv_caches dict in layer order).
+struct DeviceTensors {
+  std::vector<uintptr_t> layer_pointers;
+  std::vector<TensorShape> layer_shapes;
+  uint64_t num_blocks = 0;
+  uint64_t page_size = 0;  // tokens per block
+  MemoryKind kind = MemoryKind::kHost;  // kHost for a CPU engine, kDevice for CUDA tensors
+  int device_index = -1;
+};
+
+class KvbmWorker {
+ public:
+  KvbmWorker(const KvbmConfig& config, uint32_t rank, uint32_t world_size,
+             std::shared_ptr<KvbmMetrics> metrics = nullptr);
+  ~KvbmWorker();  // waits for transfers in flight
+
+  // Reads the engine tensors' shapes and strides into the G1 layout. Errors name the layer.
+  Status RegisterKvCaches(const DeviceTensors& tensors);
+  bool registered() const { return device_layout_ != nullptr; }
+  uint64_t bytes_per_block() const;  // this rank's bytes of one block (all layers)
+  uint64_t device_blocks() const;
+  const Layout* device_layout() const { return device_layout_.get(); }
+
+  // Allocates G2 (host) and G3 (disk) for this many blocks (0 = tier off). Errors name the
+  // setting that sized them.
+  Status AllocateTiers(uint64_t host_blocks, uint64_t disk_blocks);
+  uint64_t host_blocks() const { return host_blocks_; }
+  uint64_t disk_blocks() const { return disk_blocks_; }
+
+  // Binds one step's metadata (msgpack from the leader): loads start now.
+  Status BindStep(std::span<const uint8_t> metadata);
+  Status BindStep(const StepMetadata& meta);
+  // The forward pass of the bound step finished: runs its stores (blocking until G1 has been
+  // read), then starts its disk offloads.
+  Status ForwardPassDone();
+  // Requests whose loads completed since the last call, and requests the leader asked to be
+  // told about once their in-flight load stopped touching their blocks.
+  std::pair<std::vector<std::string>, std::vector<std::string>> GetFinished();  // (sending, recving)
+  // G1 block ids whose load failed since the last call.
+  std::vector<uint32_t> TakeLoadErrors();
+  // Waits until no transfer is in flight (tests, shutdown).
+  void WaitIdle();
+
+  // Direct access for tests and benchmarks (the simulated engine fills G1 through these).
+  uint8_t* host_data() const { return host_ ? host_->data() : nullptr; }
+  const TierMemory& device_memory() const { return device_mem_; }
+  const TierMemory& host_memory() const { return host_mem_; }
+  const TierMemory& disk_memory() const { return disk_mem_; }
+  TransferEngine& transfer_engine() { return *engine_; }
+  const std::shared_ptr<KvbmMetrics>& metrics() const { return metrics_; }
+
+ private:
+  void StartLoad(const TransferOp& op);
+  void StartDiskWrite(const TransferOp& op, TransferPath path, const TierMemory& src);
+  void LoadDone(const std::string& request_id, const std::vector<uint32_t>& failed_device_blocks);
+  void WaitHostSlotsFree(const std::vector<BlockOp>& blocks);
+  void ReleaseHostReaders(const std::vector<BlockOp>& blocks);
+  std::vector<std::shared_ptr<TransferCompletion>> PendingDiskWrites(const std::vector<uint32_t>& slots);
+
+  const KvbmConfig config_;
+  const uint32_t rank_, world_size_;
+  std::shared_ptr<KvbmMetrics> metrics_;
+  std::unique_ptr<Layout> device_layout_;
+  std::unique_ptr<FullyContiguousLayout> host_layout_, disk_layout_;
+  std::unique_ptr<HostStorage> host_;
+  std::unique_ptr<DiskStorage> disk_;
+  std::unique_ptr<DiskSideData> side_;
+  TierMemory device_mem_, host_mem_, disk_mem_;
+  uint64_t host_blocks_ = 0, disk_blocks_ = 0;
+  std::unique_ptr<TransferEngine> engine_;
+
+  std::vector<TransferOp> pending_stores_;  // bound step's stores, engine thread only
+  std::vector<TransferOp> pending_offloads_;
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::unordered_map<uint32_t, uint32_t> host_readers_;                          // GUARDED_BY(mu_)
+  std::unordered_map<uint32_t, std::shared_ptr<TransferCompletion>> disk_writes_;  // GUARDED_BY(mu_)
+  std::map<std::string, uint32_t> loads_in_flight_;                              // GUARDED_BY(mu_)
+  std::set<std::string> report_sending_;                                         // GUARDED_BY(mu_)
+  std::vector<std::string> done_recving_, done_sending_;                         // GUARDED_BY(mu_)
+  std::vector<uint32_t> load_errors_;                                            // GUARDED_BY(mu_)
+  uint32_t transfers_in_flight_ = 0;                                             // GUARDED_BY(mu_)
+};
+
+}  // namespace kvbm

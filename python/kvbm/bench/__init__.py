@@ -1,0 +1,1 @@
+"""Benchmarks behind ``kvbm bench <name>``: one module per benchmark (see kvbm/commands/bench.py)."""

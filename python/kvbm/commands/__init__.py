@@ -1,0 +1,1 @@
+"""Subcommands of ``kvbm``: one module per subcommand (see kvbm/cli.py for the contract)."""

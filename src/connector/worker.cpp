@@ -1,0 +1,328 @@
+#include "kvbm/worker.h"
+
+#include <fmt/format.h>
+
+#include "kvbm/log.h"
+
+namespace kvbm {
+namespace {
+
+TransferPath PathOf(OpKind kind) {
+  switch (kind) {
+    case OpKind::kStoreHost: return TransferPath::kD2H;
+    case OpKind::kStoreDisk: return TransferPath::kD2D;
+    case OpKind::kOffloadDisk: return TransferPath::kH2D_Disk;
+    case OpKind::kLoadHost: return TransferPath::kH2Dev;
+    case OpKind::kLoadDisk: return TransferPath::kDisk2Dev;
+  }
+  return TransferPath::kD2H;
+}
+
+// Calls `fn` once every completion in `deps` is done (at once when there are none).
+void AfterAll(const std::vector<std::shared_ptr<TransferCompletion>>& deps, std::function<void()> fn) {
+  if (deps.empty()) {
+    fn();
+    return;
+  }
+  auto remaining = std::make_shared<std::atomic<size_t>>(deps.size());
+  auto shared_fn = std::make_shared<std::function<void()>>(std::move(fn));
+  for (auto& d : deps)
+    d->OnDone([remaining, shared_fn](const TransferResult&) {
+      if (remaining->fetch_sub(1) == 1) (*shared_fn)();
+    });
+}
+
+}  // namespace
+
+KvbmWorker::KvbmWorker(const KvbmConfig& config, uint32_t rank, uint32_t world_size,
+                       std::shared_ptr<KvbmMetrics> metrics)
+    : config_(config), rank_(rank), world_size_(world_size),
+      metrics_(metrics ? std::move(metrics) : std::make_shared<KvbmMetrics>(config.cache_stats_max_requests)) {
+  TransferEngineOptions options;
+  options.max_concurrent_transfers = config.max_concurrent_transfers;
+  options.max_batch_size = config.max_transfer_batch_size;
+  engine_ = std::make_unique<TransferEngine>(options, metrics_);
+}
+
+KvbmWorker::~KvbmWorker() { WaitIdle(); }
+
+Status KvbmWorker::RegisterKvCaches(const DeviceTensors& t) {
+  if (t.layer_pointers.size() != t.layer_shapes.size())
+    return MakeError(ErrorCode::kInvalidArgument, "register_kv_caches: one pointer per layer shape is required");
+  auto layout = LayoutFromTensorShapes(t.layer_shapes, t.num_blocks, t.page_size);
+  if (!layout) return std::unexpected(layout.error());
+  device_layout_ = std::move(*layout);
+  device_mem_ = TierMemory{TierId::kDevice, t.kind, device_layout_.get(), {}, -1, nullptr, t.device_index};
+  for (uintptr_t p : t.layer_pointers) {
+    if (p == 0) return MakeError(ErrorCode::kInvalidArgument, "register_kv_caches: null tensor pointer");
+    device_mem_.bases.push_back(reinterpret_cast<uint8_t*>(p));
+  }
+  Log(LogLevel::kInfo, "rank {}: G1 layout {}", rank_, device_layout_->Describe());
+  return {};
+}
+
+uint64_t KvbmWorker::bytes_per_block() const { return device_layout_ ? device_layout_->dims().block_bytes() : 0; }
+uint64_t KvbmWorker::device_blocks() const { return device_layout_ ? device_layout_->dims().num_blocks : 0; }
+
+Status KvbmWorker::AllocateTiers(uint64_t host_blocks, uint64_t disk_blocks) {
+  if (!device_layout_) return MakeError(ErrorCode::kFailedPrecondition, "AllocateTiers before RegisterKvCaches");
+  LayoutDims dims = device_layout_->dims();
+  if (host_blocks > 0) {
+    dims.num_blocks = host_blocks;
+    try {
+      host_layout_ = std::make_unique<FullyContiguousLayout>(dims, kDiskAlignment);
+    } catch (const ConfigError& e) {
+      return MakeError(ErrorCode::kInvalidArgument, fmt::format("G2 sized by DYN_KVBM_CPU_CACHE_*: {}", e.what()));
+    }
+    auto host = HostStorage::Allocate(host_layout_->allocation_bytes(0));
+    if (!host)
+      return MakeError(host.error().code(), fmt::format("G2 ({} blocks, from DYN_KVBM_CPU_CACHE_*): {}", host_blocks,
+                                                        host.error().message()));
+    host_ = std::move(*host);
+    host_mem_ = TierMemory{TierId::kHost, MemoryKind::kHost, host_layout_.get(), {host_->data()}};
+    host_blocks_ = host_blocks;
+  }
+  if (disk_blocks > 0) {
+    dims.num_blocks = disk_blocks;
+    try {
+      disk_layout_ = std::make_unique<FullyContiguousLayout>(dims, kDiskAlignment);
+    } catch (const ConfigError& e) {
+      return MakeError(ErrorCode::kInvalidArgument, fmt::format("G3 sized by DYN_KVBM_DISK_CACHE_*: {}", e.what()));
+    }
+    auto disk = DiskStorage::Create(DiskStorageOptions::FromConfig(config_), disk_layout_->allocation_bytes(0));
+    if (!disk)
+      return MakeError(disk.error().code(), fmt::format("G3 ({} blocks, from DYN_KVBM_DISK_CACHE_*): {}", disk_blocks,
+                                                        disk.error().message()));
+    disk_ = std::move(*disk);
+    side_ = std::make_unique<DiskSideData>(disk_blocks);
+    disk_mem_ = TierMemory{TierId::kDisk, MemoryKind::kDisk, disk_layout_.get(), {}, disk_->fd(), side_.get()};
+    disk_blocks_ = disk_blocks;
+  }
+  return {};
+}
+
+Status KvbmWorker::BindStep(std::span<const uint8_t> metadata) {
+  auto meta = DecodeStepMetadata(metadata);
+  if (!meta) return std::unexpected(meta.error());
+  return BindStep(*meta);
+}
+
+Status KvbmWorker::BindStep(const StepMetadata& meta) {
+  if (meta.host_blocks != host_blocks_ || meta.disk_blocks != disk_blocks_)
+    return MakeError(ErrorCode::kFailedPrecondition,
+                     fmt::format("rank {}: leader sized G2/G3 as {}/{} blocks, this worker has {}/{}", rank_,
+                                 meta.host_blocks, meta.disk_blocks, host_blocks_, disk_blocks_));
+  for (const TransferOp& op : meta.ops) {
+    bool needs_host = op.kind == OpKind::kStoreHost || op.kind == OpKind::kLoadHost || op.kind == OpKind::kOffloadDisk;
+    bool needs_disk = op.kind == OpKind::kStoreDisk || op.kind == OpKind::kLoadDisk || op.kind == OpKind::kOffloadDisk;
+    if ((needs_host && !host_) || (needs_disk && !disk_))
+      return MakeError(ErrorCode::kFailedPrecondition, fmt::format("op {} needs a tier this worker lacks", OpKindName(op.kind)));
+    for (const BlockOp& b : op.blocks) {
+      uint64_t src_n = op.kind == OpKind::kStoreHost || op.kind == OpKind::kStoreDisk ? device_blocks()
+                       : op.kind == OpKind::kLoadDisk ? disk_blocks_ : host_blocks_;
+      uint64_t dst_n = IsLoad(op.kind) ? device_blocks() : op.kind == OpKind::kStoreHost ? host_blocks_ : disk_blocks_;
+      bool src_ok = b.src < src_n || (IsLoad(op.kind) && b.src == kNoBlock);
+      if (!src_ok || b.dst >= dst_n)
+        return MakeError(ErrorCode::kInvalidArgument, fmt::format("op {} ({}) block ({} -> {}) out of range", op.id,
+                                                                  OpKindName(op.kind), b.src, b.dst));
+    }
+  }
+  {
+    std::lock_guard lock(mu_);
+    for (const std::string& r : meta.finished_while_loading) {
+      if (loads_in_flight_.count(r)) report_sending_.insert(r);
+      else done_sending_.push_back(r);
+    }
+  }
+  // Count every load of a request before starting any, so that a fast first load cannot
+  // report the request finished while a second one is still running.
+  {
+    std::lock_guard lock(mu_);
+    for (const TransferOp& op : meta.ops)
+      if (IsLoad(op.kind)) ++loads_in_flight_[op.request_id];
+  }
+  for (const TransferOp& op : meta.ops) {
+    if (IsLoad(op.kind)) StartLoad(op);
+    else if (op.kind == OpKind::kOffloadDisk) pending_offloads_.push_back(op);
+    else pending_stores_.push_back(op);
+  }
+  return {};
+}
+
+void KvbmWorker::StartLoad(const TransferOp& op) {
+  std::vector<BlockCopy> copies;
+  std::vector<uint32_t> missing;
+  std::vector<uint32_t> dst_of;
+  std::vector<uint32_t> src_slots;
+  for (const BlockOp& b : op.blocks) {
+    if (b.src == kNoBlock) {
+      missing.push_back(b.dst);
+      continue;
+    }
+    copies.push_back({b.src, b.dst, SequenceHash(b.hash)});
+    dst_of.push_back(b.dst);
+    src_slots.push_back(b.src);
+  }
+  bool from_disk = op.kind == OpKind::kLoadDisk;
+  std::vector<BlockOp> readers;
+  std::vector<std::shared_ptr<TransferCompletion>> deps;
+  {
+    std::lock_guard lock(mu_);
+    ++transfers_in_flight_;
+    if (!from_disk)
+      for (const auto& c : copies) ++host_readers_[c.src];
+  }
+  if (from_disk) deps = PendingDiskWrites(src_slots);
+  else
+    for (const auto& c : copies) readers.push_back({c.src, c.dst, c.hash.value()});
+  std::string request_id = op.request_id;
+  TransferPath path = PathOf(op.kind);
+  const TierMemory* src = from_disk ? &disk_mem_ : &host_mem_;
+  AfterAll(deps, [this, copies, dst_of, missing, request_id, path, src, readers]() mutable {
+    auto completion = engine_->Submit(path, *src, device_mem_, copies);
+    completion->OnDone([this, dst_of, missing, request_id, readers](const TransferResult& r) {
+      std::vector<uint32_t> failed = missing;
+      for (uint32_t i : r.failed) failed.push_back(dst_of[i]);
+      if (r.first_error) Log(LogLevel::kWarn, "load for {} failed for {} blocks: {}", request_id, failed.size(), r.first_error->ToString());
+      ReleaseHostReaders(readers);
+      LoadDone(request_id, failed);
+    });
+  });
+}
+
+void KvbmWorker::LoadDone(const std::string& request_id, const std::vector<uint32_t>& failed) {
+  {
+    std::lock_guard lock(mu_);
+    load_errors_.insert(load_errors_.end(), failed.begin(), failed.end());
+    auto it = loads_in_flight_.find(request_id);
+    if (it != loads_in_flight_.end() && --it->second == 0) {
+      loads_in_flight_.erase(it);
+      if (report_sending_.erase(request_id)) done_sending_.push_back(request_id);
+      else done_recving_.push_back(request_id);
+    }
+    --transfers_in_flight_;
+  }
+  if (metrics_) metrics_->load_errors += failed.size();
+  cv_.notify_all();
+}
+
+void KvbmWorker::ReleaseHostReaders(const std::vector<BlockOp>& blocks) {
+  {
+    std::lock_guard lock(mu_);
+    for (const BlockOp& b : blocks) {
+      auto it = host_readers_.find(b.src);
+      if (it != host_readers_.end() && --it->second == 0) host_readers_.erase(it);
+    }
+  }
+  cv_.notify_all();
+}
+
+void KvbmWorker::WaitHostSlotsFree(const std::vector<BlockOp>& blocks) {
+  std::unique_lock lock(mu_);
+  cv_.wait(lock, [&] {
+    for (const BlockOp& b : blocks)
+      if (host_readers_.count(b.dst)) return false;
+    return true;
+  });
+}
+
+std::vector<std::shared_ptr<TransferCompletion>> KvbmWorker::PendingDiskWrites(const std::vector<uint32_t>& slots) {
+  std::vector<std::shared_ptr<TransferCompletion>> deps;
+  std::lock_guard lock(mu_);
+  for (uint32_t s : slots) {
+    auto it = disk_writes_.find(s);
+    if (it == disk_writes_.end()) continue;
+    if (it->second->done()) disk_writes_.erase(it);
+    else deps.push_back(it->second);
+  }
+  return deps;
+}
+
+void KvbmWorker::StartDiskWrite(const TransferOp& op, TransferPath path, const TierMemory& src) {
+  std::vector<BlockCopy> copies;
+  std::vector<uint32_t> slots;
+  for (const BlockOp& b : op.blocks) {
+    copies.push_back({b.src, b.dst, SequenceHash(b.hash)});
+    slots.push_back(b.dst);
+  }
+  auto deps = PendingDiskWrites(slots);
+  // This write's completion gates later reads and writes of the same slots.
+  auto gate = std::make_shared<TransferCompletion>();
+  bool reads_host = op.kind == OpKind::kOffloadDisk;
+  std::vector<BlockOp> readers;
+  {
+    std::lock_guard lock(mu_);
+    for (uint32_t s : slots) disk_writes_[s] = gate;
+    ++transfers_in_flight_;
+    if (reads_host)
+      for (const BlockOp& b : op.blocks) {
+        ++host_readers_[b.src];
+        readers.push_back(b);
+      }
+  }
+  const TierMemory* src_ptr = &src;
+  AfterAll(deps, [this, copies, path, src_ptr, gate, readers, id = op.id]() {
+    auto completion = engine_->Submit(path, *src_ptr, disk_mem_, copies);
+    completion->OnDone([this, gate, readers, id](const TransferResult& r) {
+      if (!r.ok()) {
+        Log(LogLevel::kWarn, "disk write op {} failed for {} blocks: {}", id, r.failed.size(),
+            r.first_error ? r.first_error->ToString() : "unknown");
+        if (metrics_) metrics_->dropped_offloads[static_cast<size_t>(DropReason::kIoError)] += r.failed.size();
+      }
+      ReleaseHostReaders(readers);
+      {
+        std::lock_guard lock(mu_);
+        --transfers_in_flight_;
+      }
+      gate->Finish(r);
+      cv_.notify_all();
+    });
+  });
+}
+
+Status KvbmWorker::ForwardPassDone() {
+  std::vector<TransferOp> stores;
+  stores.swap(pending_stores_);
+  std::vector<std::shared_ptr<TransferCompletion>> waits;
+  for (const TransferOp& op : stores) {
+    if (op.kind == OpKind::kStoreHost) {
+      WaitHostSlotsFree(op.blocks);
+      std::vector<BlockCopy> copies;
+      for (const BlockOp& b : op.blocks) copies.push_back({b.src, b.dst, SequenceHash(b.hash)});
+      waits.push_back(engine_->Submit(TransferPath::kD2H, device_mem_, host_mem_, copies));
+    } else if (op.kind == OpKind::kStoreDisk) {
+      StartDiskWrite(op, TransferPath::kD2D, device_mem_);
+      std::vector<uint32_t> slots;
+      for (const BlockOp& b : op.blocks) slots.push_back(b.dst);
+      for (auto& d : PendingDiskWrites(slots)) waits.push_back(d);
+    }
+  }
+  // G1 must have been read before the engine may reuse the blocks.
+  for (auto& w : waits) w->Wait();
+  std::vector<TransferOp> offloads;
+  offloads.swap(pending_offloads_);
+  for (const TransferOp& op : offloads) StartDiskWrite(op, TransferPath::kH2D_Disk, host_mem_);
+  return {};
+}
+
+std::pair<std::vector<std::string>, std::vector<std::string>> KvbmWorker::GetFinished() {
+  std::lock_guard lock(mu_);
+  std::pair<std::vector<std::string>, std::vector<std::string>> out;
+  out.first.swap(done_sending_);
+  out.second.swap(done_recving_);
+  return out;
+}
+
+std::vector<uint32_t> KvbmWorker::TakeLoadErrors() {
+  std::lock_guard lock(mu_);
+  std::vector<uint32_t> out;
+  out.swap(load_errors_);
+  return out;
+}
+
+void KvbmWorker::WaitIdle() {
+  std::unique_lock lock(mu_);
+  cv_.wait(lock, [&] { return transfers_in_flight_ == 0; });
+}
+
+}  // namespace kvbm

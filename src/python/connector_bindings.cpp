@@ -1,0 +1,4 @@
+// Placeholder: the connector core bindings live here (the lead replaces this file).
+#include <nanobind/nanobind.h>
+
+void BindConnector(nanobind::module_&) {}

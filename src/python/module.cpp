@@ -1,0 +1,13 @@
+// The `kvbm._core` extension module. Each binding file contributes one Bind* function; the
+// Python package (python/kvbm) re-exports what users need.
+#include <nanobind/nanobind.h>
+
+void BindCore(nanobind::module_& m);       // core_bindings.cpp: hashing, layouts, pools, config
+void BindConnector(nanobind::module_& m);  // connector_bindings.cpp: the connector core
+
+NB_MODULE(_core, m) {
+  m.doc() = "kvbm native core (C++), see include/kvbm/ for the contracts";
+  m.attr("__version__") = "0.1.0";
+  BindCore(m);
+  BindConnector(m);
+}

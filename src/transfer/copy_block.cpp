@@ -1,0 +1,81 @@
+#include <cstring>
+
+#include <xxhash.h>
+
+#include "kvbm/transfer.h"
+
+namespace kvbm {
+
+void CopyBlockBytes(const TierMemory& src, uint32_t src_block, const TierMemory& dst, uint32_t dst_block) {
+  const LayoutDims& d = src.layout->dims();
+  if (src.layout->block_is_contiguous() && dst.layout->block_is_contiguous()) {
+    std::memcpy(dst.ChunkAddress(dst_block, 0, 0), src.ChunkAddress(src_block, 0, 0), d.block_bytes());
+    return;
+  }
+  // Gather/scatter chunk by chunk; chunks are contiguous in every layout.
+  for (uint64_t l = 0; l < d.num_layers; ++l)
+    for (uint64_t o = 0; o < d.outer_dim; ++o)
+      std::memcpy(dst.ChunkAddress(dst_block, l, o), src.ChunkAddress(src_block, l, o), d.chunk_bytes());
+}
+
+void DiskSideData::Set(uint32_t slot, SequenceHash hash, uint64_t checksum) {
+  std::lock_guard lock(mu_);
+  entries_.at(slot) = {hash.value(), checksum, true};
+}
+
+void DiskSideData::Invalidate(uint32_t slot) {
+  std::lock_guard lock(mu_);
+  entries_.at(slot).valid = false;
+}
+
+uint64_t DiskSideData::Checksum(SequenceHash hash, const uint8_t* bytes, uint64_t length) {
+  return XXH3_64bits_withSeed(bytes, length, hash.value());
+}
+
+Status DiskSideData::Verify(uint32_t slot, SequenceHash expected, const uint8_t* bytes, uint64_t length) const {
+  Entry e;
+  {
+    std::lock_guard lock(mu_);
+    if (slot >= entries_.size())
+      return MakeError(ErrorCode::kInvalidArgument, "disk slot out of range");
+    e = entries_[slot];
+  }
+  if (!e.valid) return MakeError(ErrorCode::kCorrupt, "disk slot " + std::to_string(slot) + " holds no verified block");
+  if (e.hash != expected.value())
+    return MakeError(ErrorCode::kCorrupt, "disk slot " + std::to_string(slot) + " holds another block");
+  if (Checksum(expected, bytes, length) != e.checksum)
+    return MakeError(ErrorCode::kCorrupt, "disk slot " + std::to_string(slot) + " checksum mismatch (overwritten or torn)");
+  return {};
+}
+
+const TransferResult& TransferCompletion::Wait() const {
+  std::unique_lock lock(mu_);
+  cv_.wait(lock, [&] { return done_.load(std::memory_order_acquire); });
+  return result_;
+}
+
+void TransferCompletion::OnDone(std::function<void(const TransferResult&)> fn) {
+  {
+    std::lock_guard lock(mu_);
+    if (!done_.load(std::memory_order_acquire)) {
+      callbacks_.push_back(std::move(fn));
+      return;
+    }
+  }
+  fn(result_);
+}
+
+void TransferCompletion::Finish(TransferResult result) {
+  std::vector<std::function<void(const TransferResult&)>> callbacks;
+  {
+    std::lock_guard lock(mu_);
+    if (done_.load()) return;
+    result_ = std::move(result);
+    done_.store(true, std::memory_order_release);
+    callbacks.swap(callbacks_);
+  }
+  cv_.notify_all();
+  for (auto& cb : callbacks) cb(result_);
+}
+
+}  // namespace kvbm
