@@ -171,6 +171,9 @@ Status ConnectorLeader::UpdateStateAfterAlloc(const std::string& request_id, std
   stats_.onboard_disk_blocks += disk_hits.size();
   stats_.matched_tokens += n * bs;
   metrics_->matched_tokens += n * bs;
+  // A G2 hit is a reuse: it counts toward disk admission, so reused prefixes reach G3.
+  if (disk_)
+    for (size_t i = 0; i < host_hits.size(); ++i) MaybeQueueDiskOffload(host_hits[i], keys[i], slot->priority);
   for (auto& h : host_hits) slot->pinned.push_back(std::move(h));
   for (auto& h : disk_hits) slot->pinned.push_back(std::move(h));
   if (!host_op.blocks.empty()) ops_.push_back(std::move(host_op));

@@ -130,8 +130,15 @@ Status KvbmWorker::BindStep(const StepMetadata& meta) {
   {
     std::lock_guard lock(mu_);
     for (const std::string& r : meta.finished_while_loading) {
-      if (loads_in_flight_.count(r)) report_sending_.insert(r);
-      else done_sending_.push_back(r);
+      if (loads_in_flight_.count(r)) {
+        report_sending_.insert(r);
+        continue;
+      }
+      // The load finished after the last GetFinished, so the request sits in done_recving_.
+      // The leader was told it is still loading and waits for "sending"; reporting it as
+      // received too would make the engine free its blocks twice (vLLM asserts on that).
+      std::erase(done_recving_, r);
+      done_sending_.push_back(r);
     }
   }
   // Count every load of a request before starting any, so that a fast first load cannot

@@ -1,4 +1,250 @@
-// Placeholder: the connector core bindings live here (the lead replaces this file).
+// Bindings of the connector core: the leader side (KvBlockManager + ConnectorLeader) and the
+// worker side (KvbmWorker). Engine adapters in python/kvbm/*_integration are thin layers over
+// these. Every call that can block releases the GIL.
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/pair.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
+#include <nanobind/stl/vector.h>
 
-void BindConnector(nanobind::module_&) {}
+#include <map>
+#include <mutex>
+
+#include "bindings.h"
+#include "kvbm/manager.h"
+#include "kvbm/observability.h"
+#include "kvbm/worker.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+namespace kvbm::python {
+namespace {
+
+// One metrics object per process, shared by the leader and worker of a single-process engine
+// so that one endpoint shows both sides.
+std::shared_ptr<KvbmMetrics> ProcessMetrics(size_t window) {
+  static std::mutex mu;
+  static std::shared_ptr<KvbmMetrics> metrics;
+  std::lock_guard lock(mu);
+  if (!metrics) metrics = std::make_shared<KvbmMetrics>(window);
+  return metrics;
+}
+
+KvbmConfig ConfigFrom(const std::optional<std::map<std::string, std::string>>& env) {
+  return env ? KvbmConfig::FromMap(*env) : KvbmConfig::FromEnvironment();
+}
+
+EvictionPolicy PolicyFrom(const std::string& name) {
+  if (name == "leaf-first" || name == "leaf_first") return EvictionPolicy::kLeafFirst;
+  if (name == "lru") return EvictionPolicy::kLru;
+  throw ConfigError("eviction policy must be 'leaf-first' or 'lru', not '" + name + "'");
+}
+
+nb::dict MetricsDict(const KvbmMetrics& m) {
+  nb::dict d;
+  for (size_t p = 0; p < kNumTransferPaths; ++p) {
+    std::string label = TransferPathLabel(static_cast<TransferPath>(p));
+    d[("blocks_" + label).c_str()] = m.blocks[p].load();
+    d[("bytes_" + label).c_str()] = m.bytes[p].load();
+  }
+  for (size_t r = 0; r < kNumDropReasons; ++r)
+    d[(std::string("dropped_") + DropReasonLabel(static_cast<DropReason>(r))).c_str()] = m.dropped_offloads[r].load();
+  d["matched_tokens"] = m.matched_tokens.load();
+  d["requested_tokens"] = m.requested_tokens.load();
+  d["load_errors"] = m.load_errors.load();
+  d["disk_writes_avoided"] = m.disk_writes_avoided.load();
+  d["host_hit_rate"] = m.host_hit_rate.Rate();
+  d["disk_hit_rate"] = m.disk_hit_rate.Rate();
+  return d;
+}
+
+nb::dict PoolDict(BlockPool* pool) {
+  nb::dict d;
+  if (!pool) return d;
+  auto s = pool->stats();
+  d["num_blocks"] = s.num_blocks;
+  d["free"] = s.free;
+  d["inactive"] = s.inactive;
+  d["active"] = s.active;
+  d["registered"] = s.registered;
+  d["evictions"] = s.evictions;
+  return d;
+}
+
+class PyLeader {
+ public:
+  PyLeader(uint32_t page_size, uint64_t bytes_per_block, const std::string& policy, std::optional<uint64_t> host_blocks,
+           std::optional<uint64_t> disk_blocks, std::optional<std::map<std::string, std::string>> env, bool shared_metrics) {
+    KvbmConfig config = ConfigFrom(env);
+    LeaderOptions o;
+    o.page_size = page_size;
+    o.bytes_per_block = bytes_per_block;
+    o.policy = PolicyFrom(policy);
+    o.host_blocks = host_blocks;
+    o.disk_blocks = disk_blocks;
+    auto metrics = shared_metrics ? ProcessMetrics(config.cache_stats_max_requests)
+                                  : std::make_shared<KvbmMetrics>(config.cache_stats_max_requests);
+    manager_ = std::make_unique<KvBlockManager>(config, o, metrics);
+  }
+  ConnectorLeader& leader() { return manager_->leader(); }
+  KvBlockManager& manager() { return *manager_; }
+
+ private:
+  std::unique_ptr<KvBlockManager> manager_;
+};
+
+class PyWorker {
+ public:
+  PyWorker(uint32_t rank, uint32_t world_size, std::optional<std::map<std::string, std::string>> env, bool shared_metrics) {
+    KvbmConfig config = ConfigFrom(env);
+    auto metrics = shared_metrics ? ProcessMetrics(config.cache_stats_max_requests) : nullptr;
+    worker_ = std::make_unique<KvbmWorker>(config, rank, world_size, metrics);
+  }
+  KvbmWorker& w() { return *worker_; }
+
+ private:
+  std::unique_ptr<KvbmWorker> worker_;
+};
+
+}  // namespace
+}  // namespace kvbm::python
+
+void BindConnector(nb::module_& m) {
+  using namespace kvbm;
+  using namespace kvbm::python;
+
+  nb::class_<PyLeader>(m, "Leader",
+                       "Leader side of the connector core (scheduler process): pools, policy, per-request slots.")
+      .def(nb::init<uint32_t, uint64_t, const std::string&, std::optional<uint64_t>, std::optional<uint64_t>,
+                    std::optional<std::map<std::string, std::string>>, bool>(),
+           "page_size"_a, "bytes_per_block"_a, "policy"_a = "leaf-first", "host_blocks"_a = nb::none(),
+           "disk_blocks"_a = nb::none(), "env"_a = nb::none(), "shared_metrics"_a = true)
+      .def_prop_ro("host_blocks", [](PyLeader& l) { return l.leader().host_blocks(); })
+      .def_prop_ro("disk_blocks", [](PyLeader& l) { return l.leader().disk_blocks(); })
+      .def_prop_ro("page_size", [](PyLeader& l) { return l.leader().page_size(); })
+      .def_prop_ro("metrics_port", [](PyLeader& l) { return l.manager().metrics_port(); })
+      .def_prop_ro("events_endpoint", [](PyLeader& l) { return l.manager().events_endpoint(); })
+      .def("add_request",
+           [](PyLeader& l, const std::string& id, const std::vector<Token>& tokens, std::optional<std::string> salt,
+              std::optional<std::string> lora, uint32_t priority) { l.leader().AddRequest(id, tokens, salt, lora, priority); },
+           "request_id"_a, "tokens"_a, "salt"_a = nb::none(), "lora_name"_a = nb::none(), "priority"_a = 0)
+      .def("has_request", [](PyLeader& l, const std::string& id) { return l.leader().HasRequest(id); })
+      .def("num_tokens", [](PyLeader& l, const std::string& id) { return l.leader().NumTokens(id); })
+      .def("extend_tokens", [](PyLeader& l, const std::string& id, const std::vector<Token>& tokens) {
+        ThrowIfError(l.leader().ExtendTokens(id, tokens));
+      })
+      .def("get_num_new_matched_tokens",
+           [](PyLeader& l, const std::string& id, uint64_t num_computed) {
+             MatchResult r = ThrowIfError(l.leader().GetNumNewMatchedTokens(id, num_computed));
+             return nb::make_tuple(r.external_tokens, r.async, r.host_blocks, r.disk_blocks);
+           },
+           "request_id"_a, "num_computed_tokens"_a,
+           "(external_tokens, async, host_blocks, disk_blocks); no side effects on the pools.")
+      .def("update_state_after_alloc",
+           [](PyLeader& l, const std::string& id, const std::vector<uint32_t>& blocks, uint64_t n) {
+             ThrowIfError(l.leader().UpdateStateAfterAlloc(id, blocks, n));
+           },
+           "request_id"_a, "block_ids"_a, "num_external_tokens"_a)
+      .def("on_scheduled",
+           [](PyLeader& l, const std::string& id, const std::vector<uint32_t>& blocks, uint64_t computed, uint64_t scheduled) {
+             ThrowIfError(l.leader().OnScheduled(id, blocks, computed, scheduled));
+           },
+           "request_id"_a, "block_ids"_a, "num_computed_tokens"_a, "num_scheduled_tokens"_a)
+      .def("on_preempted", [](PyLeader& l, const std::string& id) { l.leader().OnPreempted(id); })
+      .def("build_step_metadata",
+           [](PyLeader& l) {
+             std::string bytes = l.leader().BuildStepMetadataBytes();
+             return nb::bytes(bytes.data(), bytes.size());
+           })
+      .def("on_worker_output",
+           [](PyLeader& l, const std::vector<std::string>& recving, const std::vector<std::string>& sending,
+              const std::vector<uint32_t>& invalid) { l.leader().OnWorkerOutput(recving, sending, invalid); },
+           "finished_recving"_a, "finished_sending"_a, "invalid_block_ids"_a)
+      .def("request_finished", [](PyLeader& l, const std::string& id) { return l.leader().RequestFinished(id); })
+      .def("is_loading", [](PyLeader& l, const std::string& id) { return l.leader().IsLoading(id); })
+      .def("num_slots", [](PyLeader& l) { return l.leader().num_slots(); })
+      .def("pool_stats",
+           [](PyLeader& l, const std::string& tier) {
+             if (tier == "host") return PoolDict(l.leader().host_pool());
+             if (tier == "disk") return PoolDict(l.leader().disk_pool());
+             throw ConfigError("tier must be 'host' or 'disk'");
+           })
+      .def("stats",
+           [](PyLeader& l) {
+             const LeaderStats& s = l.leader().stats();
+             nb::dict d;
+             d["requests"] = s.requests;
+             d["matched_tokens"] = s.matched_tokens;
+             d["requested_tokens"] = s.requested_tokens;
+             d["onboard_host_blocks"] = s.onboard_host_blocks;
+             d["onboard_disk_blocks"] = s.onboard_disk_blocks;
+             d["store_host_blocks"] = s.store_host_blocks;
+             d["store_disk_blocks"] = s.store_disk_blocks;
+             d["offload_disk_blocks"] = s.offload_disk_blocks;
+             d["skipped_cached_blocks"] = s.skipped_cached_blocks;
+             d["dropped_full"] = s.dropped_full;
+             d["dropped_filter"] = s.dropped_filter;
+             d["dropped_queue"] = s.dropped_queue;
+             d["load_errors"] = s.load_errors;
+             return d;
+           })
+      .def("metrics", [](PyLeader& l) { return MetricsDict(*l.manager().metrics()); })
+      .def("prometheus_text", [](PyLeader& l) { return RenderPrometheusText(*l.manager().metrics()); });
+
+  nb::class_<PyWorker>(m, "Worker", "Worker side of the connector core: owns G2/G3 memory and moves bytes.")
+      .def(nb::init<uint32_t, uint32_t, std::optional<std::map<std::string, std::string>>, bool>(), "rank"_a = 0,
+           "world_size"_a = 1, "env"_a = nb::none(), "shared_metrics"_a = true)
+      .def("register_kv_caches",
+           [](PyWorker& w, const std::vector<uintptr_t>& pointers, const std::vector<std::vector<int64_t>>& shapes,
+              const std::vector<std::vector<int64_t>>& strides, uint64_t dtype_bytes, uint64_t num_blocks,
+              uint64_t page_size, bool on_device, int device_index) {
+             if (shapes.size() != strides.size()) throw ConfigError("register_kv_caches: shapes and strides differ in length");
+             DeviceTensors t;
+             t.layer_pointers = pointers;
+             for (size_t i = 0; i < shapes.size(); ++i) t.layer_shapes.push_back({shapes[i], strides[i], dtype_bytes});
+             t.num_blocks = num_blocks;
+             t.page_size = page_size;
+             t.kind = on_device ? MemoryKind::kDevice : MemoryKind::kHost;
+             t.device_index = device_index;
+             ThrowIfError(w.w().RegisterKvCaches(t));
+           },
+           "layer_pointers"_a, "shapes"_a, "strides"_a, "dtype_bytes"_a, "num_blocks"_a, "page_size"_a,
+           "on_device"_a = false, "device_index"_a = -1)
+      .def_prop_ro("bytes_per_block", [](PyWorker& w) { return w.w().bytes_per_block(); })
+      .def_prop_ro("device_blocks", [](PyWorker& w) { return w.w().device_blocks(); })
+      .def_prop_ro("host_blocks", [](PyWorker& w) { return w.w().host_blocks(); })
+      .def_prop_ro("disk_blocks", [](PyWorker& w) { return w.w().disk_blocks(); })
+      .def_prop_ro("layout", [](PyWorker& w) {
+        return w.w().device_layout() ? w.w().device_layout()->Describe() : std::string();
+      })
+      .def("allocate_tiers",
+           [](PyWorker& w, uint64_t host, uint64_t disk) { ThrowIfError(w.w().AllocateTiers(host, disk)); },
+           "host_blocks"_a, "disk_blocks"_a, nb::call_guard<nb::gil_scoped_release>())
+      .def("bind_step",
+           [](PyWorker& w, nb::bytes meta) {
+             std::span<const uint8_t> bytes(reinterpret_cast<const uint8_t*>(meta.c_str()), meta.size());
+             Status s;
+             {
+               nb::gil_scoped_release release;
+               s = w.w().BindStep(bytes);
+             }
+             ThrowIfError(s);
+           })
+      .def("forward_pass_done", [](PyWorker& w) { ThrowIfError(w.w().ForwardPassDone()); },
+           nb::call_guard<nb::gil_scoped_release>())
+      .def("get_finished", [](PyWorker& w) { return w.w().GetFinished(); }, "(done_sending, done_recving)")
+      .def("take_load_errors", [](PyWorker& w) { return w.w().TakeLoadErrors(); })
+      .def("wait_idle", [](PyWorker& w) { w.w().WaitIdle(); }, nb::call_guard<nb::gil_scoped_release>())
+      .def("metrics", [](PyWorker& w) { return MetricsDict(*w.w().metrics()); });
+
+  m.def("size_tiers",
+        [](uint64_t bytes_per_block, std::optional<std::map<std::string, std::string>> env) {
+          KvbmConfig c = ConfigFrom(env);
+          c.Validate();
+          return nb::make_tuple(c.HostBlocks(bytes_per_block), c.DiskBlocks(bytes_per_block));
+        },
+        "bytes_per_block"_a, "env"_a = nb::none(),
+        "(host_blocks, disk_blocks) the configuration gives for this many bytes per block (all ranks).");
+}

@@ -4,10 +4,12 @@
 
 void BindCore(nanobind::module_& m);       // core_bindings.cpp: hashing, layouts, pools, config
 void BindConnector(nanobind::module_& m);  // connector_bindings.cpp: the connector core
+void BindDistributed(nanobind::module_& m);  // distributed_bindings.cpp: leader/worker bench
 
 NB_MODULE(_core, m) {
   m.doc() = "kvbm native core (C++), see include/kvbm/ for the contracts";
   m.attr("__version__") = "0.1.0";
   BindCore(m);
   BindConnector(m);
+  BindDistributed(m);
 }

@@ -6,9 +6,9 @@ put python/ on sys.path, whose kvbm has no compiled extension.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -17,11 +17,11 @@ import pytest
 def run_kvbm():
     """Runs the ``kvbm`` command line in a subprocess; returns the CompletedProcess.
 
-    Uses the installed console script when it is on PATH (what users type), else
-    ``python -m kvbm`` with this interpreter.
+    Uses the console script installed beside this interpreter (what users type), else
+    ``python -m kvbm`` with this interpreter, so the command and the tests see the same install.
     """
-    script = shutil.which("kvbm")
-    base = [script] if script else [sys.executable, "-m", "kvbm"]
+    script = Path(sys.executable).parent / "kvbm"
+    base = [str(script)] if script.is_file() else [sys.executable, "-m", "kvbm"]
 
     def run(*args: str, check: bool = False) -> subprocess.CompletedProcess:
         return subprocess.run(

@@ -1,0 +1,1 @@
+"""Test and demo helpers: a tiny local Llama model and a multi-turn chat workload."""

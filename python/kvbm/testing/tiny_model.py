@@ -1,0 +1,125 @@
+"""A tiny Llama written to a local directory, so vLLM runs without the hub or a GPU.
+
+The weights are seeded random normals (std 0.08). Not zeros and not vLLM's ``load_format="dummy"``:
+dummy weights give near-uniform logits, so the greedy output ignores the context and a test
+that compares outputs could not see wrong KV. With these weights the output depends on the
+whole prompt, so a single wrong or stale KV block changes the generated tokens.
+
+Block size 32 everywhere: vLLM's CPU attention backend accepts only multiples of 32.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+BLOCK_SIZE = 32
+
+DEFAULT_CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 256,
+    "intermediate_size": 1024,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 64,
+    "vocab_size": 2000,
+    "max_position_embeddings": 16384,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "hidden_act": "silu",
+    "tie_word_embeddings": False,
+    "torch_dtype": "float32",
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+
+
+def write_tiny_llama(directory: str | os.PathLike, *, std: float = 0.08, seed: int = 0, **overrides) -> Path:
+    """Writes config.json and model.safetensors into ``directory``; returns its path.
+
+    Idempotent: an existing model with the same config and seed is kept (the weights are a pure
+    function of config and seed, so two runs load bit-identical models).
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = dict(DEFAULT_CONFIG, **overrides)
+    stamp = {"config": cfg, "std": std, "seed": seed}
+    stamp_file = path / "kvbm_tiny_model.json"
+    weights = path / "model.safetensors"
+    if weights.exists() and stamp_file.exists() and json.loads(stamp_file.read_text()) == stamp:
+        return path
+
+    g = torch.Generator().manual_seed(seed)
+    hidden, inter, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    heads, kv_heads, head_dim = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+
+    def normal(*shape):
+        return (torch.randn(*shape, generator=g) * std).contiguous()
+
+    tensors = {
+        "model.embed_tokens.weight": normal(vocab, hidden),
+        "model.norm.weight": torch.ones(hidden),
+        "lm_head.weight": normal(vocab, hidden),
+    }
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        tensors[p + "input_layernorm.weight"] = torch.ones(hidden)
+        tensors[p + "post_attention_layernorm.weight"] = torch.ones(hidden)
+        tensors[p + "self_attn.q_proj.weight"] = normal(heads * head_dim, hidden)
+        tensors[p + "self_attn.k_proj.weight"] = normal(kv_heads * head_dim, hidden)
+        tensors[p + "self_attn.v_proj.weight"] = normal(kv_heads * head_dim, hidden)
+        tensors[p + "self_attn.o_proj.weight"] = normal(hidden, heads * head_dim)
+        tensors[p + "mlp.gate_proj.weight"] = normal(inter, hidden)
+        tensors[p + "mlp.up_proj.weight"] = normal(inter, hidden)
+        tensors[p + "mlp.down_proj.weight"] = normal(hidden, inter)
+    (path / "config.json").write_text(json.dumps(cfg, indent=1))
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    stamp_file.write_text(json.dumps(stamp))
+    return path
+
+
+def prepare_cpu_environment() -> None:
+    """Environment vLLM needs for an offline, single-process CPU run; call before importing vllm.
+
+    Single process (VLLM_ENABLE_V1_MULTIPROCESSING=0) puts the scheduler and the worker in this
+    process, so tests and the demo can read kvbm's counters from the live connectors.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def engine_kwargs(model_dir: str | os.PathLike, *, gpu_blocks: int | None = None, max_model_len: int = 4096,
+                  kv_connector: bool = False, load_failure_policy: str = "recompute", **extra) -> dict:
+    """Keyword arguments for ``vllm.LLM`` running the tiny model, with or without kvbm."""
+    kw = dict(
+        model=str(model_dir),
+        load_format="safetensors",
+        skip_tokenizer_init=True,
+        enforce_eager=True,
+        dtype="float32",
+        block_size=BLOCK_SIZE,
+        max_model_len=max_model_len,
+        kv_cache_memory_bytes=64 << 20,
+        num_gpu_blocks_override=gpu_blocks,
+        seed=0,
+    )
+    if kv_connector:
+        from vllm.config import KVTransferConfig
+
+        kw["kv_transfer_config"] = KVTransferConfig(
+            kv_connector="DynamoConnector",
+            kv_role="kv_both",
+            kv_connector_module_path="kvbm.vllm_integration.connector",
+            kv_load_failure_policy=load_failure_policy,
+        )
+    kw.update(extra)
+    return kw

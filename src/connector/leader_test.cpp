@@ -1,0 +1,195 @@
+#include <gtest/gtest.h>
+
+#include <numeric>
+
+#include "kvbm/leader.h"
+
+namespace kvbm {
+namespace {
+
+KvbmConfig HostOnly() {
+  KvbmConfig c;
+  c.cpu_cache_num_blocks = 16;
+  return c;
+}
+
+std::vector<Token> Tokens(size_t n, Token first = 1) {
+  std::vector<Token> t(n);
+  std::iota(t.begin(), t.end(), first);
+  return t;
+}
+
+std::vector<uint32_t> Ids(size_t n) {
+  std::vector<uint32_t> v(n);
+  std::iota(v.begin(), v.end(), 0u);
+  return v;
+}
+
+// Steps with nothing scheduled, so the pins of earlier stores age out.
+void Flush(ConnectorLeader& l) {
+  for (int i = 0; i < 4; ++i) l.BuildStepMetadata();
+}
+
+// Runs a request through prefill and its stores; returns the match result it got.
+MatchResult RunRequest(ConnectorLeader& l, const std::string& id, const std::vector<Token>& tokens, uint32_t bs = 4) {
+  l.AddRequest(id, tokens);
+  MatchResult m = *l.GetNumNewMatchedTokens(id, 0);
+  auto blocks = Ids((tokens.size() + bs - 1) / bs);
+  EXPECT_TRUE(l.UpdateStateAfterAlloc(id, blocks, m.external_tokens).has_value());
+  l.BuildStepMetadata();
+  std::vector<std::string> done = {id};
+  l.OnWorkerOutput(done, {}, {});
+  EXPECT_TRUE(l.OnScheduled(id, blocks, m.external_tokens, tokens.size() - m.external_tokens).has_value());
+  l.BuildStepMetadata();
+  EXPECT_FALSE(l.RequestFinished(id));
+  return m;
+}
+
+TEST(Leader, NeverMatchesTheWholePrompt) {
+  LeaderOptions o;
+  o.page_size = 4;
+  o.bytes_per_block = 1000;
+  ConnectorLeader l(HostOnly(), o);
+  auto t = Tokens(16);  // exactly 4 full blocks
+  RunRequest(l, "a", t);
+  MatchResult m = RunRequest(l, "b", t);
+  EXPECT_EQ(m.external_tokens, 12u);  // 3 of 4 blocks: the last token is computed
+  auto longer = Tokens(18);
+  m = RunRequest(l, "c", longer);
+  EXPECT_EQ(m.external_tokens, 16u);
+}
+
+TEST(Leader, MatchStartsAfterTheEnginesOwnHitAndHasNoSideEffects) {
+  LeaderOptions o;
+  o.page_size = 4;
+  o.bytes_per_block = 1000;
+  ConnectorLeader l(HostOnly(), o);
+  auto t = Tokens(20);
+  RunRequest(l, "a", t);
+  Flush(l);
+  l.AddRequest("b", t);
+  for (int i = 0; i < 3; ++i) {
+    auto m = l.GetNumNewMatchedTokens("b", 8);  // engine has 2 blocks
+    EXPECT_EQ(m->external_tokens, 8u);           // blocks 2 and 3 (block 4 would be the whole prompt)
+  }
+  EXPECT_EQ(l.host_pool()->stats().active, 0u);
+  EXPECT_FALSE(l.GetNumNewMatchedTokens("nope", 0).has_value());
+}
+
+TEST(Leader, LoadOpsPinUntilFinishedAndAbortDelaysFree) {
+  LeaderOptions o;
+  o.page_size = 4;
+  o.bytes_per_block = 1000;
+  ConnectorLeader l(HostOnly(), o);
+  auto t = Tokens(20);
+  RunRequest(l, "a", t);
+  Flush(l);
+  l.AddRequest("b", t);
+  auto m = *l.GetNumNewMatchedTokens("b", 0);
+  ASSERT_EQ(m.external_tokens, 16u);
+  ASSERT_TRUE(l.UpdateStateAfterAlloc("b", Ids(5), m.external_tokens).has_value());
+  auto meta = l.BuildStepMetadata();
+  ASSERT_EQ(meta.ops.size(), 1u);
+  EXPECT_EQ(meta.ops[0].kind, OpKind::kLoadHost);
+  EXPECT_EQ(meta.ops[0].blocks.size(), 4u);
+  EXPECT_EQ(l.host_pool()->stats().active, 4u);
+  EXPECT_TRUE(l.RequestFinished("b"));  // aborted while loading: engine must wait
+  meta = l.BuildStepMetadata();
+  ASSERT_EQ(meta.finished_while_loading.size(), 1u);
+  std::vector<std::string> sent = {"b"};
+  l.OnWorkerOutput({}, sent, {});
+  // Pins of the store step age out after a few steps; the load's pins were the slot's.
+  for (int i = 0; i < 4; ++i) l.BuildStepMetadata();
+  EXPECT_EQ(l.host_pool()->stats().active, 0u);
+  EXPECT_EQ(l.num_slots(), 0u);
+}
+
+TEST(Leader, LoadErrorInvalidatesTheSourceBlock) {
+  LeaderOptions o;
+  o.page_size = 4;
+  o.bytes_per_block = 1000;
+  ConnectorLeader l(HostOnly(), o);
+  auto t = Tokens(20);
+  RunRequest(l, "a", t);
+  l.AddRequest("b", t);
+  auto m = *l.GetNumNewMatchedTokens("b", 0);
+  std::vector<uint32_t> dev = {10, 11, 12, 13, 14};
+  ASSERT_TRUE(l.UpdateStateAfterAlloc("b", dev, m.external_tokens).has_value());
+  l.BuildStepMetadata();
+  std::vector<uint32_t> bad = {12};
+  std::vector<std::string> done = {"b"};
+  l.OnWorkerOutput(done, {}, bad);
+  EXPECT_EQ(l.stats().load_errors, 1u);
+  l.AddRequest("c", t);
+  EXPECT_EQ(l.GetNumNewMatchedTokens("c", 0)->external_tokens, 8u);  // stops before the bad block
+}
+
+TEST(Leader, PrefixMinPriorityStopsOffload) {
+  KvbmConfig c = HostOnly();
+  c.host_offload_prefix_min_priority = 50;
+  LeaderOptions o;
+  o.page_size = 4;
+  o.bytes_per_block = 1000;
+  ConnectorLeader l(c, o);
+  auto t = Tokens(20);
+  l.AddRequest("low", t, std::nullopt, std::nullopt, 10);
+  ASSERT_TRUE(l.UpdateStateAfterAlloc("low", Ids(5), 0).has_value());
+  ASSERT_TRUE(l.OnScheduled("low", Ids(5), 0, 20).has_value());
+  EXPECT_EQ(l.stats().store_host_blocks, 0u);
+  l.AddRequest("high", Tokens(20, 100), std::nullopt, std::nullopt, 80);
+  ASSERT_TRUE(l.UpdateStateAfterAlloc("high", Ids(5), 0).has_value());
+  ASSERT_TRUE(l.OnScheduled("high", Ids(5), 0, 20).has_value());
+  EXPECT_EQ(l.stats().store_host_blocks, 5u);
+}
+
+TEST(Leader, ChunkedPrefillStoresEachBlockOnceAfterItsForwardPass) {
+  LeaderOptions o;
+  o.page_size = 4;
+  o.bytes_per_block = 1000;
+  ConnectorLeader l(HostOnly(), o);
+  auto t = Tokens(22);
+  l.AddRequest("a", t);
+  ASSERT_TRUE(l.UpdateStateAfterAlloc("a", Ids(6), 0).has_value());
+  ASSERT_TRUE(l.OnScheduled("a", Ids(3), 0, 10).has_value());  // chunk 1: 2 full blocks
+  auto meta = l.BuildStepMetadata();
+  ASSERT_EQ(meta.ops.size(), 1u);
+  EXPECT_EQ(meta.ops[0].blocks.size(), 2u);
+  ASSERT_TRUE(l.OnScheduled("a", Ids(6), 10, 12).has_value());  // chunk 2: blocks 2..4
+  meta = l.BuildStepMetadata();
+  ASSERT_EQ(meta.ops.size(), 1u);
+  EXPECT_EQ(meta.ops[0].blocks.size(), 3u);
+  EXPECT_EQ(meta.ops[0].blocks[0].src, 2u);
+}
+
+TEST(Leader, DiskAdmissionOnReuseAndDiskContinuation) {
+  KvbmConfig c;
+  c.cpu_cache_num_blocks = 8;
+  c.disk_cache_num_blocks = 64;
+  LeaderOptions o;
+  o.page_size = 4;
+  o.bytes_per_block = 1000;
+  ConnectorLeader l(c, o);
+  auto t = Tokens(20);
+  RunRequest(l, "a", t);
+  EXPECT_EQ(l.stats().offload_disk_blocks, 0u);  // first sight: filtered
+  RunRequest(l, "b", t);  // second sight: the 4 G2 hits and the recomputed last block
+  EXPECT_EQ(l.stats().offload_disk_blocks, 5u);
+  // Flush G2 with other prefixes; the match then continues from G3.
+  for (int i = 0; i < 4; ++i) RunRequest(l, "f" + std::to_string(i), Tokens(20, 1000 + 100 * i));
+  l.AddRequest("c", t);
+  auto m = *l.GetNumNewMatchedTokens("c", 0);
+  EXPECT_EQ(m.host_blocks + m.disk_blocks, 4u);
+  EXPECT_GT(m.disk_blocks, 0u);
+}
+
+TEST(Leader, BadConfigurationIsAnError) {
+  LeaderOptions o;
+  o.page_size = 4;
+  o.bytes_per_block = 1000;
+  EXPECT_THROW(ConnectorLeader(KvbmConfig{}, o), ConfigError);
+  o.page_size = 0;
+  EXPECT_THROW(ConnectorLeader(HostOnly(), o), ConfigError);
+}
+
+}  // namespace
+}  // namespace kvbm
