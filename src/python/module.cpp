@@ -3,7 +3,8 @@
 #include <nanobind/nanobind.h>
 
 void BindCore(nanobind::module_& m);       // core_bindings.cpp: hashing, layouts, pools, config
-void BindConnector(nanobind::module_& m);  // connector_bindings.cpp: the connector core
+void BindConnector(nanobind::module_& m);
+void BindTransferBench(nanobind::module_& m);  // bench_bindings.cpp: data-path benchmark
 void BindDistributed(nanobind::module_& m);  // distributed_bindings.cpp: leader/worker bench
 
 NB_MODULE(_core, m) {
@@ -11,5 +12,6 @@ NB_MODULE(_core, m) {
   m.attr("__version__") = "0.1.0";
   BindCore(m);
   BindConnector(m);
+  BindTransferBench(m);
   BindDistributed(m);
 }

@@ -1,0 +1,261 @@
+"""kvbm as a vLLM (V1) KV connector.
+
+Load it like the reference::
+
+    --kv-transfer-config '{"kv_connector":"DynamoConnector","kv_role":"kv_both",
+                           "kv_connector_module_path":"kvbm.vllm_integration.connector"}'
+
+vLLM builds the class twice: once in the scheduler process (role SCHEDULER, backed by
+``kvbm._core.Leader``: pools, per-request slots, policy) and once per worker (role WORKER,
+backed by ``kvbm._core.Worker``: G2/G3 memory and the transfers). The two talk only through the
+per-step metadata that vLLM carries from scheduler to workers (msgpack bytes built by the
+leader) and through ``KVConnectorOutput`` back. Everything with state or policy is in C++; this
+adapter only translates vLLM's calls.
+
+Timing inside a worker step: ``bind_connector_metadata`` binds the step (loads start at once,
+before the forward pass); ``wait_for_save`` runs after the forward pass and copies the blocks
+that the pass completed G1 -> G2 (or G3), returning once G1 has been read.
+
+Thread safety: vLLM calls each role from one thread (scheduler thread, worker thread).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+from kvbm import _core
+
+if TYPE_CHECKING:
+    import torch
+    from vllm.config import VllmConfig
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import Request
+
+# A child of vLLM's logger, so kvbm's lines come out with vLLM's format and level.
+logger = logging.getLogger("vllm.kvbm")
+
+_live_lock = threading.Lock()
+_live: list[weakref.ref] = []
+
+
+def live_connectors(role: str | None = None) -> list["DynamoConnector"]:
+    """The connectors alive in this process (tests and tools read kvbm's counters from them).
+
+    ``role``: "scheduler" or "worker" to keep only one side.
+    """
+    with _live_lock:
+        alive = [c for c in (r() for r in _live) if c is not None]
+        _live[:] = [weakref.ref(c) for c in alive]
+    if role is None:
+        return alive
+    want = KVConnectorRole.SCHEDULER if role == "scheduler" else KVConnectorRole.WORKER
+    return [c for c in alive if c.role == want]
+
+
+@dataclass
+class DynamoConnectorMetadata(KVConnectorMetadata):
+    """One step's transfer operations for the workers: the leader's msgpack bytes, opaque here."""
+
+    payload: bytes
+
+
+def bytes_per_block_from_config(kv_cache_config: "KVCacheConfig") -> int:
+    """Bytes of one block over all of this rank's layers, from vLLM's KV cache plan."""
+    total = 0
+    for group in kv_cache_config.kv_cache_groups:
+        total += int(group.kv_cache_spec.page_size_bytes) * len(group.layer_names)
+    return total
+
+
+def _world_size(vllm_config: "VllmConfig") -> int:
+    parallel = vllm_config.parallel_config
+    if getattr(parallel, "pipeline_parallel_size", 1) != 1:
+        raise ValueError("kvbm: pipeline parallelism is not supported (pipeline_parallel_size must be 1)")
+    return int(parallel.tensor_parallel_size)
+
+
+class DynamoConnector(KVConnectorBase_V1):
+    """kvbm's vLLM connector: both roles in one class, as vLLM requires."""
+
+    def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole, kv_cache_config: "KVCacheConfig | None" = None):
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        self._block_size = int(vllm_config.cache_config.block_size)
+        self._world_size = _world_size(vllm_config)
+        self._kv_cache_config = kv_cache_config
+        extra = vllm_config.kv_transfer_config.kv_connector_extra_config or {}
+        self.leader: _core.Leader | None = None
+        self.worker: _core.Worker | None = None
+        if role == KVConnectorRole.SCHEDULER:
+            if kv_cache_config is None:
+                raise ValueError("kvbm: vLLM gave the scheduler-side connector no kv_cache_config")
+            per_rank = bytes_per_block_from_config(kv_cache_config)
+            self.bytes_per_block = per_rank * self._world_size
+            self.leader = _core.Leader(self._block_size, self.bytes_per_block, policy=extra.get("policy", "leaf-first"))
+            # Request objects by id: their token lists grow in place as the engine decodes.
+            self._requests: dict[str, Request] = {}
+            self._block_ids: dict[str, list[int]] = {}
+            logger.info(
+                "kvbm leader: G2 %d blocks, G3 %d blocks of %d bytes (%d per rank x %d ranks), page %d tokens",
+                self.leader.host_blocks, self.leader.disk_blocks, self.bytes_per_block, per_rank,
+                self._world_size, self._block_size,
+            )
+        else:
+            self.worker = _core.Worker(rank=self._tp_rank(), world_size=self._world_size)
+            self.bytes_per_block = 0
+        with _live_lock:
+            _live.append(weakref.ref(self))
+
+    @staticmethod
+    def _tp_rank() -> int:
+        try:
+            from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+            return int(get_tensor_model_parallel_rank())
+        except Exception:  # noqa: BLE001 - no parallel state: a single-rank engine
+            return 0
+
+    # ------------------------------------------------------------------ scheduler side
+
+    def _sync_tokens(self, request: "Request") -> None:
+        """Adds the request to the leader, or passes it the tokens it has not seen yet."""
+        rid = request.request_id
+        tokens = request.all_token_ids
+        if not self.leader.has_request(rid):
+            lora = getattr(request, "lora_request", None)
+            self.leader.add_request(
+                rid,
+                list(tokens),
+                salt=getattr(request, "cache_salt", None),
+                lora_name=lora.lora_name if lora is not None else None,
+            )
+            return
+        known = self.leader.num_tokens(rid)
+        if len(tokens) > known:
+            self.leader.extend_tokens(rid, list(tokens[known:]))
+
+    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
+        self._requests[request.request_id] = request
+        self._sync_tokens(request)
+        external, is_async, _host, _disk = self.leader.get_num_new_matched_tokens(request.request_id, num_computed_tokens)
+        return int(external), bool(is_async) and external > 0
+
+    def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int):
+        rid = request.request_id
+        if not self.leader.has_request(rid):
+            self._requests[rid] = request
+            self._sync_tokens(request)
+        groups = blocks.get_block_ids()
+        block_ids = list(groups[0]) if groups else []
+        self.leader.update_state_after_alloc(rid, block_ids, num_external_tokens)
+
+    def _scheduled(self, rid: str, num_computed: int, num_scheduled: int, prompt_token_ids=None) -> None:
+        request = self._requests.get(rid)
+        if request is not None:
+            self._sync_tokens(request)
+        elif not self.leader.has_request(rid):
+            if prompt_token_ids is None:
+                return  # never seen and no tokens: nothing kvbm could store for it
+            self.leader.add_request(rid, list(prompt_token_ids))
+        self.leader.on_scheduled(rid, self._block_ids.get(rid, []), num_computed, num_scheduled)
+
+    def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
+        so = scheduler_output
+        for rid in so.preempted_req_ids or ():
+            self.leader.on_preempted(rid)
+            self._block_ids[rid] = []
+        for new in so.scheduled_new_reqs:
+            self._block_ids[new.req_id] = list(new.block_ids[0]) if new.block_ids else []
+            self._scheduled(new.req_id, new.num_computed_tokens, so.num_scheduled_tokens.get(new.req_id, 0),
+                            new.prompt_token_ids)
+        cached = so.scheduled_cached_reqs
+        for i, rid in enumerate(cached.req_ids):
+            new_ids = cached.new_block_ids[i]
+            if rid in cached.resumed_req_ids:
+                self._block_ids[rid] = list(new_ids[0]) if new_ids is not None else []
+            elif new_ids is not None:
+                self._block_ids.setdefault(rid, []).extend(new_ids[0])
+            self._scheduled(rid, cached.num_computed_tokens[i], so.num_scheduled_tokens.get(rid, 0))
+        return DynamoConnectorMetadata(self.leader.build_step_metadata())
+
+    def update_connector_output(self, connector_output: "KVConnectorOutput"):
+        self.leader.on_worker_output(
+            list(connector_output.finished_recving or ()),
+            list(connector_output.finished_sending or ()),
+            list(connector_output.invalid_block_ids or ()),
+        )
+
+    def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        rid = request.request_id
+        self._requests.pop(rid, None)
+        self._block_ids.pop(rid, None)
+        # True: a load still writes the request's blocks; vLLM keeps them until the worker
+        # reports the request in finished_sending.
+        return bool(self.leader.request_finished(rid)), None
+
+    # ------------------------------------------------------------------ worker side
+
+    def register_kv_caches(self, kv_caches: dict[str, "torch.Tensor"]):
+        tensors = list(kv_caches.values())  # dict order is layer order
+        if not tensors:
+            raise ValueError("kvbm: register_kv_caches got no KV tensors")
+        first = tensors[0]
+        num_blocks = self._kv_cache_config.num_blocks if self._kv_cache_config is not None else first.shape[0]
+        self.worker.register_kv_caches(
+            [t.data_ptr() for t in tensors],
+            [list(t.shape) for t in tensors],
+            [list(t.stride()) for t in tensors],
+            first.element_size(),
+            int(num_blocks),
+            self._block_size,
+            on_device=first.device.type == "cuda",
+            device_index=first.device.index if first.device.index is not None else -1,
+        )
+        self.bytes_per_block = int(self.worker.bytes_per_block)
+        host, disk = _core.size_tiers(self.bytes_per_block * self._world_size)
+        self.worker.allocate_tiers(host, disk)
+        logger.info(
+            "kvbm worker: %d layers, %s, %d bytes per block on this rank; G2 %d blocks, G3 %d blocks",
+            len(tensors), self.worker.layout, self.bytes_per_block, host, disk,
+        )
+
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        assert isinstance(connector_metadata, DynamoConnectorMetadata), type(connector_metadata)
+        self.worker.bind_step(connector_metadata.payload)
+
+    def start_load_kv(self, forward_context, **kwargs: Any) -> None:
+        pass  # loads already started when the step was bound
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        pass  # kvbm loads only into requests that wait for them (WAITING_FOR_REMOTE_KVS)
+
+    def save_kv_layer(self, layer_name: str, kv_layer, attn_metadata, **kwargs: Any) -> None:
+        pass  # stores run once per step, after the forward pass, in wait_for_save
+
+    def wait_for_save(self):
+        if self.worker is not None and self.has_connector_metadata():
+            self.worker.forward_pass_done()
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        sending, recving = self.worker.get_finished()
+        return (set(sending) or None), (set(recving) or None)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return set(self.worker.take_load_errors())
+
+    def shutdown(self):
+        if self.worker is not None:
+            self.worker.wait_idle()
