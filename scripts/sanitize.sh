@@ -31,11 +31,9 @@ if [[ "$san" == thread && ${#args[@]} -eq 0 ]]; then
   args=(--gtest_filter='*Concurrent*:*Stress*:*Thread*:*Race*')
 fi
 
-run() { "$build_dir/kvbm_tests" "${args[@]}"; }
 if [[ "$san" == thread ]]; then
   # gcc 12's TSan cannot map its shadow memory under the high ASLR entropy of recent kernels;
   # running without address randomisation avoids that without changing what is tested.
-  setarch "$(uname -m)" -R "$build_dir/kvbm_tests" "${args[@]}"
-else
-  run
+  exec setarch "$(uname -m)" -R "$build_dir/kvbm_tests" "${args[@]}"
 fi
+exec "$build_dir/kvbm_tests" "${args[@]}"

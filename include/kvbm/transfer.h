@@ -91,7 +91,7 @@ class TransferCompletion {
  public:
   bool done() const { return done_.load(std::memory_order_acquire); }
   // Blocks until done (tests, and the worker's wait_for_save gate). Never on a scheduler thread.
-  const TransferResult& Wait() const;
+  TransferResult Wait() const;  // by value: the completion may be a temporary
   // Runs `fn` once done (immediately when already done), on the completing thread.
   void OnDone(std::function<void(const TransferResult&)> fn);
   // Backends call this once.

@@ -48,7 +48,7 @@ Status DiskSideData::Verify(uint32_t slot, SequenceHash expected, const uint8_t*
   return {};
 }
 
-const TransferResult& TransferCompletion::Wait() const {
+TransferResult TransferCompletion::Wait() const {
   std::unique_lock lock(mu_);
   cv_.wait(lock, [&] { return done_.load(std::memory_order_acquire); });
   return result_;

@@ -107,6 +107,7 @@ class DynamoConnector(KVConnectorBase_V1):
             # Request objects by id: their token lists grow in place as the engine decodes.
             self._requests: dict[str, Request] = {}
             self._block_ids: dict[str, list[int]] = {}
+            self.preemptions = 0  # requests vLLM preempted (tests check that paths were exercised)
             logger.info(
                 "kvbm leader: G2 %d blocks, G3 %d blocks of %d bytes (%d per rank x %d ranks), page %d tokens",
                 self.leader.host_blocks, self.leader.disk_blocks, self.bytes_per_block, per_rank,
@@ -175,6 +176,7 @@ class DynamoConnector(KVConnectorBase_V1):
         so = scheduler_output
         for rid in so.preempted_req_ids or ():
             self.leader.on_preempted(rid)
+            self.preemptions += 1
             self._block_ids[rid] = []
         for new in so.scheduled_new_reqs:
             self._block_ids[new.req_id] = list(new.block_ids[0]) if new.block_ids else []

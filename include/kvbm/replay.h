@@ -1,0 +1,129 @@
+// Trace replay: drives the real connector core (KvBlockManager -> ConnectorLeader, and with
+// `move_bytes` a real KvbmWorker) with a recorded request trace, the way an engine would, and
+// measures what the tiers hit. It backs `kvbm replay` (docs/REPLAY.md).
+//
+// Trace format (Mooncake, FAST'25): one JSON object per line with exactly the keys
+// `timestamp` (ms), `input_length`, `output_length` (tokens) and `hash_ids` (one id per
+// 512-token block of the prompt, chained prefix ids: equal ids mean equal prefixes).
+// Tokens are synthesised per id (SynthesizeTokens), so equal ids give equal sequence hashes.
+//
+// The engine model (RunReplay):
+//   - G1 is a BlockPool (TierId::kDevice) of `g1_blocks` standing for the engine's own prefix
+//     cache, always plain LRU (the engine's policy, not kvbm's). A request needs
+//     ceil((input + output) / page) G1 blocks, all at once (all-or-nothing); it first reuses
+//     the longest cached G1 prefix of its prompt. Requests are admitted first come, first
+//     served: when the oldest waiting request cannot get its blocks, it and every later
+//     request wait until a running request finishes (head-of-line, like vLLM's FCFS queue).
+//     A request that needs more blocks than G1 has is rejected (counted, never run).
+//     g1_blocks == 0 models an engine without prefix caching: G1 only allocates.
+//   - Past its G1 prefix, kvbm is asked (GetNumNewMatchedTokens: G2 run, then G3 run, never
+//     the whole prompt) and the matched blocks are onboarded.
+//   - Time: a request admitted at t computes until t + input_length / prefill_tokens_per_s
+//     (cache hits do not shorten it, so the schedule does not depend on G2/G3 sizes or the
+//     policy); then its full prompt blocks are stored (write-through G1 -> G2, G2 -> G3
+//     through the admission filter) and registered in G1; it finishes at
+//     prefill end + output_length / decode_tokens_per_s and releases its G1 blocks. Events at
+//     the same instant: prefill ends and finishes before arrivals, then in creation order.
+//   - After each store step the leader's store pins are flushed (three empty steps), as an
+//     engine stepping every few ms would within trace time.
+//
+// Thread safety: RunReplay is re-entrant (each call owns all it creates); a Trace is
+// immutable after parsing and may be shared by concurrent runs.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "kvbm/block_pool.h"
+#include "kvbm/config.h"
+#include "kvbm/error.h"
+#include "kvbm/tokens.h"
+
+namespace kvbm {
+
+// Tokens per trace block (one hash id); fixed by the Mooncake format.
+inline constexpr uint32_t kTraceBlockTokens = 512;
+
+struct TraceRequest {
+  double timestamp_ms = 0;
+  uint64_t input_length = 0;
+  uint64_t output_length = 0;
+  std::vector<uint64_t> hash_ids;
+};
+
+struct Trace {
+  std::vector<TraceRequest> requests;  // sorted by timestamp (stable)
+  uint64_t block_refs = 0;             // sum of len(hash_ids)
+  uint64_t input_tokens = 0;
+  // Distinct full pages of `page_size` tokens over all prompts (what "unlimited" must hold).
+  uint64_t DistinctFullPages(uint32_t page_size) const;
+  // Sum over requests of ceil((input + output) / page_size): G1 never evicts at this size.
+  uint64_t TotalPages(uint32_t page_size) const;
+};
+
+// Parses JSONL text. Blank lines are skipped; `limit` > 0 keeps the first `limit` requests.
+// InvalidArgument naming the 1-based line for malformed JSON, a missing, repeated or unknown
+// key, a negative or non-integer length, or len(hash_ids) != ceil(input_length / 512).
+Result<Trace> ParseMooncakeTrace(std::string_view text, size_t limit = 0);
+// Reads and parses a file (IoError naming the path when it cannot be read).
+Result<Trace> ReadMooncakeTrace(const std::string& path, size_t limit = 0);
+
+// The prompt tokens of `request`: block id h contributes tokens derived from (h, position)
+// only, the last block cut to input_length. Pure; `out` is overwritten.
+void SynthesizeTokens(const TraceRequest& request, std::vector<Token>& out);
+
+struct ReplayProgress {
+  uint64_t finished = 0, total = 0;
+  double trace_seconds = 0;  // simulated time reached
+  double token_hit_rate = 0;  // so far
+};
+
+struct ReplayOptions {
+  uint32_t page_size = kTraceBlockTokens;  // kvbm's block size in tokens
+  std::optional<uint64_t> g1_blocks;       // nullopt: unlimited (TotalPages); 0: no G1 prefix cache
+  std::optional<uint64_t> g2_blocks;       // nullopt: unlimited (DistinctFullPages); 0: off
+  std::optional<uint64_t> g3_blocks = 0;   // likewise
+  EvictionPolicy policy = EvictionPolicy::kLeafFirst;  // G2 and G3
+  double prefill_tokens_per_s = 10'000;    // may be +inf (instantaneous)
+  double decode_tokens_per_s = 50;
+  // Real bytes: G1 tensors in host memory, a KvbmWorker moving bytes_per_token * page_size
+  // bytes per block through the transfer engine and the disk file; every loaded block is
+  // compared with the pattern its sequence hash dictates.
+  bool move_bytes = false;
+  uint32_t bytes_per_token = 8;  // multiple of 4 (1 layer, K and V, 2-byte elements)
+  KvbmConfig config;             // metrics endpoint, disk directory, admission filter
+  std::function<bool(const ReplayProgress&)> progress;  // false cancels (Cancelled)
+  uint64_t progress_every = 256;                        // finished requests between calls
+};
+
+struct ReplayResult {
+  uint64_t requests = 0, rejected = 0;
+  uint64_t block_refs = 0;      // trace blocks (hash ids) of the replayed requests
+  uint64_t page_refs = 0;       // kvbm pages of the prompts (ceil(input / page))
+  uint64_t input_tokens = 0;
+  uint64_t g1_hit_blocks = 0, g2_hit_blocks = 0, g3_hit_blocks = 0;  // pages
+  uint64_t g1_blocks = 0, g2_blocks = 0, g3_blocks = 0;              // sizes used
+  uint64_t store_g1_g2 = 0, store_g1_g3 = 0, offload_g2_g3 = 0;     // blocks per path
+  uint64_t disk_writes_avoided = 0, dropped_full = 0, skipped_cached = 0;
+  uint64_t g1_evictions = 0, g2_evictions = 0, g3_evictions = 0;
+  uint64_t max_waiting = 0, max_running = 0;
+  double trace_seconds = 0;  // simulated time at the last finish
+  double seconds = 0;        // wall time of the replay (parsing excluded)
+  // move_bytes only
+  uint64_t bytes_loaded = 0, bytes_stored = 0, blocks_verified = 0, mismatched_blocks = 0, load_errors = 0;
+  uint16_t metrics_port = 0;
+
+  uint64_t hit_tokens(uint32_t page_size) const {
+    return (g1_hit_blocks + g2_hit_blocks + g3_hit_blocks) * page_size;
+  }
+};
+
+// Throws ConfigError for inconsistent options (no G2 and no G3, bytes_per_token not a multiple
+// of 4, ...). Errors from the connector core are returned; Cancelled when progress said stop.
+Result<ReplayResult> RunReplay(const Trace& trace, const ReplayOptions& options);
+
+}  // namespace kvbm

