@@ -98,6 +98,9 @@ struct ReplayOptions {
   KvbmConfig config;             // metrics endpoint, disk directory, admission filter
   std::function<bool(const ReplayProgress&)> progress;  // false cancels (Cancelled)
   uint64_t progress_every = 256;                        // finished requests between calls
+  // Seconds to keep the manager (and its Prometheus endpoint, DYN_KVBM_METRICS) alive after
+  // the last request, so the final figures can be scraped.
+  double linger_seconds = 0;
 };
 
 struct ReplayResult {

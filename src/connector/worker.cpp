@@ -2,6 +2,10 @@
 
 #include <fmt/format.h>
 
+#include <chrono>
+#include <cstdlib>
+#include <thread>
+
 #include "kvbm/log.h"
 
 namespace kvbm {
@@ -30,6 +34,14 @@ void AfterAll(const std::vector<std::shared_ptr<TransferCompletion>>& deps, std:
     d->OnDone([remaining, shared_fn](const TransferResult&) {
       if (remaining->fetch_sub(1) == 1) (*shared_fn)();
     });
+}
+
+// Test hook: KVBM_TEST_LOAD_DELAY_MS holds back the completion of every load by that long, as a
+// slow tier would, so engine tests can abort or preempt requests while their loads are in
+// flight. Read at each load on the engine thread (tests change it between phases).
+std::chrono::milliseconds TestLoadDelay() {
+  const char* v = std::getenv("KVBM_TEST_LOAD_DELAY_MS");
+  return std::chrono::milliseconds(v ? std::strtol(v, nullptr, 10) : 0);
 }
 
 }  // namespace
@@ -185,12 +197,22 @@ void KvbmWorker::StartLoad(const TransferOp& op) {
   std::string request_id = op.request_id;
   TransferPath path = PathOf(op.kind);
   const TierMemory* src = from_disk ? &disk_mem_ : &host_mem_;
-  AfterAll(deps, [this, copies, dst_of, missing, request_id, path, src, readers]() mutable {
+  auto delay = TestLoadDelay();
+  AfterAll(deps, [this, copies, dst_of, missing, request_id, path, src, readers, delay]() mutable {
     auto completion = engine_->Submit(path, *src, device_mem_, copies);
-    completion->OnDone([this, dst_of, missing, request_id, readers](const TransferResult& r) {
+    completion->OnDone([this, dst_of, missing, request_id, readers, delay](const TransferResult& r) {
       std::vector<uint32_t> failed = missing;
       for (uint32_t i : r.failed) failed.push_back(dst_of[i]);
       if (r.first_error) Log(LogLevel::kWarn, "load for {} failed for {} blocks: {}", request_id, failed.size(), r.first_error->ToString());
+      if (delay.count() > 0) {
+        // Off the thread that completed the copy, which may be the engine's own.
+        std::thread([this, readers, request_id, failed, delay] {
+          std::this_thread::sleep_for(delay);
+          ReleaseHostReaders(readers);
+          LoadDone(request_id, failed);
+        }).detach();
+        return;
+      }
       ReleaseHostReaders(readers);
       LoadDone(request_id, failed);
     });
@@ -209,7 +231,6 @@ void KvbmWorker::LoadDone(const std::string& request_id, const std::vector<uint3
     }
     --transfers_in_flight_;
   }
-  if (metrics_) metrics_->load_errors += failed.size();
   cv_.notify_all();
 }
 

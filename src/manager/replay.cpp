@@ -277,6 +277,7 @@ class ReplayRun {
     }
     result_.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     result_.trace_seconds = now_;
+    if (o_.linger_seconds > 0) std::this_thread::sleep_for(std::chrono::duration<double>(o_.linger_seconds));
     const LeaderStats& st = leader_->stats();
     result_.store_g1_g2 = st.store_host_blocks;
     result_.store_g1_g3 = st.store_disk_blocks;

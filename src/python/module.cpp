@@ -6,6 +6,7 @@ void BindCore(nanobind::module_& m);       // core_bindings.cpp: hashing, layout
 void BindConnector(nanobind::module_& m);
 void BindTransferBench(nanobind::module_& m);  // bench_bindings.cpp: data-path benchmark
 void BindDistributed(nanobind::module_& m);  // distributed_bindings.cpp: leader/worker bench
+void BindReplay(nanobind::module_& m);       // replay_bindings.cpp: `kvbm replay`
 
 NB_MODULE(_core, m) {
   m.doc() = "kvbm native core (C++), see include/kvbm/ for the contracts";
@@ -14,4 +15,5 @@ NB_MODULE(_core, m) {
   BindConnector(m);
   BindTransferBench(m);
   BindDistributed(m);
+  BindReplay(m);
 }

@@ -8,6 +8,7 @@ weights are random but not degenerate: a wrong KV block changes the greedy token
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
@@ -34,10 +35,14 @@ G3_BLOCKS = 400
 
 
 def _preempt_prompts():
-    """Two prompts whose decodes outgrow G1 together, so vLLM must preempt one."""
+    """Three prompts of 15 blocks each: admitted together (45 of G1's 47 blocks), their decodes
+    (PREEMPT_TOKENS more each) outgrow G1, so vLLM must preempt."""
     from kvbm.testing.chat_workload import block_tokens
 
-    return [block_tokens(900_000 + i, 23 * 32 - 5, 2000) for i in range(2)]
+    return [block_tokens(900_000 + i, 15 * 32 - 5, 2000) for i in range(3)]
+
+
+PREEMPT_TOKENS = 64
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +60,7 @@ def reference(model_dir):
     llm = vr.make_llm(model_dir, with_kvbm=False, gpu_blocks=GPU_BLOCKS, max_model_len=MAX_LEN)
     try:
         chat = vr.run_sequential(llm, chat_prompts())
-        preempt, _ = vr.run_batch(llm, _preempt_prompts(), max_tokens=40)
+        preempt, _ = vr.run_batch(llm, _preempt_prompts(), max_tokens=PREEMPT_TOKENS)
     finally:
         vr.close_llm(llm)
     return {"chat": chat.tokens, "preempt": preempt}
@@ -178,10 +183,12 @@ def test_corrupt_g3_is_detected_and_recomputed(reference, first_pass, kvbm_engin
     stats = _delta(dict(leader.leader.stats()), before_l)
     assert run.tokens == reference["chat"]
     assert stats["onboard_disk_blocks"] > 0, stats
-    assert w["load_errors"] > 0, w
-    assert stats["load_errors"] == w["load_errors"], (stats, w)
+    assert stats["load_errors"] > 0, stats
     # only disk loads can fail here: G2 was not touched
-    assert w["load_errors"] <= stats["onboard_disk_blocks"]
+    assert stats["load_errors"] <= stats["onboard_disk_blocks"], stats
+    # every failed load was verified and counted by the worker, too (the worker's metrics object
+    # is shared with the leader in a single-process engine, so it may hold both counts)
+    assert w["load_errors"] >= stats["load_errors"], (stats, w)
 
 
 def _drain(llm, steps: int = 6) -> None:
@@ -197,6 +204,8 @@ def test_aborts_and_preemptions_leak_nothing(reference, first_pass, kvbm_engine)
     from vllm import SamplingParams
 
     from kvbm.testing.chat_workload import chat_prompts
+    from kvbm.testing import vllm_runner as vr
+    from kvbm.testing.vllm_runner import run_batch
 
     llm = kvbm_engine["llm"]
     engine = llm.llm_engine
@@ -204,27 +213,30 @@ def test_aborts_and_preemptions_leak_nothing(reference, first_pass, kvbm_engine)
     before = dict(leader.leader.stats())
 
     # Aborts right after the step that started the loads (requests wait for their KV).
+    # Loads are held back 300 ms (KVBM_TEST_LOAD_DELAY_MS, a slow tier), so they span steps.
     prompts = chat_prompts()
     sp = SamplingParams(temperature=0, max_tokens=4, detokenize=False, ignore_eos=True)
     ids = [f"abort-{i}" for i in range(len(prompts))]
-    for rid, p in zip(ids, prompts):
-        engine.add_request(rid, {"prompt_token_ids": p}, sp)
-    engine.step()
-    loading = [r for r in ids if leader.leader.has_request(r) and leader.leader.is_loading(r)]
-    engine.abort_request(ids[::2])
-    steps = 0
-    while engine.has_unfinished_requests():
-        engine.step()
-        steps += 1
-        assert steps < 2000
+    loading: set[str] = set()
+    with vr.kvbm_env(KVBM_TEST_LOAD_DELAY_MS=300):
+        for rid, p in zip(ids, prompts):
+            engine.add_request(rid, {"prompt_token_ids": p}, sp)
+        deadline = time.monotonic() + 120
+        while engine.has_unfinished_requests():
+            engine.step()
+            assert time.monotonic() < deadline, (leader.leader.num_slots(), sorted(loading), leader.leader.stats())
+            # vLLM suffixes the ids it is given; the connector keeps the internal ones
+            now = {r for r in list(leader._requests) if leader.leader.is_loading(r)}
+            if now - loading:
+                engine.abort_request([r.rsplit("-", 1)[0] for r in now - loading][::2])
+                loading |= now
     stats = _delta(dict(leader.leader.stats()), before)
     assert stats["onboard_host_blocks"] + stats["onboard_disk_blocks"] > 0, stats
     assert loading, "no request was loading when the aborts came"
 
     # Preemption: two decodes that together outgrow G1.
     preempted_before = leader.preemptions
-    out, _ = __import__("kvbm.testing.vllm_runner", fromlist=["run_batch"]).run_batch(
-        llm, _preempt_prompts(), max_tokens=40)
+    out, _ = run_batch(llm, _preempt_prompts(), max_tokens=PREEMPT_TOKENS)
     assert leader.preemptions > preempted_before, "the workload did not preempt"
     assert out == reference["preempt"]
 

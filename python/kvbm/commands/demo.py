@@ -1,83 +1,99 @@
-"""``kvbm demo``: a short tour of the core (placeholder until the vLLM demo replaces it).
+"""``kvbm demo``: vLLM with kvbm on a tiny local model and a multi-turn chat from a real trace.
 
-Two prompts that share a prefix go through a small host pool: the first is hashed, stored and
-released; the second finds the shared prefix in the cache; a third, unrelated one needs room
-and evicts. Every step prints what happened, with the KV events the registry emitted.
+The same conversation turns (20 requests from the Mooncake trace, see
+kvbm/testing/chat_workload.py) go through vLLM twice, one turn at a time: once alone, once with
+kvbm as its KV connector. The engine's own cache (G1) is kept too small for the conversations,
+so a later turn finds its prefix evicted; with kvbm it comes back from host memory (G2) or disk
+(G3) instead of being recomputed. Prints where the prefix tokens came from, time to first
+token with and without kvbm, and whether the generated tokens are identical.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
+import sys
+import tempfile
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("demo", help="walk through hashing, caching, prefix reuse and eviction")
-    p.add_argument("--block-size", type=int, default=4, help="tokens per block (default 4)")
-    p.add_argument("--blocks", type=int, default=6, help="host pool size in blocks (default 6)")
-    p.add_argument("--policy", choices=["leaf-first", "lru"], default="leaf-first")
+    p = subparsers.add_parser("demo", help="vLLM + kvbm on a tiny model: per-tier hits, TTFT, identical outputs")
+    p.add_argument("--gpu-blocks", type=int, default=48, help="engine (G1) blocks of 32 tokens (default 48)")
+    p.add_argument("--host-blocks", type=int, default=24, help="kvbm G2 blocks (default 24)")
+    p.add_argument("--disk-blocks", type=int, default=400, help="kvbm G3 blocks (default 400)")
+    p.add_argument("--max-tokens", type=int, default=8, help="tokens generated per turn (default 8)")
+    p.add_argument("--verbose", action="store_true", help="keep vLLM's log output")
     return p
 
 
-def _store(pool, blocks, tokens, block_size):
-    """Allocates, fills and registers one pool block per token block; returns the handles."""
-    handles = []
-    for mutable, tb in zip(pool.allocate(len(blocks)), blocks):
-        start = tb.index * block_size
-        mutable.complete(tb, tokens=tokens[start : start + block_size])
-        handles.append(pool.register(mutable))
-    return handles
+def _quiet_vllm(verbose: bool) -> None:
+    import os
+
+    if not verbose:
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvbm import BlockPool, BlockRegistry, Tier, compute_salt_hash, hash_token_blocks
-    from kvbm.errors import ResourceExhaustedError
+    from kvbm.testing import vllm_runner as vr
 
-    bs = args.block_size
-    salt = compute_salt_hash(None, None)
-    events = []
-    registry = BlockRegistry()
-    registry.add_sink(events.append)
-    pool = BlockPool.create(Tier.HOST, args.blocks, args.policy, registry)
+    _quiet_vllm(args.verbose)
+    why = vr.vllm_available()
+    if why is not None:
+        print(f"kvbm demo needs vLLM ({why}).\n\n{vr.INSTALL_HINT}", file=sys.stderr)
+        return 1
+    from kvbm.testing.chat_workload import TRACE_ROWS, chat_prompts
 
-    def show_events():
-        for e in events:
-            print(f"    event #{e.event_id}: {e.kind:7s} {e.sequence_hash} ({len(e.tokens)} tokens)")
-        events.clear()
+    prompts = chat_prompts()
+    model = vr.tiny_model_dir()
+    max_len = (args.gpu_blocks - 1) * vr.BLOCK_SIZE
+    print(f"model: tiny Llama (2 layers, hidden 256, random weights) in {model}")
+    print(f"workload: {len(prompts)} turns of 4 conversations (Mooncake trace lines "
+          f"{TRACE_ROWS[0][0]}..{TRACE_ROWS[-1][0]}), {sum(map(len, prompts))} prompt tokens")
+    print(f"G1 (vLLM's own cache): {args.gpu_blocks} blocks x {vr.BLOCK_SIZE} tokens; "
+          f"kvbm G2 {args.host_blocks} blocks, G3 {args.disk_blocks} blocks\n")
 
-    system = list(range(1000, 1000 + 2 * bs))  # a shared system prompt: two blocks
-    a = system + list(range(2000, 2000 + bs)) + [7]  # one more block and a partial tail
-    b = system + list(range(3000, 3000 + 2 * bs))
-    print(f"host pool: {args.blocks} blocks of {bs} tokens, eviction {args.policy}, salt hash {salt}")
+    print("1/2 vLLM alone ...", flush=True)
+    llm = vr.make_llm(model, with_kvbm=False, gpu_blocks=args.gpu_blocks, max_model_len=max_len)
+    base = vr.run_sequential(llm, prompts, args.max_tokens)
+    vr.close_llm(llm)
 
-    blocks_a = hash_token_blocks(a, bs, salt)
-    print(f"\n1. request A: {len(a)} tokens -> {len(blocks_a)} full blocks (the tail of {len(a) % bs} is not cached)")
-    for tb in blocks_a:
-        print(f"    block {tb.index}: sequence hash {tb.sequence_hash}")
-    handles = _store(pool, blocks_a, a, bs)
-    show_events()
-    del handles
-    print(f"   A finishes; its blocks stay matchable: {pool.stats()}")
+    print("2/2 vLLM + kvbm ...", flush=True)
+    with tempfile.TemporaryDirectory(prefix="kvbm-demo-disk-") as disk, vr.kvbm_env(
+        DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS=args.host_blocks,
+        DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS=args.disk_blocks,
+        DYN_KVBM_DISK_CACHE_DIR=disk,
+        DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER="true",
+    ):
+        llm = vr.make_llm(model, with_kvbm=True, gpu_blocks=args.gpu_blocks, max_model_len=max_len)
+        counters_before = vr.kvbm_counters()
+        withk = vr.run_sequential(llm, prompts, args.max_tokens)
+        counters = vr.kvbm_counters()
+        vr.close_llm(llm)
 
-    blocks_b = hash_token_blocks(b, bs, salt)
-    hit = pool.match_prefix(blocks_b)
-    print(f"\n2. request B shares A's system prompt: {len(hit)} of {len(blocks_b)} blocks hit in the cache")
-    rest = _store(pool, blocks_b[len(hit) :], b, bs)
-    show_events()
-    print(f"   B holds {len(hit) + len(rest)} blocks: {pool.stats()}")
-    del hit, rest
+    bs = vr.BLOCK_SIZE
+    total = sum(map(len, prompts))
+    stats = {k: counters["leader"][k] - counters_before["leader"].get(k, 0) for k in counters["leader"]}
+    g1_base = sum(base.engine_cached_tokens)
+    g1_kvbm = sum(withk.engine_cached_tokens) - (stats["onboard_host_blocks"] + stats["onboard_disk_blocks"]) * bs
+    g2 = stats["onboard_host_blocks"] * bs
+    g3 = stats["onboard_disk_blocks"] * bs
+    print("\nprompt tokens served from cache instead of being computed:")
+    print(f"  {'':22s}{'vLLM alone':>12s}{'vLLM + kvbm':>13s}")
+    print(f"  {'G1 engine prefix cache':22s}{g1_base:12d}{g1_kvbm:13d}")
+    print(f"  {'G2 kvbm host memory':22s}{0:12d}{g2:13d}")
+    print(f"  {'G3 kvbm disk':22s}{0:12d}{g3:13d}")
+    print(f"  {'computed':22s}{total - g1_base:12d}{total - g1_kvbm - g2 - g3:13d}")
+    w = counters.get("worker", {})
+    print(f"kvbm moved: {stats['store_host_blocks']} blocks G1->G2, {stats['offload_disk_blocks']} G2->G3, "
+          f"{w.get('blocks_h2d', 0)} G2->G1, {w.get('blocks_disk2d', 0)} G3->G1; load errors {stats['load_errors']}")
 
-    c = list(range(5000, 5000 + 4 * bs))
-    blocks_c = hash_token_blocks(c, bs, salt)
-    print(f"\n3. request C (unrelated, {len(blocks_c)} blocks) needs room; next victims first: {pool.eviction_order()}")
-    held = _store(pool, blocks_c, c, bs)
-    show_events()
-    print(f"   after eviction: {pool.stats()}")
-    print(f"   B's prefix still cached: {pool.count_prefix(blocks_b)} of {len(blocks_b)} blocks")
+    def ms(xs):
+        return f"{1000 * statistics.mean(xs):7.1f} ms mean, {1000 * sum(xs):7.0f} ms total"
 
-    print("\n4. while C holds its blocks, asking for more than is free or evictable fails whole:")
-    try:
-        pool.allocate(args.blocks)
-    except ResourceExhaustedError as e:
-        print(f"    ResourceExhaustedError: {e}")
-    del held
-    return 0
+    print("\ntime to first token per turn:")
+    print(f"  vLLM alone   {ms(base.ttft_s)}")
+    print(f"  vLLM + kvbm  {ms(withk.ttft_s)}")
+    same = base.tokens == withk.tokens
+    diff = sum(a != b for a, b in zip(base.tokens, withk.tokens))
+    print(f"\ngenerated tokens identical with and without kvbm: {'yes' if same else f'NO ({diff} turns differ)'}")
+    return 0 if same else 1

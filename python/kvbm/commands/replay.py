@@ -1,0 +1,350 @@
+"""``kvbm replay [TRACE]``: replay a Mooncake request trace through kvbm's real connector core.
+
+The event loop runs in C++ (src/manager/replay.cpp, ``kvbm._core.run_replay``); this module
+parses the arguments, draws the progress bar, and for ``--sweep`` writes the table and the
+plot. docs/REPLAY.md describes the engine and time model and every figure printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import math
+import os
+import sys
+import time
+from importlib import resources
+
+from kvbm.errors import ConfigError
+
+# Bytes of KV per token (all layers, K and V, bf16): layers * 2 * kv_heads * head_dim * 2.
+BYTES_PER_TOKEN_PRESETS = {
+    "llama-3-8b": 32 * 2 * 8 * 128 * 2,  # 131,072
+    "llama-3-70b": 80 * 2 * 8 * 128 * 2,  # 327,680
+    "llama-3.1-8b": 32 * 2 * 8 * 128 * 2,
+    "llama-3.1-70b": 80 * 2 * 8 * 128 * 2,
+    "qwen2.5-7b": 28 * 2 * 4 * 128 * 2,  # 57,344
+    "mistral-7b": 32 * 2 * 8 * 128 * 2,
+}
+DEFAULT_SWEEP_G2 = "1000,5859,10000,30000,100000"
+EMBEDDED_TRACE = "conversation_trace.jsonl.gz"
+
+TIME_MODEL = """\
+time model: a request arrives at its timestamp and waits (first come, first served) until G1 can
+hold all of its ceil((input+output)/block) blocks, reusing its longest cached G1 prefix. Past
+that prefix kvbm is asked for the rest (G2 run, then G3 run; never the whole prompt) and loads
+it. The request then computes for input_length / --prefill-tokens-per-s seconds (hits do not
+shorten it, so the schedule is the same for every G2/G3 size and policy); at the end of its
+prefill its full prompt blocks are stored (write-through G1->G2, G2->G3 through the disk
+admission filter) and registered in G1. It decodes for output_length / --decode-tokens-per-s
+seconds, then finishes and releases its G1 blocks. See docs/REPLAY.md."""
+
+
+def _size(value: str) -> int | None:
+    """A tier size in blocks: a non-negative integer, or ``unlimited`` (None)."""
+    if value.lower() in ("unlimited", "inf", "none"):
+        return None
+    try:
+        n = int(value.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of blocks or 'unlimited', got {value!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"a size must be >= 0, got {n}")
+    return n
+
+
+def _rate(value: str) -> float:
+    v = float(value)
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"a rate must be > 0 tokens/s (or 'inf'), got {value!r}")
+    return v
+
+
+def _bytes_per_token(value: str) -> int:
+    key = value.lower()
+    if key in BYTES_PER_TOKEN_PRESETS:
+        return BYTES_PER_TOKEN_PRESETS[key]
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected bytes per token or one of {', '.join(sorted(BYTES_PER_TOKEN_PRESETS))}, got {value!r}"
+        ) from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"bytes per token must be > 0, got {n}")
+    return n
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "replay",
+        help="replay a Mooncake request trace through kvbm and report hit rates",
+        description="Replays a Mooncake trace (JSONL: timestamp, input_length, output_length, hash_ids) through "
+        "kvbm's connector core with a simulated engine: G1 stands for the engine's own prefix cache, G2/G3 are "
+        "kvbm's tiers. With no TRACE, the Mooncake conversation trace shipped with kvbm is replayed "
+        "(attribution: kvbm/data/ATTRIBUTION.md).",
+        epilog=TIME_MODEL,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("trace", nargs="?", metavar="TRACE", help="Mooncake JSONL trace (.jsonl or .jsonl.gz)")
+    p.add_argument("--limit", type=int, default=0, help="replay only the first N requests (default: all; 200 with --bytes)")
+    p.add_argument("--block-size", type=int, default=512, help="kvbm block (page) size in tokens (default 512)")
+    sizes = p.add_argument_group("tier sizes (blocks: a number or 'unlimited'; or GB with --bytes-per-token)")
+    sizes.add_argument("--g1-blocks", type=_size, default=2000,
+                       help="engine prefix cache (G1); 0 = engine without prefix caching (default 2000)")
+    sizes.add_argument("--g2-blocks", type=_size, default=5859, help="host tier G2; 0 = off (default 5859, ~3M tokens)")
+    sizes.add_argument("--g3-blocks", type=_size, default=0, help="disk tier G3; 0 = off (default 0)")
+    sizes.add_argument("--g1-gb", type=float, help="G1 in decimal GB (needs --bytes-per-token)")
+    sizes.add_argument("--g2-gb", type=float, help="G2 in decimal GB (needs --bytes-per-token)")
+    sizes.add_argument("--g3-gb", type=float, help="G3 in decimal GB (needs --bytes-per-token)")
+    sizes.add_argument("--bytes-per-token", type=_bytes_per_token,
+                       help="KV bytes per token for the GB sizes: a number or a preset "
+                       f"({', '.join(sorted(BYTES_PER_TOKEN_PRESETS))}); with --bytes, the bytes moved per token "
+                       "(default 8)")
+    p.add_argument("--policy", choices=["leaf-first", "lru"], default="leaf-first",
+                   help="eviction policy of G2 and G3 (G1 is always LRU, like the engine's)")
+    p.add_argument("--prefill-tokens-per-s", type=_rate, default=10_000.0, help="prefill speed (default 10000; 'inf')")
+    p.add_argument("--decode-tokens-per-s", type=_rate, default=50.0, help="decode speed per request (default 50; 'inf')")
+    p.add_argument("--bytes", action="store_true",
+                   help="move real bytes (G1 tensors in host memory, the transfer engine, the G3 file) and verify "
+                   "every loaded block")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (it is drawn only on a terminal)")
+    p.add_argument("--linger", type=float, default=0.0, metavar="SECONDS",
+                   help="keep the process (and the DYN_KVBM_METRICS endpoint) alive this long after the replay")
+    sw = p.add_argument_group("sweep")
+    sw.add_argument("--sweep", action="store_true",
+                    help="replay once per G2 capacity and policy; print a table and write a PNG plot")
+    sw.add_argument("--sweep-g2", default=DEFAULT_SWEEP_G2, help=f"G2 capacities in blocks (default {DEFAULT_SWEEP_G2})")
+    sw.add_argument("--sweep-policies", default="leaf-first,lru", help="policies (default leaf-first,lru)")
+    sw.add_argument("--plot", default="kvbm-replay-sweep.png", help="PNG path (default kvbm-replay-sweep.png)")
+    sw.add_argument("--table", help="also write the table (Markdown) to this path")
+    return p
+
+
+def load_trace(path: str | None, limit: int = 0):
+    """The parsed trace: `path` (.jsonl or .jsonl.gz), or the embedded conversation trace."""
+    from kvbm import _core
+
+    if path is None:
+        data = resources.files("kvbm.data").joinpath(EMBEDDED_TRACE).read_bytes()
+        return _core.parse_mooncake_trace(gzip.decompress(data), limit), f"embedded:{EMBEDDED_TRACE}"
+    if path.endswith(".gz"):
+        try:
+            with gzip.open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise ConfigError(f"cannot read trace {path}: {e}") from None
+        return _core.parse_mooncake_trace(data, limit), path
+    return _core.read_mooncake_trace(path, limit), path
+
+
+def _blocks_from_gb(gb: float, bytes_per_token: int | None, block_size: int, flag: str) -> int:
+    if bytes_per_token is None:
+        raise ConfigError(f"{flag} needs --bytes-per-token (a number or a model preset)")
+    return int(gb * 1e9 // (bytes_per_token * block_size))
+
+
+class ProgressBar:
+    """A one-line bar on stderr, redrawn at most ten times a second."""
+
+    def __init__(self, label: str):
+        self.label = label
+        self.last = 0.0
+        self.start = time.monotonic()
+
+    def __call__(self, finished: int, total: int, trace_seconds: float, hit_rate: float) -> bool:
+        now = time.monotonic()
+        if finished < total and now - self.last < 0.1:
+            return True
+        self.last = now
+        width = 30
+        filled = int(width * finished / max(total, 1))
+        sys.stderr.write(
+            f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {finished}/{total} requests, "
+            f"trace {trace_seconds:,.0f} s, token hit rate {hit_rate:.3f}, {now - self.start:.1f} s"
+        )
+        if finished >= total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+        return True
+
+
+def _options(args: argparse.Namespace) -> dict:
+    bpt = args.bytes_per_token
+    bs = args.block_size
+    g1 = _blocks_from_gb(args.g1_gb, bpt, bs, "--g1-gb") if args.g1_gb is not None else args.g1_blocks
+    g2 = _blocks_from_gb(args.g2_gb, bpt, bs, "--g2-gb") if args.g2_gb is not None else args.g2_blocks
+    g3 = _blocks_from_gb(args.g3_gb, bpt, bs, "--g3-gb") if args.g3_gb is not None else args.g3_blocks
+    if args.bytes and args.g1_blocks is None and args.g1_gb is None:
+        raise ConfigError("--bytes needs a finite G1 (--g1-blocks N): its tensors are allocated in host memory")
+    return dict(
+        block_size=bs,
+        g1_blocks=g1,
+        g2_blocks=g2,
+        g3_blocks=g3,
+        policy=args.policy,
+        prefill_tokens_per_s=args.prefill_tokens_per_s,
+        decode_tokens_per_s=args.decode_tokens_per_s,
+        move_bytes=args.bytes,
+        bytes_per_token=(bpt if (args.bytes and bpt is not None) else 8),
+    )
+
+
+def _fmt_size(n) -> str:
+    return "unlimited" if n is None else f"{n:,}"
+
+
+def _print_report(r: dict, source: str) -> None:
+    bs = r["block_size"]
+    print(f"trace            {source}: {r['requests']:,} requests, {r['block_refs']:,} block references, "
+          f"{r['input_tokens']:,} prompt tokens" + (f", {r['rejected_requests']} rejected (larger than G1)"
+                                                     if r["rejected_requests"] else ""))
+    print(f"tiers            G1 {r['g1_blocks']:,}  G2 {r['g2_blocks']:,}  G3 {r['g3_blocks']:,} blocks of {bs} tokens")
+    print("hit rates        tokens    blocks")
+    for tier in ("g1", "g2", "g3"):
+        print(f"  {tier.upper()}             {r[f'{tier}_token_hit_rate']:.4f}    {r[f'{tier}_block_hit_rate']:.4f}")
+    print(f"  total          {r['token_hit_rate']:.4f}    {r['block_hit_rate']:.4f}")
+    on, off = r["onboard_blocks"], r["offload_blocks"]
+    print(f"onboards         G2->G1 {on['g2_to_g1']:,}  G3->G1 {on['g3_to_g1']:,} blocks")
+    print(f"offloads         G1->G2 {off['g1_to_g2']:,}  G2->G3 {off['g2_to_g3']:,}  G1->G3 {off['g1_to_g3']:,} blocks")
+    print(f"disk filter      {r['disk_writes_avoided']:,} disk writes avoided by the admission filter")
+    ev = r["evictions"]
+    print(f"evictions        G1 {ev['g1']:,}  G2 {ev['g2']:,}  G3 {ev['g3']:,}; offloads dropped (tier full) "
+          f"{r['offloads_dropped_full']:,}")
+    print(f"engine           {r['max_running']} requests running at most, {r['max_waiting']} waiting at most, "
+          f"{r['trace_seconds']:,.0f} s of trace time")
+    if r.get("move_bytes"):
+        print(f"bytes            {r['bytes_loaded']:,} loaded, {r['bytes_stored']:,} stored; "
+              f"{r['blocks_verified']:,} loaded blocks verified, {r['mismatched_blocks']} mismatched, "
+              f"{r['load_errors']} load errors")
+    print(f"speed            {r['seconds']:.3f} s: {r['requests_per_s']:,.0f} requests/s, "
+          f"{r['block_refs_per_s']:,.0f} block references/s")
+
+
+def _run_one(trace, opts: dict, args, source: str) -> dict:
+    from kvbm import _core
+
+    show = sys.stderr.isatty() and not args.no_progress and not args.sweep
+    progress = ProgressBar("replay") if show else None
+    if args.linger > 0 and os.environ.get("DYN_KVBM_METRICS", "").lower() in ("1", "true", "yes", "on"):
+        port = os.environ.get("DYN_KVBM_METRICS_PORT", "6880")
+        print(f"kvbm replay: metrics on port {port}; lingering {args.linger:g} s after the replay", file=sys.stderr)
+    r = _core.run_replay(trace, **opts, progress=progress, progress_every=64, linger_seconds=args.linger)
+    r["policy"] = opts["policy"]
+    r["move_bytes"] = opts["move_bytes"]
+    r["trace"] = source
+    r["prefill_tokens_per_s"] = opts["prefill_tokens_per_s"]
+    r["decode_tokens_per_s"] = opts["decode_tokens_per_s"]
+    return r
+
+
+def _sweep(trace, base: dict, args, source: str) -> int:
+    from kvbm import _core
+
+    try:
+        capacities = [_size(c.strip()) for c in args.sweep_g2.split(",") if c.strip()]
+    except argparse.ArgumentTypeError as e:
+        raise ConfigError(f"--sweep-g2: {e}") from None
+    policies = [p.strip() for p in args.sweep_policies.split(",") if p.strip()]
+    for pol in policies:
+        if pol not in ("leaf-first", "lru"):
+            raise ConfigError(f"--sweep-policies: unknown policy {pol!r} (leaf-first, lru)")
+    bs = base["block_size"]
+    rows = []
+    header = f"| G2 blocks | G2 tokens | {' | '.join(f'{p} hit rate' for p in policies)} | seconds |"
+    if not args.json:
+        print(f"sweep over G2 on {source}: G1 {_fmt_size(base['g1_blocks'])}, G3 {_fmt_size(base['g3_blocks'])} blocks "
+              f"of {bs} tokens")
+        print(header)
+        print("|" + "---|" * (3 + len(policies)))
+    for cap in capacities:
+        row = {"g2_blocks": cap, "results": {}}
+        secs = 0.0
+        for pol in policies:
+            r = _core.run_replay(trace, **{**base, "g2_blocks": cap, "policy": pol})
+            row["results"][pol] = r
+            secs += r["seconds"]
+        rows.append(row)
+        if not args.json:
+            tokens = "unlimited" if cap is None else f"{cap * bs / 1e6:.2f}M"
+            rates = " | ".join(f"{row['results'][p]['token_hit_rate']:.4f}" for p in policies)
+            print(f"| {_fmt_size(cap)} | {tokens} | {rates} | {secs:.2f} |", flush=True)
+    bound = _core.run_replay(trace, **{**base, "g1_blocks": None, "g2_blocks": None, "policy": "lru"})
+    table = [header, "|" + "---|" * (3 + len(policies))]
+    for row in rows:
+        cap = row["g2_blocks"]
+        tokens = "unlimited" if cap is None else f"{cap * bs / 1e6:.2f}M"
+        rates = " | ".join(f"{row['results'][p]['token_hit_rate']:.4f}" for p in policies)
+        secs = sum(r["seconds"] for r in row["results"].values())
+        table.append(f"| {_fmt_size(cap)} | {tokens} | {rates} | {secs:.2f} |")
+    if args.table:
+        with open(args.table, "w") as f:
+            f.write("\n".join(table) + "\n")
+    _plot(rows, policies, bound["token_hit_rate"], bs, base, args.plot, source)
+    if args.json:
+        out = {
+            "trace": source,
+            "block_size": bs,
+            "g1_blocks": base["g1_blocks"],
+            "g3_blocks": base["g3_blocks"],
+            "unlimited_token_hit_rate": bound["token_hit_rate"],
+            "plot": args.plot,
+            "rows": [
+                {"g2_blocks": row["g2_blocks"], **{p: row["results"][p] for p in policies}} for row in rows
+            ],
+        }
+        print(json.dumps(out, sort_keys=True))
+    else:
+        print(f"unlimited capacity (prefix-reuse bound): token hit rate {bound['token_hit_rate']:.4f}")
+        print(f"plot written to {args.plot}")
+    return 0
+
+
+def _plot(rows, policies, bound: float, bs: int, base: dict, path: str, source: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    finite = [r for r in rows if r["g2_blocks"] is not None]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    styles = {"leaf-first": dict(marker="o", linestyle="-"), "lru": dict(marker="x", linestyle="--", markersize=9)}
+    for pol in policies:  # distinct markers: equal curves stay visible on top of each other
+        xs = [r["g2_blocks"] * bs for r in finite]
+        ys = [r["results"][pol]["token_hit_rate"] for r in finite]
+        ax.plot(xs, ys, label=pol, **styles.get(pol, {"marker": "o"}))
+    ax.axhline(bound, linestyle=":", color="grey", label=f"unlimited ({bound:.3f})")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"G2 capacity (tokens; blocks of {bs})")
+    ax.set_ylabel("token hit rate (G1 + G2 + G3)")
+    ax.set_title(f"kvbm replay: {os.path.basename(source)}\nG1 {_fmt_size(base['g1_blocks'])} blocks, "
+                 f"G3 {_fmt_size(base['g3_blocks'])} blocks", fontsize=10)
+    ax.set_ylim(0, max(0.05, bound * 1.1))
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.block_size <= 0:
+        raise ConfigError(f"--block-size must be > 0, got {args.block_size}")
+    limit = args.limit if args.limit > 0 else (200 if args.bytes else 0)
+    trace, source = load_trace(args.trace, limit)
+    opts = _options(args)
+    if opts["g2_blocks"] == 0 and opts["g3_blocks"] == 0:
+        raise ConfigError("size G2 or G3 (--g2-blocks / --g3-blocks are both 0)")
+    if args.sweep:
+        return _sweep(trace, opts, args, source)
+    r = _run_one(trace, opts, args, source)
+    if args.json:
+        print(json.dumps(r, sort_keys=True))
+    else:
+        _print_report(r, source)
+    if r["mismatched_blocks"]:
+        print(f"kvbm replay: error: {r['mismatched_blocks']} loaded blocks had wrong bytes", file=sys.stderr)
+        return 1
+    return 0 if math.isfinite(r["token_hit_rate"]) else 1

@@ -1,0 +1,165 @@
+// Python bindings of the trace replay (include/kvbm/replay.h), for `kvbm replay`.
+// The replay runs with the GIL released; the progress callback takes it back for each call.
+// An exception raised by the callback (KeyboardInterrupt from a progress bar) stops the replay
+// and is re-raised as it was.
+#include <cstdint>
+#include <optional>
+#include <string>
+
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
+
+#include "kvbm/replay.h"
+#include "python/bindings.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+namespace kvbm::python {
+namespace {
+
+EvictionPolicy ReplayPolicy(const std::string& name) {
+  if (name == "leaf-first" || name == "leaf_first") return EvictionPolicy::kLeafFirst;
+  if (name == "lru") return EvictionPolicy::kLru;
+  throw StatusException(
+      Error(ErrorCode::kInvalidArgument, "eviction policy '" + name + "': expected 'leaf-first' or 'lru'"));
+}
+
+nb::dict ResultDict(const ReplayResult& r, uint32_t page) {
+  auto rate = [](uint64_t num, uint64_t den) { return den ? static_cast<double>(num) / static_cast<double>(den) : 0.0; };
+  nb::dict d;
+  d["requests"] = r.requests;
+  d["rejected_requests"] = r.rejected;
+  d["block_refs"] = r.block_refs;
+  d["page_refs"] = r.page_refs;
+  d["input_tokens"] = r.input_tokens;
+  d["block_size"] = page;
+  d["g1_blocks"] = r.g1_blocks;
+  d["g2_blocks"] = r.g2_blocks;
+  d["g3_blocks"] = r.g3_blocks;
+  d["g1_hit_blocks"] = r.g1_hit_blocks;
+  d["g2_hit_blocks"] = r.g2_hit_blocks;
+  d["g3_hit_blocks"] = r.g3_hit_blocks;
+  d["g1_token_hit_rate"] = rate(r.g1_hit_blocks * page, r.input_tokens);
+  d["g2_token_hit_rate"] = rate(r.g2_hit_blocks * page, r.input_tokens);
+  d["g3_token_hit_rate"] = rate(r.g3_hit_blocks * page, r.input_tokens);
+  d["token_hit_rate"] = rate(r.hit_tokens(page), r.input_tokens);
+  d["g1_block_hit_rate"] = rate(r.g1_hit_blocks, r.page_refs);
+  d["g2_block_hit_rate"] = rate(r.g2_hit_blocks, r.page_refs);
+  d["g3_block_hit_rate"] = rate(r.g3_hit_blocks, r.page_refs);
+  d["block_hit_rate"] = rate(r.g1_hit_blocks + r.g2_hit_blocks + r.g3_hit_blocks, r.page_refs);
+  nb::dict onboard;
+  onboard["g2_to_g1"] = r.g2_hit_blocks;
+  onboard["g3_to_g1"] = r.g3_hit_blocks;
+  d["onboard_blocks"] = onboard;
+  nb::dict offload;
+  offload["g1_to_g2"] = r.store_g1_g2;
+  offload["g2_to_g3"] = r.offload_g2_g3;
+  offload["g1_to_g3"] = r.store_g1_g3;
+  d["offload_blocks"] = offload;
+  d["disk_writes_avoided"] = r.disk_writes_avoided;
+  d["offloads_dropped_full"] = r.dropped_full;
+  d["stores_skipped_cached"] = r.skipped_cached;
+  nb::dict ev;
+  ev["g1"] = r.g1_evictions;
+  ev["g2"] = r.g2_evictions;
+  ev["g3"] = r.g3_evictions;
+  d["evictions"] = ev;
+  d["max_waiting"] = r.max_waiting;
+  d["max_running"] = r.max_running;
+  d["trace_seconds"] = r.trace_seconds;
+  d["seconds"] = r.seconds;
+  d["requests_per_s"] = r.seconds > 0 ? static_cast<double>(r.requests) / r.seconds : 0.0;
+  d["block_refs_per_s"] = r.seconds > 0 ? static_cast<double>(r.block_refs) / r.seconds : 0.0;
+  d["bytes_loaded"] = r.bytes_loaded;
+  d["bytes_stored"] = r.bytes_stored;
+  d["blocks_verified"] = r.blocks_verified;
+  d["mismatched_blocks"] = r.mismatched_blocks;
+  d["load_errors"] = r.load_errors;
+  d["metrics_port"] = r.metrics_port;
+  return d;
+}
+
+}  // namespace
+}  // namespace kvbm::python
+
+void BindReplay(nanobind::module_& m) {
+  using namespace kvbm;
+  using namespace kvbm::python;
+
+  nb::class_<Trace>(m, "ReplayTrace", "A parsed Mooncake trace (immutable).")
+      .def_prop_ro("num_requests", [](const Trace& t) { return t.requests.size(); })
+      .def_prop_ro("block_refs", [](const Trace& t) { return t.block_refs; })
+      .def_prop_ro("input_tokens", [](const Trace& t) { return t.input_tokens; })
+      .def("distinct_full_pages", &Trace::DistinctFullPages, "page_size"_a = kTraceBlockTokens,
+           nb::call_guard<nb::gil_scoped_release>())
+      .def("total_pages", &Trace::TotalPages, "page_size"_a = kTraceBlockTokens)
+      .def("__len__", [](const Trace& t) { return t.requests.size(); });
+
+  m.def(
+      "parse_mooncake_trace",
+      [](nb::bytes data, size_t limit) {
+        std::string text(data.c_str(), data.size());
+        nb::gil_scoped_release release;
+        return ThrowIfError(ParseMooncakeTrace(text, limit));
+      },
+      "data"_a, "limit"_a = 0, "Parses Mooncake JSONL bytes; errors name the line.");
+  m.def(
+      "read_mooncake_trace",
+      [](const std::string& path, size_t limit) {
+        nb::gil_scoped_release release;
+        return ThrowIfError(ReadMooncakeTrace(path, limit));
+      },
+      "path"_a, "limit"_a = 0, "Reads and parses a Mooncake JSONL file; errors name the line.");
+
+  m.def(
+      "run_replay",
+      [](const Trace& trace, uint32_t block_size, std::optional<uint64_t> g1_blocks, std::optional<uint64_t> g2_blocks,
+         std::optional<uint64_t> g3_blocks, const std::string& policy, double prefill_tokens_per_s,
+         double decode_tokens_per_s, bool move_bytes, uint32_t bytes_per_token, nb::object progress,
+         uint64_t progress_every, double linger_seconds) {
+        ReplayOptions o;
+        o.page_size = block_size;
+        o.g1_blocks = g1_blocks;
+        o.g2_blocks = g2_blocks;
+        o.g3_blocks = g3_blocks;
+        o.policy = ReplayPolicy(policy);
+        o.prefill_tokens_per_s = prefill_tokens_per_s;
+        o.decode_tokens_per_s = decode_tokens_per_s;
+        o.move_bytes = move_bytes;
+        o.bytes_per_token = bytes_per_token;
+        o.config = KvbmConfig::FromEnvironment();
+        o.progress_every = progress_every ? progress_every : 1;
+        o.linger_seconds = linger_seconds;
+        bool raised = false;
+        if (!progress.is_none()) {
+          o.progress = [&progress, &raised](const ReplayProgress& p) {
+            nb::gil_scoped_acquire gil;
+            try {
+              nb::object keep_going = progress(p.finished, p.total, p.trace_seconds, p.token_hit_rate);
+              return keep_going.is_none() || nb::cast<bool>(keep_going);
+            } catch (nb::python_error& e) {
+              e.restore();  // re-raised below, once the replay has unwound
+              raised = true;
+              return false;
+            }
+          };
+        }
+        Result<ReplayResult> r;
+        {
+          nb::gil_scoped_release release;
+          r = RunReplay(trace, o);
+        }
+        if (raised) throw nb::python_error();
+        return ResultDict(ThrowIfError(std::move(r)), block_size);
+      },
+      "trace"_a, "block_size"_a = kTraceBlockTokens, "g1_blocks"_a.none() = nb::none(),
+      "g2_blocks"_a.none() = nb::none(), "g3_blocks"_a.none() = 0, "policy"_a = "leaf-first",
+      "prefill_tokens_per_s"_a = 10000.0, "decode_tokens_per_s"_a = 50.0, "move_bytes"_a = false,
+      "bytes_per_token"_a = 8, "progress"_a.none() = nb::none(), "progress_every"_a = 256, "linger_seconds"_a = 0.0,
+      "Replays `trace` through the connector core; returns the figures as a dict (see docs/REPLAY.md).\n"
+      "Sizes in blocks: None = unlimited (computed from the trace), 0 = off (G1: no prefix cache).\n"
+      "`progress(finished, total, trace_seconds, token_hit_rate)` is called every `progress_every`\n"
+      "finished requests; returning False cancels (CancelledError).");
+}

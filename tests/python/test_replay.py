@@ -1,0 +1,256 @@
+"""`kvbm replay`: hit counts against an independent brute-force reference, the prefix-reuse
+bound of the shipped conversation trace, the command line, malformed input and the byte path.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections import OrderedDict
+from importlib import resources
+
+import pytest
+
+from kvbm import _core
+from kvbm.errors import InvalidArgumentError
+
+BLOCK = 512
+INF = float("inf")
+
+
+def _trace_lines() -> list[dict]:
+    data = resources.files("kvbm.data").joinpath("conversation_trace.jsonl.gz").read_bytes()
+    return [json.loads(line) for line in gzip.decompress(data).splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def lines() -> list[dict]:
+    return _trace_lines()
+
+
+class ReferenceLruTier:
+    """A G2 tier as the block-pool contract describes it (include/kvbm/block_pool.h), in the
+    simplest terms: `capacity` slots; a cached block is in use while something references it,
+    and a referenced block references its parent (when the parent is cached), so a chain is
+    returned leaf first; unreferenced blocks are evicted least recently returned first."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.parent: dict[int, int | None] = {}  # cached block -> its parent id
+        self.refs: dict[int, int] = {}
+        self.holds_parent: dict[int, int] = {}
+        self.returned: OrderedDict[int, None] = OrderedDict()  # unreferenced, oldest first
+        self.evictions = 0
+
+    def acquire(self, b: int) -> None:
+        self.refs[b] = self.refs.get(b, 0) + 1
+        if self.refs[b] == 1:
+            self.returned.pop(b, None)
+            p = self.parent[b]
+            if p is not None and p in self.parent:
+                self.holds_parent[b] = p
+                self.acquire(p)
+
+    def release(self, b: int) -> None:
+        self.refs[b] -= 1
+        if self.refs[b] == 0:
+            self.returned[b] = None
+            p = self.holds_parent.pop(b, None)
+            if p is not None:
+                self.release(p)
+
+    def insert(self, b: int, parent: int | None) -> bool:
+        """Caches `b` referenced by the caller; False when every slot is in use."""
+        if len(self.parent) >= self.capacity:
+            if not self.returned:
+                return False
+            victim, _ = self.returned.popitem(last=False)
+            del self.parent[victim]
+            del self.refs[victim]
+            self.evictions += 1
+        self.parent[b] = parent
+        self.refs[b] = 0
+        self.acquire(b)
+        return True
+
+
+def reference_g2_lru(lines: list[dict], capacity: int) -> dict:
+    """Engine without a prefix cache, one request at a time: match the longest cached prefix of
+    the prompt's full blocks (never the whole prompt), then write through every full block not
+    cached yet. Blocks are 512 tokens: one trace hash id each."""
+    tier = ReferenceLruTier(capacity)
+    hits = stores = 0
+    for r in lines:
+        ids = r["hash_ids"]
+        n = r["input_length"]
+        full = n // BLOCK
+        cap = (n - 1) // BLOCK
+        h = 0
+        while h < cap and ids[h] in tier.parent and tier.parent[ids[h]] == (ids[h - 1] if h else None):
+            h += 1
+        for b in ids[:h]:
+            tier.acquire(b)
+        for b in ids[:h]:  # the load finished: released in order, chains return leaf first
+            tier.release(b)
+        hits += h
+        written = []
+        for i in range(h, full):
+            if ids[i] in tier.parent:
+                continue
+            if tier.insert(ids[i], ids[i - 1] if i else None):
+                written.append(ids[i])
+                stores += 1
+        for b in written:
+            tier.release(b)
+    return {"hits": hits, "stores": stores, "evictions": tier.evictions}
+
+
+@pytest.mark.parametrize("capacity", [16, 100, 700, 5000])
+def test_lru_hit_counts_equal_brute_force_reference(lines, capacity):
+    subset = lines[:1500]
+    trace = _core.parse_mooncake_trace("\n".join(json.dumps(r) for r in subset).encode())
+    got = _core.run_replay(
+        trace, g1_blocks=0, g2_blocks=capacity, g3_blocks=0, policy="lru",
+        prefill_tokens_per_s=INF, decode_tokens_per_s=INF,
+    )
+    want = reference_g2_lru(subset, capacity)
+    assert got["requests"] == len(subset)
+    assert got["g2_hit_blocks"] == want["hits"]
+    assert got["offload_blocks"]["g1_to_g2"] == want["stores"]
+    assert got["evictions"]["g2"] == want["evictions"]
+    assert got["g1_hit_blocks"] == 0 and got["g3_hit_blocks"] == 0
+    if capacity < 5000:
+        assert want["evictions"] > 0  # the sizes must exercise eviction to mean anything
+
+
+def prefix_reuse_bound(lines: list[dict]) -> float:
+    """Token hit rate with unlimited capacity: the prefix of full blocks seen in any earlier
+    prompt, leaving at least one token to compute."""
+    seen: set[int] = set()
+    hit = total = 0
+    for r in lines:
+        ids, n = r["hash_ids"], r["input_length"]
+        cap = (n - 1) // BLOCK
+        k = 0
+        while k < cap and ids[k] in seen:
+            k += 1
+        hit += k * BLOCK
+        total += n
+        seen.update(ids[: n // BLOCK])
+    return hit / total
+
+
+def test_unlimited_capacity_reaches_the_prefix_reuse_bound(lines):
+    trace = _core.parse_mooncake_trace(gzip.decompress(
+        resources.files("kvbm.data").joinpath("conversation_trace.jsonl.gz").read_bytes()))
+    assert trace.block_refs == 288_500 and len(trace) == 12_031
+    bound = prefix_reuse_bound(lines)
+    assert bound == pytest.approx(0.374, abs=0.002)
+    # Instantaneous requests: exactly the bound.
+    instant = _core.run_replay(trace, g1_blocks=None, g2_blocks=None, prefill_tokens_per_s=INF,
+                               decode_tokens_per_s=INF)
+    assert instant["token_hit_rate"] == pytest.approx(bound, rel=1e-12)
+    # The default time model: a request that arrives during another's prefill misses its blocks.
+    timed = _core.run_replay(trace, g1_blocks=None, g2_blocks=None)
+    assert timed["token_hit_rate"] == pytest.approx(0.374, abs=0.002)
+    assert timed["token_hit_rate"] <= bound
+    assert timed["rejected_requests"] == 0
+
+
+REQUIRED_KEYS = {"requests", "block_refs", "token_hit_rate", "g1_token_hit_rate", "g2_token_hit_rate",
+                 "g3_token_hit_rate", "seconds"}
+
+
+def test_cli_json_default_embedded_trace(run_kvbm, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the embedded trace is found from anywhere
+    p = run_kvbm("replay", "--json", "--limit", "2000", "--g3-blocks", "3000")
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    assert REQUIRED_KEYS <= r.keys()
+    assert r["requests"] == 2000
+    total = r["g1_token_hit_rate"] + r["g2_token_hit_rate"] + r["g3_token_hit_rate"]
+    assert r["token_hit_rate"] == pytest.approx(total)
+    assert 0 < r["token_hit_rate"] < 1
+    assert r["offload_blocks"]["g1_to_g2"] > 0
+    assert r["disk_writes_avoided"] > 0  # first sights never reach the disk
+
+
+def test_cli_human_output_and_gb_sizes(run_kvbm):
+    p = run_kvbm("replay", "--limit", "300", "--bytes-per-token", "llama-3-8b", "--g2-gb", "100", "--g1-blocks", "500")
+    assert p.returncode == 0, p.stderr
+    # 100 GB / (131072 B/token * 512 tokens) = 1490 blocks
+    assert "G2 1,490" in p.stdout
+    assert "block references/s" in p.stdout
+
+
+def test_malformed_line_names_the_line(tmp_path, run_kvbm):
+    good = {"timestamp": 0, "input_length": 600, "output_length": 5, "hash_ids": [0, 1]}
+    bad = '{"timestamp": 0, "input_length": 600, "output_length": 5, "hash_ids": [0, 1'
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps(good) + "\n" + bad + "\n")
+    with pytest.raises(InvalidArgumentError, match="line 3"):
+        _core.read_mooncake_trace(str(path))
+    p = run_kvbm("replay", str(path))
+    assert p.returncode == 1
+    assert "line 3" in p.stderr
+    wrong_count = tmp_path / "w.jsonl"
+    wrong_count.write_text(json.dumps({**good, "hash_ids": [0]}) + "\n")
+    p = run_kvbm("replay", str(wrong_count))
+    assert p.returncode == 1 and "line 1" in p.stderr and "hash_ids" in p.stderr
+
+
+def test_bytes_mode_moves_and_verifies_real_bytes(run_kvbm, tmp_path, monkeypatch):
+    monkeypatch.setenv("DYN_KVBM_DISK_CACHE_DIR", str(tmp_path))
+    # No G1 prefix cache and a tiny G2: every reuse is a real load, most of them from the G3 file.
+    p = run_kvbm("replay", "--bytes", "--json", "--limit", "1000", "--g1-blocks", "0", "--g2-blocks", "20",
+                 "--g3-blocks", "3000")
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    assert r["requests"] == 1000
+    assert r["mismatched_blocks"] == 0
+    assert r["load_errors"] == 0
+    loaded = r["g2_hit_blocks"] + r["g3_hit_blocks"]
+    assert r["g2_hit_blocks"] > 0 and r["g3_hit_blocks"] > 0
+    assert r["blocks_verified"] == loaded
+    assert r["bytes_loaded"] == loaded * BLOCK * 8
+    assert r["offload_blocks"]["g2_to_g3"] > 0
+
+
+def test_sweep_writes_table_and_plot(run_kvbm, tmp_path):
+    png, table = tmp_path / "sweep.png", tmp_path / "sweep.md"
+    p = run_kvbm("replay", "--sweep", "--limit", "1000", "--sweep-g2", "100,1000", "--plot", str(png),
+                 "--table", str(table), "--json")
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert [row["g2_blocks"] for row in out["rows"]] == [100, 1000]
+    for row in out["rows"]:
+        assert {"leaf-first", "lru"} <= row.keys()
+    # More capacity never hurts here.
+    assert out["rows"][1]["lru"]["token_hit_rate"] >= out["rows"][0]["lru"]["token_hit_rate"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "leaf-first hit rate" in table.read_text()
+
+
+def test_progress_callback_can_cancel():
+    from kvbm.errors import CancelledError
+
+    trace = _core.parse_mooncake_trace(
+        b"\n".join(json.dumps({"timestamp": i, "input_length": 10, "output_length": 1, "hash_ids": [i]}).encode()
+                   for i in range(100)))
+    calls = []
+
+    def progress(finished, total, trace_seconds, rate):
+        calls.append(finished)
+        return finished < 20
+
+    with pytest.raises(CancelledError):
+        _core.run_replay(trace, g2_blocks=10, progress=progress, progress_every=10)
+    assert calls == [10, 20]
+
+
+def test_bytes_mode_defaults_to_a_bounded_replay(run_kvbm):
+    p = run_kvbm("replay", "--bytes", "--json", "--g1-blocks", "300", "--g3-blocks", "0")
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    assert r["requests"] == 200 and r["mismatched_blocks"] == 0
+    assert r["blocks_verified"] == r["g1_hit_blocks"] + r["g2_hit_blocks"]
