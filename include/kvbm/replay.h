@@ -78,7 +78,7 @@ void SynthesizeTokens(const TraceRequest& request, std::vector<Token>& out);
 
 struct ReplayProgress {
   uint64_t finished = 0, total = 0;
-  double trace_seconds = 0;  // simulated time reached
+  double trace_seconds = 0;   // simulated time reached
   double token_hit_rate = 0;  // so far
 };
 
@@ -88,7 +88,7 @@ struct ReplayOptions {
   std::optional<uint64_t> g2_blocks;       // nullopt: unlimited (DistinctFullPages); 0: off
   std::optional<uint64_t> g3_blocks = 0;   // likewise
   EvictionPolicy policy = EvictionPolicy::kLeafFirst;  // G2 and G3
-  double prefill_tokens_per_s = 10'000;    // may be +inf (instantaneous)
+  double prefill_tokens_per_s = 10'000;                // may be +inf (instantaneous)
   double decode_tokens_per_s = 50;
   // Real bytes: G1 tensors in host memory, a KvbmWorker moving bytes_per_token * page_size
   // bytes per block through the transfer engine and the disk file; every loaded block is
@@ -105,19 +105,20 @@ struct ReplayOptions {
 
 struct ReplayResult {
   uint64_t requests = 0, rejected = 0;
-  uint64_t block_refs = 0;      // trace blocks (hash ids) of the replayed requests
-  uint64_t page_refs = 0;       // kvbm pages of the prompts (ceil(input / page))
+  uint64_t block_refs = 0;  // trace blocks (hash ids) of the replayed requests
+  uint64_t page_refs = 0;   // kvbm pages of the prompts (ceil(input / page))
   uint64_t input_tokens = 0;
   uint64_t g1_hit_blocks = 0, g2_hit_blocks = 0, g3_hit_blocks = 0;  // pages
   uint64_t g1_blocks = 0, g2_blocks = 0, g3_blocks = 0;              // sizes used
-  uint64_t store_g1_g2 = 0, store_g1_g3 = 0, offload_g2_g3 = 0;     // blocks per path
+  uint64_t store_g1_g2 = 0, store_g1_g3 = 0, offload_g2_g3 = 0;      // blocks per path
   uint64_t disk_writes_avoided = 0, dropped_full = 0, skipped_cached = 0;
   uint64_t g1_evictions = 0, g2_evictions = 0, g3_evictions = 0;
   uint64_t max_waiting = 0, max_running = 0;
   double trace_seconds = 0;  // simulated time at the last finish
   double seconds = 0;        // wall time of the replay (parsing excluded)
   // move_bytes only
-  uint64_t bytes_loaded = 0, bytes_stored = 0, blocks_verified = 0, mismatched_blocks = 0, load_errors = 0;
+  uint64_t bytes_loaded = 0, bytes_stored = 0, blocks_verified = 0, mismatched_blocks = 0,
+           load_errors = 0;
   uint16_t metrics_port = 0;
 
   uint64_t hit_tokens(uint32_t page_size) const {

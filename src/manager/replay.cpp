@@ -1,5 +1,7 @@
 #include "kvbm/replay.h"
 
+#include <fmt/format.h>
+
 #include <algorithm>
 #include <charconv>
 #include <chrono>
@@ -12,8 +14,6 @@
 #include <thread>
 #include <unordered_map>
 #include <unordered_set>
-
-#include <fmt/format.h>
 
 #include "kvbm/manager.h"
 #include "kvbm/sim_engine.h"
@@ -33,11 +33,13 @@ class LineParser {
   Result<TraceRequest> Parse() {
     TraceRequest r;
     bool seen[4] = {false, false, false, false};
-    static constexpr const char* kKeys[4] = {"timestamp", "input_length", "output_length", "hash_ids"};
+    static constexpr const char* kKeys[4] = {"timestamp", "input_length", "output_length",
+                                             "hash_ids"};
     SkipWs();
     if (!Eat('{')) return Fail("expected '{' at the start of the object");
     SkipWs();
-    if (Eat('}')) return Fail("empty object (expected timestamp, input_length, output_length, hash_ids)");
+    if (Eat('}'))
+      return Fail("empty object (expected timestamp, input_length, output_length, hash_ids)");
     while (true) {
       SkipWs();
       auto key = ParseString();
@@ -49,8 +51,9 @@ class LineParser {
       for (int k = 0; k < 4; ++k)
         if (*key == kKeys[k]) which = k;
       if (which < 0)
-        return Fail(fmt::format("unexpected key \"{}\" (expected timestamp, input_length, output_length, hash_ids)",
-                                *key));
+        return Fail(fmt::format(
+            "unexpected key \"{}\" (expected timestamp, input_length, output_length, hash_ids)",
+            *key));
       if (seen[which]) return Fail(fmt::format("key \"{}\" appears twice", *key));
       seen[which] = true;
       if (which == 0) {
@@ -89,8 +92,9 @@ class LineParser {
       if (!seen[k]) return Fail(fmt::format("missing key \"{}\"", kKeys[k]));
     uint64_t want = (r.input_length + kTraceBlockTokens - 1) / kTraceBlockTokens;
     if (r.hash_ids.size() != want)
-      return Fail(fmt::format("{} hash_ids for input_length {} (expected ceil({}/{}) = {})", r.hash_ids.size(),
-                              r.input_length, r.input_length, kTraceBlockTokens, want));
+      return Fail(fmt::format("{} hash_ids for input_length {} (expected ceil({}/{}) = {})",
+                              r.hash_ids.size(), r.input_length, r.input_length, kTraceBlockTokens,
+                              want));
     return r;
   }
 
@@ -173,14 +177,17 @@ Result<Trace> ParseMooncakeTrace(std::string_view text, size_t limit) {
     trace.input_tokens += r->input_length;
     trace.requests.push_back(std::move(*r));
   }
-  std::stable_sort(trace.requests.begin(), trace.requests.end(),
-                   [](const TraceRequest& a, const TraceRequest& b) { return a.timestamp_ms < b.timestamp_ms; });
+  std::stable_sort(
+      trace.requests.begin(), trace.requests.end(),
+      [](const TraceRequest& a, const TraceRequest& b) { return a.timestamp_ms < b.timestamp_ms; });
   return trace;
 }
 
 Result<Trace> ReadMooncakeTrace(const std::string& path, size_t limit) {
   std::ifstream in(path, std::ios::binary);
-  if (!in) return MakeError(ErrorCode::kIoError, fmt::format("cannot read trace {}: {}", path, std::strerror(errno)));
+  if (!in)
+    return MakeError(ErrorCode::kIoError,
+                     fmt::format("cannot read trace {}: {}", path, std::strerror(errno)));
   std::stringstream ss;
   ss << in.rdbuf();
   auto t = ParseMooncakeTrace(ss.str(), limit);
@@ -213,7 +220,8 @@ void SynthesizeTokens(const TraceRequest& request, std::vector<Token>& out) {
   out.resize(request.input_length);
   for (uint64_t i = 0; i < request.input_length; ++i) {
     uint64_t h = request.hash_ids[i / kTraceBlockTokens];
-    out[i] = static_cast<Token>(SplitMix64(h * kTraceBlockTokens + i % kTraceBlockTokens) & 0x7fffffffu);
+    out[i] =
+        static_cast<Token>(SplitMix64(h * kTraceBlockTokens + i % kTraceBlockTokens) & 0x7fffffffu);
   }
 }
 
@@ -230,7 +238,8 @@ class ReplayRun {
       throw ConfigError("kvbm replay: prefill and decode rates must be > 0 tokens/s");
     const uint64_t unlimited_pages = std::max<uint64_t>(trace.DistinctFullPages(page_) + 16, 16);
     g1_cache_ = !o.g1_blocks || *o.g1_blocks > 0;
-    uint64_t g1 = o.g1_blocks && *o.g1_blocks > 0 ? *o.g1_blocks : std::max<uint64_t>(trace.TotalPages(page_), 1);
+    uint64_t g1 = o.g1_blocks && *o.g1_blocks > 0 ? *o.g1_blocks
+                                                  : std::max<uint64_t>(trace.TotalPages(page_), 1);
     uint64_t g2 = o.g2_blocks ? *o.g2_blocks : unlimited_pages;
     uint64_t g3 = o.g3_blocks ? *o.g3_blocks : unlimited_pages;
     if (g2 == 0 && g3 == 0) throw ConfigError("kvbm replay: size G2 or G3 (both are 0)");
@@ -261,7 +270,8 @@ class ReplayRun {
     const auto& reqs = trace_.requests;
     size_t next = 0;
     while (next < reqs.size() || !events_.empty()) {
-      bool take_event = !events_.empty() && (next >= reqs.size() || events_.top().t <= reqs[next].timestamp_ms / 1e3);
+      bool take_event = !events_.empty() &&
+                        (next >= reqs.size() || events_.top().t <= reqs[next].timestamp_ms / 1e3);
       if (take_event) {
         Event e = events_.top();
         events_.pop();
@@ -277,7 +287,8 @@ class ReplayRun {
     }
     result_.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     result_.trace_seconds = now_;
-    if (o_.linger_seconds > 0) std::this_thread::sleep_for(std::chrono::duration<double>(o_.linger_seconds));
+    if (o_.linger_seconds > 0)
+      std::this_thread::sleep_for(std::chrono::duration<double>(o_.linger_seconds));
     const LeaderStats& st = leader_->stats();
     result_.store_g1_g2 = st.store_host_blocks;
     result_.store_g1_g3 = st.store_disk_blocks;
@@ -293,7 +304,8 @@ class ReplayRun {
       const auto& m = *worker_->metrics();
       auto bytes = [&](TransferPath p) { return m.bytes[static_cast<size_t>(p)].load(); };
       result_.bytes_loaded = bytes(TransferPath::kH2Dev) + bytes(TransferPath::kDisk2Dev);
-      result_.bytes_stored = bytes(TransferPath::kD2H) + bytes(TransferPath::kH2D_Disk) + bytes(TransferPath::kD2D);
+      result_.bytes_stored =
+          bytes(TransferPath::kD2H) + bytes(TransferPath::kH2D_Disk) + bytes(TransferPath::kD2D);
     }
     return result_;
   }
@@ -309,18 +321,19 @@ class ReplayRun {
   };
   struct Running {
     std::string id;
-    std::vector<TokenBlock> blocks;           // full prompt blocks
-    std::vector<ImmutableBlock> g1_cached;    // G1 prefix hits, then registered blocks
-    std::vector<MutableBlock> g1_owned;       // blocks being computed (prompt tail, decode)
+    std::vector<TokenBlock> blocks;         // full prompt blocks
+    std::vector<ImmutableBlock> g1_cached;  // G1 prefix hits, then registered blocks
+    std::vector<MutableBlock> g1_owned;     // blocks being computed (prompt tail, decode)
     std::vector<uint32_t> device_ids;
-    uint64_t computed_tokens = 0;             // G1 hits + kvbm loads
+    uint64_t computed_tokens = 0;  // G1 hits + kvbm loads
     uint64_t g1_hits = 0;
   };
 
   void SetUpBytes(uint64_t g1) {
     if (o_.bytes_per_token == 0 || o_.bytes_per_token % 4 != 0)
-      throw ConfigError(fmt::format("kvbm replay: bytes per token {} must be a positive multiple of 4 with --bytes",
-                                    o_.bytes_per_token));
+      throw ConfigError(fmt::format(
+          "kvbm replay: bytes per token {} must be a positive multiple of 4 with --bytes",
+          o_.bytes_per_token));
     const int64_t nb = static_cast<int64_t>(g1), page = page_, inner = o_.bytes_per_token / 4;
     g1_tensor_.assign(g1 * 2 * page_ * inner * 2, 0);
     DeviceTensors t;
@@ -334,13 +347,16 @@ class ReplayRun {
     t.page_size = page_;
     t.kind = MemoryKind::kHost;
     worker_ = std::make_unique<KvbmWorker>(o_.config, 0, 1, manager_->metrics());
-    if (auto st = worker_->RegisterKvCaches(t); !st) throw ConfigError("kvbm replay --bytes: " + st.error().ToString());
+    if (auto st = worker_->RegisterKvCaches(t); !st)
+      throw ConfigError("kvbm replay --bytes: " + st.error().ToString());
     if (auto st = worker_->AllocateTiers(leader_->host_blocks(), leader_->disk_blocks()); !st)
       throw ConfigError("kvbm replay --bytes: " + st.error().ToString());
     expect_.resize(worker_->device_layout()->dims().chunk_bytes());
   }
 
-  void Push(double t, EventKind kind, uint32_t request) { events_.push({t, seq_++, kind, request}); }
+  void Push(double t, EventKind kind, uint32_t request) {
+    events_.push({t, seq_++, kind, request});
+  }
 
   Status AdmitWaiting() {
     while (!waiting_.empty()) {
@@ -372,7 +388,8 @@ class ReplayRun {
         sending.insert(sending.end(), snd.begin(), snd.end());
         recving.insert(recving.end(), rcv.begin(), rcv.end());
         if (std::chrono::steady_clock::now() > deadline)
-          return MakeError(ErrorCode::kTimeout, "kvbm replay: load for " + *loading_request + " never finished");
+          return MakeError(ErrorCode::kTimeout,
+                           "kvbm replay: load for " + *loading_request + " never finished");
         if (std::find(recving.begin(), recving.end(), *loading_request) == recving.end())
           std::this_thread::sleep_for(std::chrono::microseconds(20));
       }
@@ -392,7 +409,8 @@ class ReplayRun {
     const Layout& layout = *worker_->device_layout();
     for (uint64_t o = 0; o < layout.dims().outer_dim; ++o) {
       SimulatedEngine::FillChunk(expect_.data(), expect_.size(), hash, 0, o);
-      if (std::memcmp(worker_->device_memory().ChunkAddress(dev, 0, o), expect_.data(), expect_.size()) != 0)
+      if (std::memcmp(worker_->device_memory().ChunkAddress(dev, 0, o), expect_.data(),
+                      expect_.size()) != 0)
         return false;
     }
     return true;
@@ -400,13 +418,15 @@ class ReplayRun {
   void FillDevice(uint32_t dev, uint64_t hash) {
     const Layout& layout = *worker_->device_layout();
     for (uint64_t o = 0; o < layout.dims().outer_dim; ++o)
-      SimulatedEngine::FillChunk(worker_->device_memory().ChunkAddress(dev, 0, o), expect_.size(), hash, 0, o);
+      SimulatedEngine::FillChunk(worker_->device_memory().ChunkAddress(dev, 0, o), expect_.size(),
+                                 hash, 0, o);
   }
 
   // Admits request `i` when G1 can hold it; false: it waits.
   Result<bool> Admit(uint32_t i) {
     const TraceRequest& req = trace_.requests[i];
-    const uint64_t pages = std::max<uint64_t>(CeilDiv(req.input_length + req.output_length, page_), 1);
+    const uint64_t pages =
+        std::max<uint64_t>(CeilDiv(req.input_length + req.output_length, page_), 1);
     if (pages > g1_->num_blocks()) {
       ++result_.rejected;
       return true;  // never fits: dropped from the queue
@@ -461,7 +481,8 @@ class ReplayRun {
     result_.page_refs += CeilDiv(req.input_length, page_);
     result_.input_tokens += req.input_length;
     run.computed_tokens = (run.g1_hits + loaded) * page_;
-    Push(now_ + static_cast<double>(req.input_length) / o_.prefill_tokens_per_s, EventKind::kPrefillDone, i);
+    Push(now_ + static_cast<double>(req.input_length) / o_.prefill_tokens_per_s,
+         EventKind::kPrefillDone, i);
     running_.emplace(i, std::move(run));
     result_.max_running = std::max<uint64_t>(result_.max_running, running_.size());
     return true;
@@ -470,8 +491,10 @@ class ReplayRun {
   Status PrefillDone(uint32_t i) {
     Running& run = running_.at(i);
     const TraceRequest& req = trace_.requests[i];
-    uint64_t scheduled = req.input_length > run.computed_tokens ? req.input_length - run.computed_tokens : 0;
-    if (auto s = leader_->OnScheduled(run.id, run.device_ids, run.computed_tokens, scheduled); !s) return s;
+    uint64_t scheduled =
+        req.input_length > run.computed_tokens ? req.input_length - run.computed_tokens : 0;
+    if (auto s = leader_->OnScheduled(run.id, run.device_ids, run.computed_tokens, scheduled); !s)
+      return s;
     // The store step, then three empty steps that release the leader's store pins.
     for (int k = 0; k < 4; ++k)
       if (auto s = Step(nullptr); !s) return s;
@@ -485,7 +508,8 @@ class ReplayRun {
         run.g1_cached.push_back(std::move(*reg));
       }
     }
-    Push(now_ + static_cast<double>(req.output_length) / o_.decode_tokens_per_s, EventKind::kFinish, i);
+    Push(now_ + static_cast<double>(req.output_length) / o_.decode_tokens_per_s, EventKind::kFinish,
+         i);
     return {};
   }
 
@@ -498,14 +522,15 @@ class ReplayRun {
     }
     running_.erase(it);
     ++finished_;
-    if (o_.progress && (finished_ % o_.progress_every == 0 || finished_ == trace_.requests.size())) {
+    if (o_.progress &&
+        (finished_ % o_.progress_every == 0 || finished_ == trace_.requests.size())) {
       ReplayProgress p;
       p.finished = finished_;
       p.total = trace_.requests.size();
       p.trace_seconds = now_;
-      p.token_hit_rate = result_.input_tokens
-                             ? static_cast<double>(result_.hit_tokens(page_)) / static_cast<double>(result_.input_tokens)
-                             : 0;
+      p.token_hit_rate = result_.input_tokens ? static_cast<double>(result_.hit_tokens(page_)) /
+                                                    static_cast<double>(result_.input_tokens)
+                                              : 0;
       if (!o_.progress(p)) return MakeError(ErrorCode::kCancelled, "kvbm replay: cancelled");
     }
     return {};

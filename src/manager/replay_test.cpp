@@ -1,23 +1,25 @@
 #include "kvbm/replay.h"
 
-#include <cmath>
-#include <string>
-
 #include <fmt/format.h>
 #include <gtest/gtest.h>
+
+#include <cmath>
+#include <string>
 
 namespace kvbm {
 namespace {
 
 std::string Line(double ts, uint64_t in, uint64_t out, const std::string& ids) {
-  return fmt::format("{{\"timestamp\": {}, \"input_length\": {}, \"output_length\": {}, \"hash_ids\": [{}]}}\n", ts,
-                     in, out, ids);
+  return fmt::format(
+      "{{\"timestamp\": {}, \"input_length\": {}, \"output_length\": {}, \"hash_ids\": [{}]}}\n",
+      ts, in, out, ids);
 }
 
 KvbmConfig Quiet() { return KvbmConfig{}; }
 
 TEST(ReplayParser, ParsesSortsAndCounts) {
-  std::string text = Line(3000, 1024, 5, "0, 1") + "\n" + Line(0, 600, 7, "0,2") + Line(0, 1, 1, "9");
+  std::string text =
+      Line(3000, 1024, 5, "0, 1") + "\n" + Line(0, 600, 7, "0,2") + Line(0, 1, 1, "9");
   auto t = ParseMooncakeTrace(text);
   ASSERT_TRUE(t) << t.error().ToString();
   ASSERT_EQ(t->requests.size(), 3u);
@@ -40,13 +42,19 @@ TEST(ReplayParser, ErrorsNameTheLine) {
     std::string line, needle;
   };
   std::vector<Case> cases = {
-      {"{\"timestamp\": 0, \"input_length\": 10, \"output_length\": 1, \"hash_ids\": [0}", "line 2"},
-      {"{\"timestamp\": 0, \"input_length\": 10, \"output_length\": 1}", "missing key \"hash_ids\""},
-      {"{\"timestamp\": 0, \"input_length\": -3, \"output_length\": 1, \"hash_ids\": [0]}", "input_length"},
-      {"{\"timestamp\": 0, \"input_length\": 1024, \"output_length\": 1, \"hash_ids\": [0]}", "expected ceil"},
-      {"{\"timestamp\": 0, \"input_length\": 10, \"output_length\": 1, \"hash_ids\": [0], \"x\": 1}",
+      {"{\"timestamp\": 0, \"input_length\": 10, \"output_length\": 1, \"hash_ids\": [0}",
+       "line 2"},
+      {"{\"timestamp\": 0, \"input_length\": 10, \"output_length\": 1}",
+       "missing key \"hash_ids\""},
+      {"{\"timestamp\": 0, \"input_length\": -3, \"output_length\": 1, \"hash_ids\": [0]}",
+       "input_length"},
+      {"{\"timestamp\": 0, \"input_length\": 1024, \"output_length\": 1, \"hash_ids\": [0]}",
+       "expected ceil"},
+      {"{\"timestamp\": 0, \"input_length\": 10, \"output_length\": 1, \"hash_ids\": [0], \"x\": "
+       "1}",
        "unexpected key \"x\""},
-      {"{\"timestamp\": 0, \"input_length\": 10.5, \"output_length\": 1, \"hash_ids\": [0]}", "integer"},
+      {"{\"timestamp\": 0, \"input_length\": 10.5, \"output_length\": 1, \"hash_ids\": [0]}",
+       "integer"},
       {"not json", "expected '{'"},
   };
   for (const Case& c : cases) {
@@ -69,7 +77,8 @@ TEST(ReplayTokens, EqualIdsGiveEqualHashesAndPartialTailsNone) {
   SynthesizeTokens(b, tb);
   SynthesizeTokens(c, tc);
   ASSERT_EQ(ta.size(), 1124u);
-  auto ha = *HashTokenBlocks(ta, 512, 0), hb = *HashTokenBlocks(tb, 512, 0), hc = *HashTokenBlocks(tc, 512, 0);
+  auto ha = *HashTokenBlocks(ta, 512, 0), hb = *HashTokenBlocks(tb, 512, 0),
+       hc = *HashTokenBlocks(tc, 512, 0);
   ASSERT_EQ(ha.size(), 2u);  // the 100-token tail is not a full block
   EXPECT_EQ(ha[1].sequence_hash, hb[1].sequence_hash);
   EXPECT_EQ(ha[0].sequence_hash, hc[0].sequence_hash);
@@ -156,7 +165,9 @@ TEST(ReplayLoop, BadOptionsAreConfigErrors) {
 
 TEST(ReplayLoop, BytesModeVerifiesEveryLoadedBlock) {
   std::string text;
-  for (int i = 0; i < 20; ++i) text += Line(i * 1000, 2048 + 100, 4, fmt::format("1, 2, {}, {}, {}", 3 + i % 3, 100 + i, 200 + i));
+  for (int i = 0; i < 20; ++i)
+    text +=
+        Line(i * 1000, 2048 + 100, 4, fmt::format("1, 2, {}, {}, {}", 3 + i % 3, 100 + i, 200 + i));
   auto t = ParseMooncakeTrace(text);
   ASSERT_TRUE(t);
   ReplayOptions o;

@@ -2,13 +2,13 @@
 // The replay runs with the GIL released; the progress callback takes it back for each call.
 // An exception raised by the callback (KeyboardInterrupt from a progress bar) stops the replay
 // and is re-raised as it was.
-#include <cstdint>
-#include <optional>
-#include <string>
-
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
 
 #include "kvbm/replay.h"
 #include "python/bindings.h"
@@ -22,12 +22,14 @@ namespace {
 EvictionPolicy ReplayPolicy(const std::string& name) {
   if (name == "leaf-first" || name == "leaf_first") return EvictionPolicy::kLeafFirst;
   if (name == "lru") return EvictionPolicy::kLru;
-  throw StatusException(
-      Error(ErrorCode::kInvalidArgument, "eviction policy '" + name + "': expected 'leaf-first' or 'lru'"));
+  throw StatusException(Error(ErrorCode::kInvalidArgument,
+                              "eviction policy '" + name + "': expected 'leaf-first' or 'lru'"));
 }
 
 nb::dict ResultDict(const ReplayResult& r, uint32_t page) {
-  auto rate = [](uint64_t num, uint64_t den) { return den ? static_cast<double>(num) / static_cast<double>(den) : 0.0; };
+  auto rate = [](uint64_t num, uint64_t den) {
+    return den ? static_cast<double>(num) / static_cast<double>(den) : 0.0;
+  };
   nb::dict d;
   d["requests"] = r.requests;
   d["rejected_requests"] = r.rejected;
@@ -115,10 +117,11 @@ void BindReplay(nanobind::module_& m) {
 
   m.def(
       "run_replay",
-      [](const Trace& trace, uint32_t block_size, std::optional<uint64_t> g1_blocks, std::optional<uint64_t> g2_blocks,
-         std::optional<uint64_t> g3_blocks, const std::string& policy, double prefill_tokens_per_s,
-         double decode_tokens_per_s, bool move_bytes, uint32_t bytes_per_token, nb::object progress,
-         uint64_t progress_every, double linger_seconds) {
+      [](const Trace& trace, uint32_t block_size, std::optional<uint64_t> g1_blocks,
+         std::optional<uint64_t> g2_blocks, std::optional<uint64_t> g3_blocks,
+         const std::string& policy, double prefill_tokens_per_s, double decode_tokens_per_s,
+         bool move_bytes, uint32_t bytes_per_token, nb::object progress, uint64_t progress_every,
+         double linger_seconds) {
         ReplayOptions o;
         o.page_size = block_size;
         o.g1_blocks = g1_blocks;
@@ -137,7 +140,8 @@ void BindReplay(nanobind::module_& m) {
           o.progress = [&progress, &raised](const ReplayProgress& p) {
             nb::gil_scoped_acquire gil;
             try {
-              nb::object keep_going = progress(p.finished, p.total, p.trace_seconds, p.token_hit_rate);
+              nb::object keep_going =
+                  progress(p.finished, p.total, p.trace_seconds, p.token_hit_rate);
               return keep_going.is_none() || nb::cast<bool>(keep_going);
             } catch (nb::python_error& e) {
               e.restore();  // re-raised below, once the replay has unwound
@@ -157,9 +161,13 @@ void BindReplay(nanobind::module_& m) {
       "trace"_a, "block_size"_a = kTraceBlockTokens, "g1_blocks"_a.none() = nb::none(),
       "g2_blocks"_a.none() = nb::none(), "g3_blocks"_a.none() = 0, "policy"_a = "leaf-first",
       "prefill_tokens_per_s"_a = 10000.0, "decode_tokens_per_s"_a = 50.0, "move_bytes"_a = false,
-      "bytes_per_token"_a = 8, "progress"_a.none() = nb::none(), "progress_every"_a = 256, "linger_seconds"_a = 0.0,
-      "Replays `trace` through the connector core; returns the figures as a dict (see docs/REPLAY.md).\n"
-      "Sizes in blocks: None = unlimited (computed from the trace), 0 = off (G1: no prefix cache).\n"
-      "`progress(finished, total, trace_seconds, token_hit_rate)` is called every `progress_every`\n"
+      "bytes_per_token"_a = 8, "progress"_a.none() = nb::none(), "progress_every"_a = 256,
+      "linger_seconds"_a = 0.0,
+      "Replays `trace` through the connector core; returns the figures as a dict (see "
+      "docs/REPLAY.md).\n"
+      "Sizes in blocks: None = unlimited (computed from the trace), 0 = off (G1: no prefix "
+      "cache).\n"
+      "`progress(finished, total, trace_seconds, token_hit_rate)` is called every "
+      "`progress_every`\n"
       "finished requests; returning False cancels (CancelledError).");
 }
