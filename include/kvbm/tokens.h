@@ -46,6 +46,9 @@ struct TokenBlock {
 // REQUIRES: block_size > 0 (else InvalidArgument).
 Result<std::vector<TokenBlock>> HashTokenBlocks(std::span<const Token> tokens, uint32_t block_size,
                                                 uint64_t salt_hash);
+// The same into a caller-owned vector (cleared first), so a hot loop reuses its memory.
+Status HashTokenBlocksInto(std::span<const Token> tokens, uint32_t block_size, uint64_t salt_hash,
+                           std::vector<TokenBlock>& out);
 
 // A token sequence that grows token by token: full blocks are hashed as they complete, the
 // partial tail is kept apart.

@@ -69,21 +69,30 @@ SequenceHash ChainSequenceHash(std::optional<SequenceHash> parent, uint64_t bloc
   return SequenceHash(XXH3_64bits_withSeed(pair, sizeof(pair), salt_hash));
 }
 
+Status HashTokenBlocksInto(std::span<const Token> tokens, uint32_t block_size, uint64_t salt_hash,
+                           std::vector<TokenBlock>& out) {
+  if (block_size == 0) return MakeError(ErrorCode::kInvalidArgument, "block_size must be > 0");
+  out.clear();
+  const size_t n = tokens.size() / block_size;
+  out.resize(n);
+  // Block hashes are independent (the CPU overlaps them); only the 16-byte chain is serial.
+  for (size_t i = 0; i < n; ++i) {
+    out[i].block_hash = ComputeBlockHash(tokens.subspan(i * block_size, block_size), salt_hash);
+    out[i].index = static_cast<uint32_t>(i);
+  }
+  std::optional<SequenceHash> parent;
+  for (size_t i = 0; i < n; ++i) {
+    out[i].parent = parent;
+    out[i].sequence_hash = ChainSequenceHash(parent, out[i].block_hash, salt_hash);
+    parent = out[i].sequence_hash;
+  }
+  return {};
+}
+
 Result<std::vector<TokenBlock>> HashTokenBlocks(std::span<const Token> tokens, uint32_t block_size,
                                                 uint64_t salt_hash) {
-  if (block_size == 0) return MakeError(ErrorCode::kInvalidArgument, "block_size must be > 0");
   std::vector<TokenBlock> blocks;
-  blocks.reserve(tokens.size() / block_size);
-  std::optional<SequenceHash> parent;
-  for (size_t start = 0; start + block_size <= tokens.size(); start += block_size) {
-    TokenBlock b;
-    b.block_hash = ComputeBlockHash(tokens.subspan(start, block_size), salt_hash);
-    b.sequence_hash = ChainSequenceHash(parent, b.block_hash, salt_hash);
-    b.parent = parent;
-    b.index = static_cast<uint32_t>(blocks.size());
-    parent = b.sequence_hash;
-    blocks.push_back(b);
-  }
+  if (auto s = HashTokenBlocksInto(tokens, block_size, salt_hash, blocks); !s) return std::unexpected(s.error());
   return blocks;
 }
 

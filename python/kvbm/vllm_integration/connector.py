@@ -94,6 +94,10 @@ class DynamoConnector(KVConnectorBase_V1):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         self._block_size = int(vllm_config.cache_config.block_size)
         self._world_size = _world_size(vllm_config)
+        # The scheduler side has no rank; each worker side is one tensor-parallel rank with its
+        # own shard of the KV cache (its own KV tensors, G2 memory and G3 file).
+        self.world_size = self._world_size
+        self.rank = self._tp_rank(self._world_size) if role != KVConnectorRole.SCHEDULER else 0
         self._kv_cache_config = kv_cache_config
         extra = vllm_config.kv_transfer_config.kv_connector_extra_config or {}
         self.leader: _core.Leader | None = None
@@ -114,19 +118,25 @@ class DynamoConnector(KVConnectorBase_V1):
                 self._world_size, self._block_size,
             )
         else:
-            self.worker = _core.Worker(rank=self._tp_rank(), world_size=self._world_size)
+            self.worker = _core.Worker(rank=self.rank, world_size=self._world_size)
             self.bytes_per_block = 0
         with _live_lock:
             _live.append(weakref.ref(self))
 
     @staticmethod
-    def _tp_rank() -> int:
+    def _tp_rank(world_size: int) -> int:
+        """This worker's tensor-parallel rank, from vLLM's parallel state (initialised before
+        vLLM builds the worker-side connector)."""
         try:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
             return int(get_tensor_model_parallel_rank())
-        except Exception:  # noqa: BLE001 - no parallel state: a single-rank engine
-            return 0
+        except Exception as e:  # noqa: BLE001
+            if world_size == 1:
+                return 0  # no parallel state: a single-rank engine
+            # Guessing 0 would make two ranks claim the same shard and log wrong per-rank sizes.
+            raise RuntimeError(f"kvbm: tensor_parallel_size is {world_size} but vLLM's tensor-parallel rank "
+                               f"is not known in this worker ({type(e).__name__}: {e})") from e
 
     # ------------------------------------------------------------------ scheduler side
 
@@ -229,8 +239,8 @@ class DynamoConnector(KVConnectorBase_V1):
         host, disk = _core.size_tiers(self.bytes_per_block * self._world_size)
         self.worker.allocate_tiers(host, disk)
         logger.info(
-            "kvbm worker: %d layers, %s, %d bytes per block on this rank; G2 %d blocks, G3 %d blocks",
-            len(tensors), self.worker.layout, self.bytes_per_block, host, disk,
+            "kvbm worker rank %d/%d: %d layers, %s, %d bytes per block on this rank; G2 %d blocks, G3 %d blocks",
+            self.rank, self._world_size, len(tensors), self.worker.layout, self.bytes_per_block, host, disk,
         )
 
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
