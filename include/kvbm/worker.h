@@ -105,7 +105,10 @@ class KvbmWorker {
   uint64_t host_blocks_ = 0, disk_blocks_ = 0;
   std::unique_ptr<TransferEngine> engine_;
 
+  bool HostSlotValid(uint32_t slot);
+
   std::vector<TransferOp> pending_stores_;  // bound step's stores, engine thread only
+  std::vector<std::vector<uint32_t>> host_store_ops_;  // host slots of each G1 -> G2 store of the step
   std::vector<TransferOp> pending_offloads_;
 
   std::mutex mu_;
@@ -117,6 +120,7 @@ class KvbmWorker {
   std::vector<std::string> done_recving_, done_sending_;                         // GUARDED_BY(mu_)
   std::vector<uint32_t> load_errors_;                                            // GUARDED_BY(mu_)
   uint32_t transfers_in_flight_ = 0;                                             // GUARDED_BY(mu_)
+  std::vector<uint8_t> host_valid_;  // GUARDED_BY(mu_) 1 = the slot holds the block last stored
 };
 
 }  // namespace kvbm

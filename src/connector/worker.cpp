@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <thread>
 
+#include "kvbm/cuda.h"
 #include "kvbm/log.h"
 
 namespace kvbm {
@@ -63,6 +64,16 @@ Status KvbmWorker::RegisterKvCaches(const DeviceTensors& t) {
     return MakeError(ErrorCode::kInvalidArgument, "register_kv_caches: one pointer per layer shape is required");
   auto layout = LayoutFromTensorShapes(t.layer_shapes, t.num_blocks, t.page_size);
   if (!layout) return std::unexpected(layout.error());
+  if (t.kind == MemoryKind::kDevice) {
+    // GPU tensors need the CUDA backend; without it every copy would fail, so refuse now with
+    // the reason rather than run an engine whose offloads all fail.
+    auto cuda = MakeCudaBackend(t.device_index < 0 ? 0 : t.device_index);
+    if (!cuda)
+      return MakeError(ErrorCode::kUnavailable,
+                       fmt::format("KV tensors are on CUDA device {} but kvbm's CUDA backend is unavailable: {}",
+                                   t.device_index, cuda.error().message()));
+    engine_->AddBackend(std::move(*cuda));
+  }
   device_layout_ = std::move(*layout);
   device_mem_ = TierMemory{TierId::kDevice, t.kind, device_layout_.get(), {}, -1, nullptr, t.device_index};
   for (uintptr_t p : t.layer_pointers) {
@@ -93,6 +104,7 @@ Status KvbmWorker::AllocateTiers(uint64_t host_blocks, uint64_t disk_blocks) {
     host_ = std::move(*host);
     host_mem_ = TierMemory{TierId::kHost, MemoryKind::kHost, host_layout_.get(), {host_->data()}};
     host_blocks_ = host_blocks;
+    host_valid_.assign(host_blocks, 0);
   }
   if (disk_blocks > 0) {
     dims.num_blocks = disk_blocks;
@@ -173,8 +185,10 @@ void KvbmWorker::StartLoad(const TransferOp& op) {
   std::vector<uint32_t> missing;
   std::vector<uint32_t> dst_of;
   std::vector<uint32_t> src_slots;
+  bool from_disk_op = op.kind == OpKind::kLoadDisk;
   for (const BlockOp& b : op.blocks) {
-    if (b.src == kNoBlock) {
+    // A host slot whose store failed holds no block: never served (disk slots verify on read).
+    if (b.src == kNoBlock || (!from_disk_op && !HostSlotValid(b.src))) {
       missing.push_back(b.dst);
       continue;
     }
@@ -308,16 +322,30 @@ void KvbmWorker::StartDiskWrite(const TransferOp& op, TransferPath path, const T
   });
 }
 
+bool KvbmWorker::HostSlotValid(uint32_t slot) {
+  std::lock_guard lock(mu_);
+  return slot < host_valid_.size() && host_valid_[slot] != 0;
+}
+
 Status KvbmWorker::ForwardPassDone() {
   std::vector<TransferOp> stores;
   stores.swap(pending_stores_);
-  std::vector<std::shared_ptr<TransferCompletion>> waits;
+  std::vector<std::shared_ptr<TransferCompletion>> waits, host_waits;
   for (const TransferOp& op : stores) {
     if (op.kind == OpKind::kStoreHost) {
       WaitHostSlotsFree(op.blocks);
       std::vector<BlockCopy> copies;
-      for (const BlockOp& b : op.blocks) copies.push_back({b.src, b.dst, SequenceHash(b.hash)});
-      waits.push_back(engine_->Submit(TransferPath::kD2H, device_mem_, host_mem_, copies));
+      std::vector<uint32_t> slots;
+      for (const BlockOp& b : op.blocks) {
+        copies.push_back({b.src, b.dst, SequenceHash(b.hash)});
+        slots.push_back(b.dst);
+      }
+      {
+        std::lock_guard lock(mu_);
+        for (uint32_t slot : slots) host_valid_[slot] = 0;  // until the copy has landed
+      }
+      host_store_ops_.push_back(std::move(slots));
+      host_waits.push_back(engine_->Submit(TransferPath::kD2H, device_mem_, host_mem_, copies));
     } else if (op.kind == OpKind::kStoreDisk) {
       StartDiskWrite(op, TransferPath::kD2D, device_mem_);
       std::vector<uint32_t> slots;
@@ -326,6 +354,17 @@ Status KvbmWorker::ForwardPassDone() {
     }
   }
   // G1 must have been read before the engine may reuse the blocks.
+  for (size_t i = 0; i < host_waits.size(); ++i) {
+    TransferResult r = host_waits[i]->Wait();
+    if (!r.ok())
+      Log(LogLevel::kWarn, "store of {} blocks to G2 failed: {}", r.failed.size(),
+          r.first_error ? r.first_error->ToString() : "unknown");
+    std::vector<bool> failed(host_store_ops_[i].size(), false);
+    for (uint32_t f : r.failed) failed[f] = true;
+    std::lock_guard lock(mu_);
+    for (size_t k = 0; k < failed.size(); ++k) host_valid_[host_store_ops_[i][k]] = failed[k] ? 0 : 1;
+  }
+  host_store_ops_.clear();
   for (auto& w : waits) w->Wait();
   std::vector<TransferOp> offloads;
   offloads.swap(pending_offloads_);
