@@ -234,7 +234,14 @@ def test_aborts_and_preemptions_leak_nothing(reference, first_pass, kvbm_engine)
     assert stats["onboard_host_blocks"] + stats["onboard_disk_blocks"] > 0, stats
     assert loading, "no request was loading when the aborts came"
 
-    # Preemption: two decodes that together outgrow G1.
+    # Requests aborted while loading keep their G1 blocks until their (held back) loads end and
+    # the worker reports them sent: step until the leader has no slot left, so the preemption
+    # phase starts with all of G1 and admits its three prompts together, as in the reference.
+    deadline = time.monotonic() + 30
+    while leader.leader.num_slots() > 0:
+        assert time.monotonic() < deadline, ("aborted requests never released", leader.leader.num_slots())
+        _drain(llm, steps=2)
+    # Preemption: decodes that together outgrow G1.
     preempted_before = leader.preemptions
     out, _ = run_batch(llm, _preempt_prompts(), max_tokens=PREEMPT_TOKENS)
     assert leader.preemptions > preempted_before, "the workload did not preempt"
