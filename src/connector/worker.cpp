@@ -57,7 +57,12 @@ KvbmWorker::KvbmWorker(const KvbmConfig& config, uint32_t rank, uint32_t world_s
   engine_ = std::make_unique<TransferEngine>(options, metrics_);
 }
 
-KvbmWorker::~KvbmWorker() { WaitIdle(); }
+KvbmWorker::~KvbmWorker() {
+  WaitIdle();
+  // The engine's destructor returns once every batch (and its completion callback, which
+  // touches this worker) has finished: it must go before the members those callbacks use.
+  engine_.reset();
+}
 
 Status KvbmWorker::RegisterKvCaches(const DeviceTensors& t) {
   if (t.layer_pointers.size() != t.layer_shapes.size())
@@ -244,8 +249,9 @@ void KvbmWorker::LoadDone(const std::string& request_id, const std::vector<uint3
       else done_recving_.push_back(request_id);
     }
     --transfers_in_flight_;
+    // Under the lock: once the count drops, a waiter may destroy this worker.
+    cv_.notify_all();
   }
-  cv_.notify_all();
 }
 
 void KvbmWorker::ReleaseHostReaders(const std::vector<BlockOp>& blocks) {
@@ -255,8 +261,8 @@ void KvbmWorker::ReleaseHostReaders(const std::vector<BlockOp>& blocks) {
       auto it = host_readers_.find(b.src);
       if (it != host_readers_.end() && --it->second == 0) host_readers_.erase(it);
     }
+    cv_.notify_all();
   }
-  cv_.notify_all();
 }
 
 void KvbmWorker::WaitHostSlotsFree(const std::vector<BlockOp>& blocks) {
@@ -312,11 +318,9 @@ void KvbmWorker::StartDiskWrite(const TransferOp& op, TransferPath path, const T
         if (metrics_) metrics_->dropped_offloads[static_cast<size_t>(DropReason::kIoError)] += r.failed.size();
       }
       ReleaseHostReaders(readers);
-      {
-        std::lock_guard lock(mu_);
-        --transfers_in_flight_;
-      }
       gate->Finish(r);
+      std::lock_guard lock(mu_);
+      --transfers_in_flight_;
       cv_.notify_all();
     });
   });
