@@ -2,6 +2,7 @@
 // worker side (KvbmWorker). Engine adapters in python/kvbm/*_integration are thin layers over
 // these. Every call that can block releases the GIL.
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/map.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
