@@ -49,9 +49,11 @@ bool HostRegister(void* ptr, size_t bytes, std::string* why) {
     *why = rt.load_error;
     return false;
   }
-  // cudaHostRegisterPortable (1): pinned for every CUDA context, not just the current one.
-  constexpr unsigned kPortable = 1;
-  int err = rt.host_register(ptr, bytes, kPortable);
+  // cudaHostRegisterPortable (1): pinned for every CUDA context, not just the current one;
+  // cudaHostRegisterMapped (2): also mapped into the device address space, so the CUDA
+  // backend's gather/scatter kernel can read and write G2 directly (src/transfer/cuda/).
+  constexpr unsigned kPortableMapped = 1 | 2;
+  int err = rt.host_register(ptr, bytes, kPortableMapped);
   if (err == 0) return true;
   *why = fmt::format("cudaHostRegister failed: {} ({})",
                      rt.error_string ? rt.error_string(err) : "?", err);
