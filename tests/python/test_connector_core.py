@@ -114,3 +114,51 @@ def test_metrics_port_in_use_keeps_running(tmp_path):
         assert leader.metrics_port == 0  # endpoint off, leader works
         leader.add_request("a", list(range(40)))
         assert leader.get_num_new_matched_tokens("a", 0)[0] == 0
+
+
+def test_kv_events_match_the_pools(tmp_path):
+    """A real ZeroMQ subscriber sees one BlockStored per hash entering kvbm's tiers and one
+    BlockRemoved per hash leaving them, in vLLM's msgpack event format."""
+    import msgpack
+    import zmq
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    endpoint = f"tcp://127.0.0.1:{port}"
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    leader, worker, layers = _pair(tmp_path, DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="4",
+                                   DYN_KVBM_EVENTS_ENDPOINT=endpoint)
+    assert leader.events_endpoint == endpoint
+    sub.connect(endpoint)
+    time.sleep(0.3)  # PUB/SUB: let the subscription reach the publisher
+    for i in range(4):  # 4 prompts of 3 full blocks into a 4-block G2: evictions
+        _run(leader, worker, layers, f"r{i}", list(range(100 * i, 100 * i + 3 * BLOCK + 1)), list(range(4)))
+    worker.wait_idle()
+    stored, removed = set(), set()
+    deadline = time.time() + 10
+    registered = leader.pool_stats("host")["registered"]
+    entered = leader.stats()["store_host_blocks"]  # distinct prompts: each store is a new hash
+    assert entered > registered  # some were evicted
+    while time.time() < deadline:
+        if sub.poll(200):
+            topic, seq, payload = sub.recv_multipart()
+            ts, events, _rank = msgpack.unpackb(payload)
+            for e in events:
+                kind = e[0] if isinstance(e, list) else e["type"]
+                hashes = e[1] if isinstance(e, list) else e["block_hashes"]
+                for h in hashes:
+                    if kind == "BlockStored":
+                        assert h not in stored
+                        stored.add(h)
+                    elif kind == "BlockRemoved":
+                        assert h in stored and h not in removed
+                        removed.add(h)
+        elif len(stored) == entered and len(stored) - len(removed) == registered:
+            break
+    assert len(stored) == entered
+    assert len(stored) - len(removed) == registered
+    sub.close()
+    ctx.term()
