@@ -141,6 +141,9 @@ class ConnectorLeader {
   Slot* Find(const std::string& request_id);
   std::vector<BlockKey> KeysFrom(const Slot& slot, size_t first, size_t last) const;
   void StoreBlock(Slot& slot, size_t index);
+  // One block of `pool`, completed with `key` and registered; counts a drop when full.
+  std::optional<ImmutableBlock> AllocateRegistered(BlockPool& pool, const BlockKey& key, std::span<const Token> tokens,
+                                                   uint32_t priority);
   void MaybeQueueDiskOffload(const ImmutableBlock& host_block, const BlockKey& key, uint32_t priority);
   void DrainDiskQueue();
 

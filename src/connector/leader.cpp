@@ -200,57 +200,51 @@ void ConnectorLeader::MaybeQueueDiskOffload(const ImmutableBlock& host_block, co
   }
 }
 
+std::optional<ImmutableBlock> ConnectorLeader::AllocateRegistered(BlockPool& pool, const BlockKey& key,
+                                                                  std::span<const Token> tokens, uint32_t priority) {
+  auto blocks = pool.Allocate(1);
+  if (!blocks) {
+    ++stats_.dropped_full;
+    metrics_->dropped_offloads[static_cast<size_t>(DropReason::kTargetFull)]++;
+    return std::nullopt;
+  }
+  MutableBlock& b = (*blocks)[0];
+  (void)b.Complete(key, tokens, priority);
+  auto reg = pool.Register(std::move(b));
+  if (!reg) {
+    ++stats_.dropped_full;
+    return std::nullopt;
+  }
+  return std::move(*reg);
+}
+
 void ConnectorLeader::StoreBlock(Slot& slot, size_t index) {
   const TokenBlock& tb = slot.seq->blocks()[index];
   BlockKey key = KeyOf(tb);
   uint32_t dev = slot.device_blocks[index];
   auto tokens = slot.seq->block_tokens(index);
+  // With G2 sized blocks go G1 -> G2 (and later G2 -> G3); with only G3, G1 -> G3 directly.
+  BlockPool& target = host_ ? *host_ : *disk_;
+  if (target.Contains(key)) {
+    ++stats_.skipped_cached_blocks;
+    // A repeat sight counts toward disk admission.
+    if (host_ && disk_ && !disk_->Contains(key)) {
+      auto held = host_->MatchPrefix(std::span<const BlockKey>(&key, 1));
+      if (!held.empty()) MaybeQueueDiskOffload(held[0], key, slot.priority);
+    }
+    return;
+  }
+  auto reg = AllocateRegistered(target, key, tokens, slot.priority);
+  if (!reg) return;
+  BlockOp op{dev, reg->id().value(), key.sequence_hash.value()};
   if (host_) {
-    if (host_->Contains(key)) {
-      ++stats_.skipped_cached_blocks;
-      // A repeat sight counts toward disk admission.
-      if (disk_ && !disk_->Contains(key)) {
-        auto held = host_->MatchPrefix(std::span<const BlockKey>(&key, 1));
-        if (!held.empty()) MaybeQueueDiskOffload(held[0], key, slot.priority);
-      }
-      return;
-    }
-    auto blocks = host_->Allocate(1);
-    if (!blocks) {
-      ++stats_.dropped_full;
-      metrics_->dropped_offloads[static_cast<size_t>(DropReason::kTargetFull)]++;
-      return;
-    }
-    MutableBlock& b = (*blocks)[0];
-    (void)b.Complete(key, tokens, slot.priority);
-    auto reg = host_->Register(std::move(b));
-    if (!reg) {
-      ++stats_.dropped_full;
-      return;
-    }
-    step_store_host_.push_back({dev, reg->id().value(), key.sequence_hash.value()});
+    step_store_host_.push_back(op);
     ++stats_.store_host_blocks;
     MaybeQueueDiskOffload(*reg, key, slot.priority);
-    current_pins_.push_back(std::move(*reg));
-    return;
+  } else {
+    step_store_disk_.push_back(op);
+    ++stats_.store_disk_blocks;
   }
-  // Only disk is sized: G1 -> G3 directly.
-  if (disk_->Contains(key)) {
-    ++stats_.skipped_cached_blocks;
-    return;
-  }
-  auto blocks = disk_->Allocate(1);
-  if (!blocks) {
-    ++stats_.dropped_full;
-    metrics_->dropped_offloads[static_cast<size_t>(DropReason::kTargetFull)]++;
-    return;
-  }
-  MutableBlock& b = (*blocks)[0];
-  (void)b.Complete(key, tokens, slot.priority);
-  auto reg = disk_->Register(std::move(b));
-  if (!reg) return;
-  step_store_disk_.push_back({dev, reg->id().value(), key.sequence_hash.value()});
-  ++stats_.store_disk_blocks;
   current_pins_.push_back(std::move(*reg));
 }
 
@@ -278,15 +272,7 @@ void ConnectorLeader::DrainDiskQueue() {
     auto item = disk_queue_.Pop();
     if (!item) break;
     if (disk_->Contains(item->key)) continue;
-    auto blocks = disk_->Allocate(1);
-    if (!blocks) {
-      ++stats_.dropped_full;
-      metrics_->dropped_offloads[static_cast<size_t>(DropReason::kTargetFull)]++;
-      continue;
-    }
-    MutableBlock& b = (*blocks)[0];
-    (void)b.Complete(item->key, {}, item->host_block.priority());
-    auto reg = disk_->Register(std::move(b));
+    auto reg = AllocateRegistered(*disk_, item->key, {}, item->host_block.priority());
     if (!reg) continue;
     step_offload_disk_.push_back({item->host_block.id().value(), reg->id().value(), item->key.sequence_hash.value()});
     ++stats_.offload_disk_blocks;
