@@ -66,6 +66,9 @@ class KvbmWorker {
   // Binds one step's metadata (msgpack from the leader): loads start now.
   Status BindStep(std::span<const uint8_t> metadata);
   Status BindStep(const StepMetadata& meta);
+  // True when the bound step has stores for ForwardPassDone (a GPU engine must make its
+  // compute stream's writes visible before them).
+  bool HasPendingStores() const { return !pending_stores_.empty(); }
   // The forward pass of the bound step finished: runs its stores (blocking until G1 has been
   // read), then starts its disk offloads.
   Status ForwardPassDone();

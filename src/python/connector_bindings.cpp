@@ -233,6 +233,7 @@ void BindConnector(nb::module_& m) {
              }
              ThrowIfError(s);
            })
+      .def("has_pending_stores", [](PyWorker& w) { return w.w().HasPendingStores(); })
       .def("forward_pass_done", [](PyWorker& w) { ThrowIfError(w.w().ForwardPassDone()); },
            nb::call_guard<nb::gil_scoped_release>())
       .def("get_finished", [](PyWorker& w) { return w.w().GetFinished(); }, "(done_sending, done_recving)")

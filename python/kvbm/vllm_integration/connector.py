@@ -120,6 +120,7 @@ class DynamoConnector(KVConnectorBase_V1):
         else:
             self.worker = _core.Worker(rank=self.rank, world_size=self._world_size)
             self.bytes_per_block = 0
+            self._on_cuda = False
         with _live_lock:
             _live.append(weakref.ref(self))
 
@@ -235,6 +236,7 @@ class DynamoConnector(KVConnectorBase_V1):
             on_device=first.device.type == "cuda",
             device_index=first.device.index if first.device.index is not None else -1,
         )
+        self._on_cuda = first.device.type == "cuda"
         self.bytes_per_block = int(self.worker.bytes_per_block)
         host, disk = _core.size_tiers(self.bytes_per_block * self._world_size)
         self.worker.allocate_tiers(host, disk)
@@ -259,6 +261,13 @@ class DynamoConnector(KVConnectorBase_V1):
 
     def wait_for_save(self):
         if self.worker is not None and self.has_connector_metadata():
+            if self._on_cuda and self.worker.has_pending_stores():
+                # The forward pass was only launched on the engine's stream; kvbm's copies run
+                # on its own streams, so the blocks this step wrote must be complete before
+                # they are read. Only in steps that store (one wait per step, not per layer).
+                import torch
+
+                torch.cuda.current_stream().synchronize()
             self.worker.forward_pass_done()
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
