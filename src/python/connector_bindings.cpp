@@ -37,11 +37,6 @@ KvbmConfig ConfigFrom(const std::optional<std::map<std::string, std::string>>& e
   return env ? KvbmConfig::FromMap(*env) : KvbmConfig::FromEnvironment();
 }
 
-EvictionPolicy PolicyFrom(const std::string& name) {
-  if (name == "leaf-first" || name == "leaf_first") return EvictionPolicy::kLeafFirst;
-  if (name == "lru") return EvictionPolicy::kLru;
-  throw ConfigError("eviction policy must be 'leaf-first' or 'lru', not '" + name + "'");
-}
 
 nb::dict MetricsDict(const KvbmMetrics& m) {
   nb::dict d;
@@ -61,18 +56,7 @@ nb::dict MetricsDict(const KvbmMetrics& m) {
   return d;
 }
 
-nb::dict PoolDict(BlockPool* pool) {
-  nb::dict d;
-  if (!pool) return d;
-  auto s = pool->stats();
-  d["num_blocks"] = s.num_blocks;
-  d["free"] = s.free;
-  d["inactive"] = s.inactive;
-  d["active"] = s.active;
-  d["registered"] = s.registered;
-  d["evictions"] = s.evictions;
-  return d;
-}
+nb::dict PoolDict(BlockPool* pool) { return pool ? PoolStatsDict(pool->stats()) : nb::dict(); }
 
 class PyLeader {
  public:
@@ -82,7 +66,7 @@ class PyLeader {
     LeaderOptions o;
     o.page_size = page_size;
     o.bytes_per_block = bytes_per_block;
-    o.policy = PolicyFrom(policy);
+    o.policy = PolicyFromName(policy);
     o.host_blocks = host_blocks;
     o.disk_blocks = disk_blocks;
     auto metrics = shared_metrics ? ProcessMetrics(config.cache_stats_max_requests)

@@ -94,13 +94,6 @@ const char* StateName(BlockState s) {
   return "unknown";
 }
 
-EvictionPolicy PolicyFromName(const std::string& name) {
-  if (name == "leaf-first" || name == "leaf_first") return EvictionPolicy::kLeafFirst;
-  if (name == "lru") return EvictionPolicy::kLru;
-  throw StatusException(Error(ErrorCode::kInvalidArgument,
-                              fmt::format("eviction policy '{}': expected 'leaf-first' or 'lru'", name)));
-}
-
 const char* PolicyName(EvictionPolicy p) { return p == EvictionPolicy::kLeafFirst ? "leaf-first" : "lru"; }
 
 // An event sink held by the C++ registry. The callable is a strong reference that is dropped
@@ -426,14 +419,7 @@ void BindPools(nb::module_& m) {
                nb::gil_scoped_release release;
                s = p.stats();
              }
-             nb::dict d;
-             d["num_blocks"] = s.num_blocks;
-             d["free"] = s.free;
-             d["inactive"] = s.inactive;
-             d["active"] = s.active;
-             d["registered"] = s.registered;
-             d["evictions"] = s.evictions;
-             return d;
+             return PoolStatsDict(s);
            })
       .def("child_count", [](const BlockPool& p, uint64_t h) { return p.ChildCount(SequenceHash(h)); },
            "sequence_hash"_a, Release())
@@ -519,6 +505,24 @@ void BindBench(nb::module_& m) {
 }
 
 }  // namespace
+
+EvictionPolicy PolicyFromName(const std::string& name) {
+  if (name == "leaf-first" || name == "leaf_first") return EvictionPolicy::kLeafFirst;
+  if (name == "lru") return EvictionPolicy::kLru;
+  throw StatusException(Error(ErrorCode::kInvalidArgument,
+                              fmt::format("eviction policy '{}': expected 'leaf-first' or 'lru'", name)));
+}
+
+nb::dict PoolStatsDict(const BlockPoolStats& s) {
+  nb::dict d;
+  d["num_blocks"] = s.num_blocks;
+  d["free"] = s.free;
+  d["inactive"] = s.inactive;
+  d["active"] = s.active;
+  d["registered"] = s.registered;
+  d["evictions"] = s.evictions;
+  return d;
+}
 
 void RegisterErrorTranslator() {
   nb::register_exception_translator([](const std::exception_ptr& p, void*) {

@@ -11,21 +11,12 @@ import inspect
 
 import pytest
 
-from kvbm.testing.tiny_model import prepare_cpu_environment
+from kvbm.testing.vllm_guard import VLLM_ERROR, vllm_marks  # noqa: F401
 
-prepare_cpu_environment()
-try:
+pytestmark = vllm_marks()
+
+if VLLM_ERROR is None:
     import vllm
-
-    VLLM_ERROR = None
-except Exception as e:  # noqa: BLE001
-    VLLM_ERROR = f"{type(e).__name__}: {e}"
-
-pytestmark = [
-    pytest.mark.vllm,
-    pytest.mark.skipif(VLLM_ERROR is not None, reason=f"vLLM not importable ({VLLM_ERROR}); "
-                       "install it with scripts/install_vllm.sh"),
-]
 
 
 def _params(fn) -> list[str]:

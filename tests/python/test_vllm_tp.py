@@ -17,21 +17,9 @@ import os
 
 import pytest
 
-from kvbm.testing.tiny_model import prepare_cpu_environment
+from kvbm.testing.vllm_guard import VLLM_ERROR, vllm_marks  # noqa: F401
 
-prepare_cpu_environment()
-try:
-    import vllm  # noqa: F401
-
-    VLLM_ERROR = None
-except Exception as e:  # noqa: BLE001
-    VLLM_ERROR = f"{type(e).__name__}: {e}"
-
-pytestmark = [
-    pytest.mark.vllm,
-    pytest.mark.skipif(VLLM_ERROR is not None, reason=f"vLLM not importable ({VLLM_ERROR}); "
-                       "install it with scripts/install_vllm.sh"),
-]
+pytestmark = vllm_marks()
 
 TP = 2
 GPU_BLOCKS = 48  # G1: 1536 tokens, less than the workload's live prefixes
