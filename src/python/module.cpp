@@ -5,7 +5,7 @@
 void BindCore(nanobind::module_& m);       // core_bindings.cpp: hashing, layouts, pools, config
 void BindConnector(nanobind::module_& m);
 void BindTransferBench(nanobind::module_& m);  // bench_bindings.cpp: data-path benchmark
-void BindDistributed(nanobind::module_& m);  // distributed_bindings.cpp: leader/worker bench
+
 void BindReplay(nanobind::module_& m);       // replay_bindings.cpp: `kvbm replay`
 
 NB_MODULE(_core, m) {
@@ -14,6 +14,5 @@ NB_MODULE(_core, m) {
   BindCore(m);
   BindConnector(m);
   BindTransferBench(m);
-  BindDistributed(m);
   BindReplay(m);
 }
