@@ -82,6 +82,7 @@ struct BlockCopy {
 // first error. ok() when nothing failed.
 struct TransferResult {
   std::vector<uint32_t> failed;
+  uint32_t corrupt = 0;  // of the failed, blocks whose bytes did not verify (kvbm_corrupt_blocks)
   std::optional<Error> first_error;
   bool ok() const { return failed.empty(); }
 };
