@@ -83,8 +83,7 @@ class RedisCluster {
  public:
   // Validates the options, connects to the first seed that answers CLUSTER SLOTS and loads the
   // slot map. kUnavailable (nothing listening, refused) or kTimeout (no answer within the
-  // timeouts) naming every seed tried when none does; within seeds x (connect + command)
-  // timeouts.
+  // timeouts) naming every seed tried when none does; gives up after call_timeout.
   static Result<std::unique_ptr<RedisCluster>> Connect(const RedisClusterOptions& options);
   ~RedisCluster();
   RedisCluster(const RedisCluster&) = delete;
@@ -114,7 +113,9 @@ class RedisCluster {
   // Runs `commands` (each routed by its slot) and leaves each one's reply in it; the first
   // failure otherwise. REQUIRES mu_ held.
   Status Execute(std::vector<Command>& commands);
-  Status LoadSlotMapLocked();
+  // Asks known masters, then seeds, then any other node seen, for CLUSTER SLOTS until one
+  // answers or `deadline` passes. REQUIRES mu_ held.
+  Status LoadSlotMapLocked(std::chrono::steady_clock::time_point deadline);
   Node* NodeFor(const RedisNodeAddress& address);
   Status EnsureConnected(Node& node, std::chrono::steady_clock::time_point deadline);
   void Drop(Node& node);

@@ -200,7 +200,7 @@ Result<std::unique_ptr<RedisCluster>> RedisCluster::Connect(const RedisClusterOp
   if (auto st = options.Validate(); !st) return std::unexpected(st.error());
   std::unique_ptr<RedisCluster> cluster(new RedisCluster(options));
   std::lock_guard lock(cluster->mu_);
-  if (auto st = cluster->LoadSlotMapLocked(); !st) return std::unexpected(st.error());
+  if (auto st = cluster->LoadSlotMapLocked(Clock::now() + options.call_timeout); !st) return std::unexpected(st.error());
   return cluster;
 }
 
@@ -265,7 +265,7 @@ Status RedisCluster::EnsureConnected(Node& node, Clock::time_point deadline) {
   return {};
 }
 
-Status RedisCluster::LoadSlotMapLocked() {
+Status RedisCluster::LoadSlotMapLocked(Clock::time_point deadline) {
   // Known masters first (they know the newest map), then the seeds.
   std::vector<Node*> candidates;
   for (int32_t owner : slot_owner_)
@@ -280,14 +280,20 @@ Status RedisCluster::LoadSlotMapLocked() {
     if (std::find(candidates.begin(), candidates.end(), n.get()) == candidates.end()) candidates.push_back(n.get());
 
   std::vector<std::string> failures;
-  bool all_timeouts = true;
+  bool all_timeouts = true, ran_out = false;
   for (Node* node : candidates) {
-    const auto deadline = Clock::now() + options_.connect_timeout + options_.command_timeout;
+    if (Remaining(deadline).count() <= 0) {
+      failures.push_back(fmt::format("out of time ({} ms) before asking {}", options_.call_timeout.count(),
+                                     node->address.ToString()));
+      ran_out = true;
+      break;
+    }
     if (auto st = EnsureConnected(*node, deadline); !st) {
       all_timeouts = all_timeouts && st.error().code() == ErrorCode::kTimeout;
       failures.push_back(st.error().message());
       continue;
     }
+    redisSetTimeout(node->context, ToTimeval(std::min(options_.command_timeout, Remaining(deadline))));
     errno = 0;
     ReplyPtr reply(static_cast<redisReply*>(redisCommand(node->context, "CLUSTER SLOTS")));
     const int saved_errno = errno;
@@ -346,13 +352,14 @@ Status RedisCluster::LoadSlotMapLocked() {
   }
   std::string tried;
   for (const auto& f : failures) tried += (tried.empty() ? "" : "; ") + f;
-  return MakeError(all_timeouts && !failures.empty() ? ErrorCode::kTimeout : ErrorCode::kUnavailable,
+  if (ran_out) counters_.timeouts.fetch_add(1, std::memory_order_relaxed);
+  return MakeError((all_timeouts || ran_out) && !failures.empty() ? ErrorCode::kTimeout : ErrorCode::kUnavailable,
                    fmt::format("no node of the Redis Cluster served its slot map: {}", tried));
 }
 
 Status RedisCluster::RefreshSlotMap() {
   std::lock_guard lock(mu_);
-  return LoadSlotMapLocked();
+  return LoadSlotMapLocked(Clock::now() + options_.call_timeout);
 }
 
 std::optional<RedisNodeAddress> RedisCluster::MasterOf(uint16_t slot) const {
@@ -364,7 +371,7 @@ std::optional<RedisNodeAddress> RedisCluster::MasterOf(uint16_t slot) const {
 Status RedisCluster::Execute(std::vector<Command>& commands) {
   counters_.calls.fetch_add(1, std::memory_order_relaxed);
   const auto deadline = Clock::now() + options_.call_timeout;
-  if (slot_map_stale_) (void)LoadSlotMapLocked();  // best effort: a failure keeps the old map
+  if (slot_map_stale_) (void)LoadSlotMapLocked(deadline);  // best effort: a failure keeps the old map
 
   std::optional<Error> first_error;
   size_t failed = 0;
@@ -512,7 +519,7 @@ Status RedisCluster::Execute(std::vector<Command>& commands) {
     if (moved && !reloaded) {
       reloaded = true;
       slot_map_stale_ = true;
-      (void)LoadSlotMapLocked();
+      (void)LoadSlotMapLocked(deadline);
     }
     pending = std::move(next);
   }
