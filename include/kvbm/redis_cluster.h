@@ -127,8 +127,8 @@ class RedisCluster {
   bool slot_map_stale_ = false;               // GUARDED_BY(mu_)
 
   struct Counters {
-    std::atomic<uint64_t> calls{0}, commands{0}, errors{0}, moved{0}, ask{0}, timeouts{0}, connects{0},
-        slot_map_loads{0};
+    std::atomic<uint64_t> calls{0}, commands{0}, errors{0}, moved{0}, ask{0}, timeouts{0},
+        connects{0}, slot_map_loads{0};
   };
   Counters counters_;
 };

@@ -44,14 +44,18 @@ uint64_t RemoteLayoutFingerprint(std::string_view descriptor);
 Status ValidateRemoteNamespace(std::string_view name_space);
 
 // REQUIRES: ValidateRemoteNamespace(name_space) succeeded.
-std::string RemoteBlockKey(std::string_view name_space, uint64_t fingerprint, uint64_t sequence_hash);
+std::string RemoteBlockKey(std::string_view name_space, uint64_t fingerprint,
+                           uint64_t sequence_hash);
 
 // Header + bytes, ready to SET.
-std::string EncodeRemoteBlock(uint64_t fingerprint, uint64_t sequence_hash, std::span<const uint8_t> bytes);
+std::string EncodeRemoteBlock(uint64_t fingerprint, uint64_t sequence_hash,
+                              std::span<const uint8_t> bytes);
 
 // The block's bytes (a view into `value`) when `value` verifies against what the caller asked
 // for; kCorrupt with the reason otherwise (see above). Never returns unverified bytes.
-Result<std::span<const uint8_t>> DecodeRemoteBlock(std::string_view value, uint64_t expected_fingerprint,
-                                                   uint64_t expected_sequence_hash, uint64_t expected_length);
+Result<std::span<const uint8_t>> DecodeRemoteBlock(std::string_view value,
+                                                   uint64_t expected_fingerprint,
+                                                   uint64_t expected_sequence_hash,
+                                                   uint64_t expected_length);
 
 }  // namespace kvbm

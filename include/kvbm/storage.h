@@ -114,20 +114,21 @@ struct RecoveredDiskBlock {
 // checksum matched; everything else was dropped (its record reset to empty) and counted.
 struct DiskRecovery {
   std::vector<RecoveredDiskBlock> blocks;  // ascending slot
-  uint64_t torn = 0;          // a write cut off by a crash (writing state, or a record that does not verify)
+  uint64_t torn =
+      0;  // a write cut off by a crash (writing state, or a record that does not verify)
   uint64_t corrupt = 0;       // a committed block whose bytes no longer match its checksum
   uint64_t other_layout = 0;  // a record carrying another layout fingerprint
   uint64_t duplicates = 0;    // a second valid slot for a sequence hash already recovered
-  bool reset = false;         // the side file was missing or described another geometry: started empty
+  bool reset = false;  // the side file was missing or described another geometry: started empty
   std::string reset_reason;
-  double seconds = 0;         // time spent verifying
+  double seconds = 0;  // time spent verifying
 };
 
 // One pre-allocated file per worker: `<dir>/dynamo-kvbm-disk-cache-XXXXXX`, mode 0600,
 // unlinked once open so it cannot outlive the process (the reference's behaviour); or, in
 // persistent mode (OpenPersistent), `<dir>/kvbm-disk-cache-<fingerprint>.bin`, never unlinked,
-// locked against a second process, with its slot records beside it. O_DIRECT (set by fcntl after open for
-// the `default` allocator, passed to open for `open-direct`) unless disabled; sized with
+// locked against a second process, with its slot records beside it. O_DIRECT (set by fcntl after
+// open for the `default` allocator, passed to open for `open-direct`) unless disabled; sized with
 // fallocate, or zero-filled with 4096-aligned writes when fallocate is unsupported and the
 // fallback is on. Every I/O through it must be 4096-aligned in offset, length and address.
 class DiskStorage {
@@ -136,7 +137,8 @@ class DiskStorage {
   // DYN_KVBM_DISK_DISABLE_O_DIRECT, fallocate unsupported without the fallback
   // (DYN_KVBM_DISK_ZEROFILL_FALLBACK), ENOSPC, permissions.
   // REQUIRES: !options.persistent (InvalidArgument naming DYN_KVBM_DISK_PERSISTENT otherwise).
-  static Result<std::unique_ptr<DiskStorage>> Create(const DiskStorageOptions& options, uint64_t bytes);
+  static Result<std::unique_ptr<DiskStorage>> Create(const DiskStorageOptions& options,
+                                                     uint64_t bytes);
 
   // Persistent mode. Opens (or creates) `<dir>/kvbm-disk-cache-<fingerprint as 16 hex>.bin`
   // and its `.idx` side file, takes an exclusive flock on the data file (FailedPrecondition

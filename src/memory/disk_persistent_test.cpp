@@ -66,7 +66,8 @@ Result<std::unique_ptr<DiskStorage>> Open(const std::string& dir, uint64_t slots
   return s;
 }
 
-Status Write(CopyBackend& backend, const TierMemory& host, const TierMemory& disk, std::vector<BlockCopy> copies) {
+Status Write(CopyBackend& backend, const TierMemory& host, const TierMemory& disk,
+             std::vector<BlockCopy> copies) {
   std::promise<TransferResult> done;
   backend.Execute(host, disk, copies, [&](TransferResult r) { done.set_value(std::move(r)); });
   TransferResult r = done.get_future().get();
@@ -92,7 +93,8 @@ Status Write(CopyBackend& backend, const TierMemory& host, const TierMemory& dis
       for (uint64_t s = start; s < start + kBatch; ++s) {
         if (round > 0 && s == kTornSlot) continue;
         Fill(hm.ChunkAddress(s, 0, 0), kDims.block_bytes(), HashOf(round, s));
-        copies.push_back({static_cast<uint32_t>(s), static_cast<uint32_t>(s), SequenceHash(HashOf(round, s))});
+        copies.push_back(
+            {static_cast<uint32_t>(s), static_cast<uint32_t>(s), SequenceHash(HashOf(round, s))});
       }
       if (!Write(*backend, hm, dm, copies)) _exit(4);
       if (write(out, "b", 1) != 1) _exit(5);
@@ -101,7 +103,9 @@ Status Write(CopyBackend& backend, const TierMemory& host, const TierMemory& dis
         side.Invalidate(kTornSlot);
         AlignedBuffer page(kDiskAlignment);
         Fill(page.data(), page.size(), HashOf(round, kTornSlot));
-        if (pwrite((*storage)->fd(), page.data(), page.size(), kTornSlot * layout.block_stride()) != 4096) _exit(6);
+        if (pwrite((*storage)->fd(), page.data(), page.size(), kTornSlot * layout.block_stride()) !=
+            4096)
+          _exit(6);
         if (write(out, "T", 1) != 1) _exit(5);
       }
     }
@@ -111,7 +115,8 @@ Status Write(CopyBackend& backend, const TierMemory& host, const TierMemory& dis
 uint64_t WrongBytes(const DiskStorage& storage, const RecoveredDiskBlock& b) {
   FullyContiguousLayout layout(kDims, kDiskAlignment);
   AlignedBuffer got(layout.block_stride()), want(layout.block_stride());
-  if (pread(storage.fd(), got.data(), got.size(), b.slot * layout.block_stride()) != static_cast<ssize_t>(got.size()))
+  if (pread(storage.fd(), got.data(), got.size(), b.slot * layout.block_stride()) !=
+      static_cast<ssize_t>(got.size()))
     return kDims.block_bytes();
   Fill(want.data(), kDims.block_bytes(), b.sequence_hash);
   uint64_t wrong = 0;
@@ -135,8 +140,10 @@ TEST(DiskPersistent, SigkillMidOffloadThenRestartServesOnlyVerifiedBlocks) {
   int batches_after = 0;
   char c;
   while (batches_after < 21 && read(pipe_fds[0], &c, 1) == 1) {
-    if (c == 'T') torn_seen = true;
-    else if (torn_seen) ++batches_after;
+    if (c == 'T')
+      torn_seen = true;
+    else if (torn_seen)
+      ++batches_after;
   }
   ASSERT_EQ(kill(child, SIGKILL), 0);
   int status = 0;
@@ -157,7 +164,8 @@ TEST(DiskPersistent, SigkillMidOffloadThenRestartServesOnlyVerifiedBlocks) {
   uint64_t wrong = 0;
   for (const auto& b : rec.blocks) {
     EXPECT_NE(b.slot, kTornSlot);
-    EXPECT_EQ(b.sequence_hash % 1000, b.slot + 1u) << "slot " << b.slot << " recovered another slot's block";
+    EXPECT_EQ(b.sequence_hash % 1000, b.slot + 1u)
+        << "slot " << b.slot << " recovered another slot's block";
     wrong += WrongBytes(**storage, b);
   }
   EXPECT_EQ(wrong, 0u);
@@ -180,7 +188,8 @@ TEST(DiskPersistent, SigkillMidOffloadThenRestartServesOnlyVerifiedBlocks) {
   AlignedBuffer want(layout.block_stride());
   for (const auto& b : rec.blocks) {
     Fill(want.data(), kDims.block_bytes(), b.sequence_hash);
-    EXPECT_EQ(std::memcmp(hm.ChunkAddress(b.slot, 0, 0), want.data(), kDims.block_bytes()), 0) << b.slot;
+    EXPECT_EQ(std::memcmp(hm.ChunkAddress(b.slot, 0, 0), want.data(), kDims.block_bytes()), 0)
+        << b.slot;
   }
 
   // A second process (a second open file description) is refused while this one holds it.
@@ -245,7 +254,8 @@ TEST(DiskPersistent, CorruptedBytesAndAnotherGeometryAreNeverServed) {
   ASSERT_TRUE(bigger) << bigger.error().ToString();
   EXPECT_TRUE((*bigger)->recovery().reset);
   EXPECT_TRUE((*bigger)->recovery().blocks.empty());
-  EXPECT_NE((*bigger)->recovery().reset_reason.find("not 128"), std::string::npos) << (*bigger)->recovery().reset_reason;
+  EXPECT_NE((*bigger)->recovery().reset_reason.find("not 128"), std::string::npos)
+      << (*bigger)->recovery().reset_reason;
 }
 
 TEST(DiskPersistent, TempModeRefusesThePersistentSettingAndStaysUnlinked) {

@@ -115,7 +115,8 @@ class RedisClusterTest : public ::testing::Test {
         if (info.find("connected_slaves:1") != std::string::npos &&
             info.find(",offset=" + master_offset + ",") != std::string::npos)
           break;
-        ASSERT_LT(Clock::now(), deadline) << "replicas of " << port << " never caught up:\n" << info;
+        ASSERT_LT(Clock::now(), deadline) << "replicas of " << port << " never caught up:\n"
+                                          << info;
         std::this_thread::sleep_for(milliseconds(20));
       }
     }
@@ -148,7 +149,8 @@ TEST_F(RedisClusterTest, ManyKeysOverAllSlotsRoundTripByteExact) {
   for (const auto& k : keys) values.push_back(ValueFor(k, 1));
   for (int start = 0; start < kKeys; start += 500) {
     std::vector<std::pair<std::string, std::string_view>> items;
-    for (int i = start; i < std::min(kKeys, start + 500); ++i) items.emplace_back(keys[i], values[i]);
+    for (int i = start; i < std::min(kKeys, start + 500); ++i)
+      items.emplace_back(keys[i], values[i]);
     auto st = client_->Set(items);
     ASSERT_TRUE(st) << st.error().ToString();
   }
@@ -174,7 +176,8 @@ TEST_F(RedisClusterTest, ManyKeysOverAllSlotsRoundTripByteExact) {
   const auto stats = client_->stats();
   EXPECT_EQ(stats.errors, 0u);
   EXPECT_EQ(stats.moved, 0u);
-  masters.insert(fmt::format("127.0.0.1:{}", cluster_->base_port()));  // the seed that served the map
+  masters.insert(
+      fmt::format("127.0.0.1:{}", cluster_->base_port()));  // the seed that served the map
   EXPECT_EQ(stats.connects, masters.size()) << "one connection per node, kept across calls";
 }
 
@@ -202,8 +205,14 @@ TEST_F(RedisClusterTest, FollowsAskDuringMigrationAndMovedAfterIt) {
   for (size_t i = 0; i < before.size(); ++i) items.emplace_back(before[i], values[i]);
   ASSERT_TRUE(client_->Set(items));
 
-  ASSERT_EQ(cluster_->Cli(target.port, fmt::format("cluster setslot {} importing {}", slot, source_id)).out, "OK\n");
-  ASSERT_EQ(cluster_->Cli(source.port, fmt::format("cluster setslot {} migrating {}", slot, target_id)).out, "OK\n");
+  ASSERT_EQ(
+      cluster_->Cli(target.port, fmt::format("cluster setslot {} importing {}", slot, source_id))
+          .out,
+      "OK\n");
+  ASSERT_EQ(
+      cluster_->Cli(source.port, fmt::format("cluster setslot {} migrating {}", slot, target_id))
+          .out,
+      "OK\n");
   // New keys of a migrating slot go to the target through ASK.
   std::vector<std::string> after_values;
   items.clear();
@@ -218,7 +227,8 @@ TEST_F(RedisClusterTest, FollowsAskDuringMigrationAndMovedAfterIt) {
   for (const auto& k : before) move += " '" + k + "'";
   ASSERT_EQ(cluster_->Cli(source.port, move).out, "OK\n");
   for (int i = 0; i < ClusterProcess::kNodes; ++i)
-    cluster_->Cli(cluster_->base_port() + i, fmt::format("cluster setslot {} node {}", slot, target_id));
+    cluster_->Cli(cluster_->base_port() + i,
+                  fmt::format("cluster setslot {} node {}", slot, target_id));
 
   // The client's map still says `source`: the first call meets MOVED, follows it, reloads.
   ASSERT_EQ(client_->MasterOf(slot)->port, source.port);
@@ -227,11 +237,13 @@ TEST_F(RedisClusterTest, FollowsAskDuringMigrationAndMovedAfterIt) {
   auto got = client_->Get(all);
   ASSERT_TRUE(got) << got.error().ToString();
   for (size_t i = 0; i < before.size(); ++i) EXPECT_EQ((*got)[i], values[i]) << before[i];
-  for (size_t i = 0; i < after.size(); ++i) EXPECT_EQ((*got)[before.size() + i], after_values[i]) << after[i];
+  for (size_t i = 0; i < after.size(); ++i)
+    EXPECT_EQ((*got)[before.size() + i], after_values[i]) << after[i];
   EXPECT_GE(client_->stats().moved, 1u);
   EXPECT_EQ(client_->MasterOf(slot)->port, target.port) << "the map was not refreshed after MOVED";
   // The target really holds them (not a stale read from the source).
-  EXPECT_EQ(cluster_->Cli(target.port, fmt::format("cluster countkeysinslot {}", slot)).out, "40\n");
+  EXPECT_EQ(cluster_->Cli(target.port, fmt::format("cluster countkeysinslot {}", slot)).out,
+            "40\n");
   EXPECT_EQ(client_->stats().errors, 0u);
 }
 
@@ -279,8 +291,10 @@ TEST_F(RedisClusterTest, StalledThenKilledMasterCostsBoundedErrorsThenFailsOver)
   RecordProperty("failed_calls_during_failover", failed_calls);
   size_t wrong = 0, missing = 0;
   for (size_t i = 0; i < keys.size(); ++i) {
-    if (!(*recovered)[i]) ++missing;
-    else if (*(*recovered)[i] != values[i]) ++wrong;
+    if (!(*recovered)[i])
+      ++missing;
+    else if (*(*recovered)[i] != values[i])
+      ++wrong;
   }
   EXPECT_EQ(wrong, 0u);
   EXPECT_EQ(missing, 0u) << "replicas had acknowledged every write before the kill";
@@ -298,7 +312,8 @@ TEST_F(RedisClusterTest, FlushAllTurnsEveryKeyIntoAMiss) {
   std::vector<std::pair<std::string, std::string_view>> items;
   for (size_t i = 0; i < keys.size(); ++i) items.emplace_back(keys[i], values[i]);
   ASSERT_TRUE(client_->Set(items));
-  for (int i = 0; i < ClusterProcess::kNodes; ++i) cluster_->Cli(cluster_->base_port() + i, "flushall");
+  for (int i = 0; i < ClusterProcess::kNodes; ++i)
+    cluster_->Cli(cluster_->base_port() + i, "flushall");
   auto exists = client_->Exists(keys);
   auto got = client_->Get(keys);
   ASSERT_TRUE(exists && got);
@@ -314,7 +329,8 @@ TEST(RedisClusterConnect, NothingListeningIsAClearErrorWithinTheTimeout) {
   for (int p = 41000 + static_cast<int>(getpid() % 1000) * 7; ports.size() < 2; ++p)
     if (testing::LoopbackPortFree(p)) ports.push_back(p);
   RedisClusterOptions o;
-  o.seeds = {{"127.0.0.1", static_cast<uint16_t>(ports[0])}, {"127.0.0.1", static_cast<uint16_t>(ports[1])}};
+  o.seeds = {{"127.0.0.1", static_cast<uint16_t>(ports[0])},
+             {"127.0.0.1", static_cast<uint16_t>(ports[1])}};
   o.connect_timeout = milliseconds(300);
   o.call_timeout = milliseconds(1000);
   const auto t0 = Clock::now();
@@ -322,11 +338,14 @@ TEST(RedisClusterConnect, NothingListeningIsAClearErrorWithinTheTimeout) {
   EXPECT_LE(Clock::now() - t0, milliseconds(1500));
   ASSERT_FALSE(r);
   EXPECT_EQ(r.error().code(), ErrorCode::kUnavailable);
-  EXPECT_NE(r.error().message().find(fmt::format("127.0.0.1:{}", ports[0])), std::string::npos) << r.error().message();
-  EXPECT_NE(r.error().message().find(fmt::format("127.0.0.1:{}", ports[1])), std::string::npos) << r.error().message();
+  EXPECT_NE(r.error().message().find(fmt::format("127.0.0.1:{}", ports[0])), std::string::npos)
+      << r.error().message();
+  EXPECT_NE(r.error().message().find(fmt::format("127.0.0.1:{}", ports[1])), std::string::npos)
+      << r.error().message();
 
   EXPECT_FALSE(RedisCluster::Connect(RedisClusterOptions{}));  // no seeds: InvalidArgument
-  EXPECT_EQ(RedisCluster::Connect(RedisClusterOptions{}).error().code(), ErrorCode::kInvalidArgument);
+  EXPECT_EQ(RedisCluster::Connect(RedisClusterOptions{}).error().code(),
+            ErrorCode::kInvalidArgument);
 }
 
 TEST(RedisClusterConnect, SilentServerTimesOutInsteadOfHanging) {

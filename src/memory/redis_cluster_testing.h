@@ -4,9 +4,9 @@
 #pragma once
 
 #include <fmt/format.h>
+#include <netinet/in.h>
 #include <signal.h>
 #include <sys/socket.h>
-#include <netinet/in.h>
 #include <unistd.h>
 
 #include <array>
@@ -66,12 +66,14 @@ class ClusterProcess {
     for (int attempt = 0; attempt < 8 && !ok_; ++attempt) {
       const int base = 20000 + ((pid * 7 + attempt * 389) % 3000) * 10;  // 20000..49990, bus +10000
       bool free = true;
-      for (int i = 0; i < kNodes && free; ++i) free = LoopbackPortFree(base + i) && LoopbackPortFree(base + 10000 + i);
+      for (int i = 0; i < kNodes && free; ++i)
+        free = LoopbackPortFree(base + i) && LoopbackPortFree(base + 10000 + i);
       if (!free) continue;
       base_port_ = base;
       dir_ = fmt::format("/tmp/kvbm-redis-test-{}-{}", pid, base);
-      ShellResult r = Shell(fmt::format("bash {}/scripts/redis_cluster.sh start --base-port {} --dir {}",
-                                        KVBM_SOURCE_DIR, base, dir_));
+      ShellResult r =
+          Shell(fmt::format("bash {}/scripts/redis_cluster.sh start --base-port {} --dir {}",
+                            KVBM_SOURCE_DIR, base, dir_));
       if (r.rc == 0) {
         ok_ = true;
         Register(this);
@@ -93,7 +95,9 @@ class ClusterProcess {
   const std::string& error() const { return error_; }
   int base_port() const { return base_port_; }
   const std::string& dir() const { return dir_; }
-  std::string SeedUrl() const { return fmt::format("redis://127.0.0.1:{},127.0.0.1:{}", base_port_, base_port_ + 1); }
+  std::string SeedUrl() const {
+    return fmt::format("redis://127.0.0.1:{},127.0.0.1:{}", base_port_, base_port_ + 1);
+  }
 
   // redis-cli against one node.
   ShellResult Cli(int port, const std::string& args) const {
@@ -108,7 +112,8 @@ class ClusterProcess {
 
  private:
   std::string Stop() const {
-    return fmt::format("bash {}/scripts/redis_cluster.sh stop --base-port {} --dir {}", KVBM_SOURCE_DIR, base_port_, dir_);
+    return fmt::format("bash {}/scripts/redis_cluster.sh stop --base-port {} --dir {}",
+                       KVBM_SOURCE_DIR, base_port_, dir_);
   }
 
   // A fatal signal SIGKILLs the nodes of every live cluster (kill is async-signal-safe), then
@@ -128,7 +133,8 @@ class ClusterProcess {
     live_ = c;
     for (int i = 0; i < kNodes; ++i) live_pids_[i] = c->Pid(c->base_port_ + i);
     static bool installed = [] {
-      for (int sig : {SIGSEGV, SIGABRT, SIGBUS, SIGFPE, SIGILL, SIGTERM, SIGINT}) signal(sig, OnFatal);
+      for (int sig : {SIGSEGV, SIGABRT, SIGBUS, SIGFPE, SIGILL, SIGTERM, SIGINT})
+        signal(sig, OnFatal);
       std::atexit([] {
         if (live_ != nullptr) Shell(live_->Stop());
       });

@@ -22,7 +22,8 @@ std::vector<uint8_t> Bytes(size_t n, uint64_t seed) {
 void ExpectRejected(const Result<std::span<const uint8_t>>& r, std::string_view reason) {
   ASSERT_FALSE(r) << "accepted a value that should fail with: " << reason;
   EXPECT_EQ(r.error().code(), ErrorCode::kCorrupt);
-  EXPECT_NE(r.error().message().find(fmt::format("remote block rejected ({})", reason)), std::string::npos)
+  EXPECT_NE(r.error().message().find(fmt::format("remote block rejected ({})", reason)),
+            std::string::npos)
       << r.error().message();
 }
 
@@ -51,10 +52,12 @@ TEST(RemoteBlock, RoundTripAndEveryRejection) {
   ASSERT_TRUE(ok) << ok.error().ToString();
   EXPECT_TRUE(std::equal(ok->begin(), ok->end(), bytes.begin(), bytes.end()));
 
-  ExpectRejected(DecodeRemoteBlock(value, RemoteLayoutFingerprint("b"), kHash, bytes.size()), "other fingerprint");
+  ExpectRejected(DecodeRemoteBlock(value, RemoteLayoutFingerprint("b"), kHash, bytes.size()),
+                 "other fingerprint");
   ExpectRejected(DecodeRemoteBlock(value, fp, kHash + 1, bytes.size()), "other sequence hash");
   ExpectRejected(DecodeRemoteBlock(value, fp, kHash, bytes.size() + 1), "other length");
-  ExpectRejected(DecodeRemoteBlock(value.substr(0, value.size() - 1), fp, kHash, bytes.size()), "truncated");
+  ExpectRejected(DecodeRemoteBlock(value.substr(0, value.size() - 1), fp, kHash, bytes.size()),
+                 "truncated");
   ExpectRejected(DecodeRemoteBlock(value.substr(0, 10), fp, kHash, bytes.size()), "truncated");
   ExpectRejected(DecodeRemoteBlock("", fp, kHash, bytes.size()), "truncated");
   ExpectRejected(DecodeRemoteBlock(value + "x", fp, kHash, bytes.size()), "trailing bytes");
@@ -89,7 +92,8 @@ TEST(RemoteBlock, ValuesChangedInsideARealClusterAreRejected) {
   auto client = RedisCluster::Connect(o);
   ASSERT_TRUE(client) << client.error().ToString();
 
-  const uint64_t ours = RemoteLayoutFingerprint("model=a;tp=0/1"), theirs = RemoteLayoutFingerprint("model=b;tp=0/1");
+  const uint64_t ours = RemoteLayoutFingerprint("model=a;tp=0/1"),
+                 theirs = RemoteLayoutFingerprint("model=b;tp=0/1");
   constexpr size_t kBlock = 64 * 1024;
   std::vector<std::string> keys;
   std::vector<std::vector<uint8_t>> blocks;
@@ -107,7 +111,8 @@ TEST(RemoteBlock, ValuesChangedInsideARealClusterAreRejected) {
   for (size_t i = 0; i < keys.size(); ++i) items.emplace_back(keys[i], values[i]);
   ASSERT_TRUE((*client)->Set(items));
   const int port = (*client)->MasterOf(RedisKeySlot(keys[3]))->port;
-  auto r = cluster.Cli(port, fmt::format("setrange '{}' {} Z", keys[3], kRemoteBlockHeaderBytes + 1000));
+  auto r =
+      cluster.Cli(port, fmt::format("setrange '{}' {} Z", keys[3], kRemoteBlockHeaderBytes + 1000));
   ASSERT_EQ(r.rc, 0) << r.out;
 
   auto got = (*client)->Get(keys);
@@ -115,9 +120,12 @@ TEST(RemoteBlock, ValuesChangedInsideARealClusterAreRejected) {
   for (size_t i = 0; i < keys.size(); ++i) {
     ASSERT_TRUE((*got)[i].has_value());
     auto decoded = DecodeRemoteBlock(*(*got)[i], ours, kHash + i, kBlock);
-    if (i == 1) ExpectRejected(decoded, "other fingerprint");
-    else if (i == 2) ExpectRejected(decoded, "truncated");
-    else if (i == 3) ExpectRejected(decoded, "checksum mismatch");
+    if (i == 1)
+      ExpectRejected(decoded, "other fingerprint");
+    else if (i == 2)
+      ExpectRejected(decoded, "truncated");
+    else if (i == 3)
+      ExpectRejected(decoded, "checksum mismatch");
     else {
       ASSERT_TRUE(decoded) << decoded.error().ToString();
       EXPECT_TRUE(std::equal(decoded->begin(), decoded->end(), blocks[i].begin(), blocks[i].end()));
