@@ -24,6 +24,7 @@ struct KvbmConfig {
   std::string disk_cache_dir = "/tmp/";
   bool disk_zerofill_fallback = false;
   bool disk_disable_o_direct = false;
+  bool disk_persistent = false;  // DYN_KVBM_DISK_PERSISTENT: keep G3 across restarts (stable, locked file)
   DiskAllocatorType disk_allocator = DiskAllocatorType::kDefault;
   bool disable_disk_offload_filter = false;
   uint32_t host_offload_prefix_min_priority = 0;

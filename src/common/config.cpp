@@ -86,6 +86,7 @@ KvbmConfig KvbmConfig::FromEnvironment(const std::function<const char*(const cha
   }
   if (auto v = get("DYN_KVBM_DISK_ZEROFILL_FALLBACK")) c.disk_zerofill_fallback = ParseBool("DYN_KVBM_DISK_ZEROFILL_FALLBACK", *v);
   if (auto v = get("DYN_KVBM_DISK_DISABLE_O_DIRECT")) c.disk_disable_o_direct = ParseBool("DYN_KVBM_DISK_DISABLE_O_DIRECT", *v);
+  if (auto v = get("DYN_KVBM_DISK_PERSISTENT")) c.disk_persistent = ParseBool("DYN_KVBM_DISK_PERSISTENT", *v);
   if (auto v = get("DYN_KVBM_DISK_ALLOCATOR_TYPE")) {
     std::string t = Lower(Trim(*v));
     if (t == "default" || t.empty()) c.disk_allocator = DiskAllocatorType::kDefault;

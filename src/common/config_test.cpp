@@ -14,7 +14,10 @@ TEST(Config, DefaultsAndParsing) {
   EXPECT_TRUE(c.metrics);
   EXPECT_EQ(c.metrics_port, 6880);
   EXPECT_EQ(c.max_transfer_batch_size, 16u);
+  EXPECT_FALSE(c.disk_persistent) << "the reference's unlinked temp file is the default";
   EXPECT_EQ(c.HostBlocks(1'000'000), 4000u);
+  EXPECT_TRUE(KvbmConfig::FromMap({{"DYN_KVBM_DISK_PERSISTENT", "true"}}).disk_persistent);
+  EXPECT_FALSE(KvbmConfig::FromMap({{"DYN_KVBM_DISK_PERSISTENT", "0"}}).disk_persistent);
   c.Validate();
 }
 
@@ -38,6 +41,7 @@ TEST(Config, ErrorsNameVariableAndValue) {
   expect_error({{"DYN_KVBM_HOST_OFFLOAD_PREFIX_MIN_PRIORITY", "101"}}, "DYN_KVBM_HOST_OFFLOAD_PREFIX_MIN_PRIORITY");
   expect_error({{"DYN_KVBM_DISK_ALLOCATOR_TYPE", "fast"}}, "DYN_KVBM_DISK_ALLOCATOR_TYPE");
   expect_error({{"DYN_KVBM_METRICS", "maybe"}}, "DYN_KVBM_METRICS");
+  expect_error({{"DYN_KVBM_DISK_PERSISTENT", "sometimes"}}, "DYN_KVBM_DISK_PERSISTENT=\"sometimes\"");
   expect_error({{"DYN_KVBM_MAX_CONCURRENT_TRANSFERS", "0"}}, "DYN_KVBM_MAX_CONCURRENT_TRANSFERS");
   expect_error({{"DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS", "99999999999999999999999"}}, "overflow");
   expect_error({}, "no cache tier is sized");
