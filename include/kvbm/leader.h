@@ -47,6 +47,10 @@ struct LeaderOptions {
   std::optional<EvictionPolicy> policy;  // G2 and G3; unset: the settings' (leaf-first by default)
   // Sizes in blocks; when unset they come from the config (GB / bytes_per_block, or overrides).
   std::optional<uint64_t> host_blocks, disk_blocks;
+  // G4 key descriptor (model, dtype, block size) and tensor-parallel size; needed when
+  // DYN_KVBM_REMOTE_URL is set (remote_tier.h).
+  std::string remote_descriptor;
+  uint32_t world_size = 1;
 };
 
 struct MatchResult {

@@ -21,7 +21,8 @@ ConnectorLeader::ConnectorLeader(const KvbmConfig& config, const LeaderOptions& 
       metrics_(metrics ? std::move(metrics) : std::make_shared<KvbmMetrics>(config.cache_stats_max_requests)) {
   if (options.page_size == 0) throw ConfigError("kvbm leader: page_size (engine block size) must be > 0");
   auto chain_options = TierChainOptions::FromConfig(config, options.bytes_per_block, options.host_blocks,
-                                                     options.disk_blocks, options.policy);
+                                                     options.disk_blocks, options.policy, options.remote_descriptor,
+                                                     options.world_size);
   chain_ = std::make_shared<TierChain>(config, chain_options, metrics_,
                                        registry ? std::move(registry) : std::make_shared<BlockRegistry>());
   Log(LogLevel::kInfo, "kvbm leader: G2 {} blocks, G3 {} blocks of {} bytes, page {} tokens",

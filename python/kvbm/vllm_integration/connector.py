@@ -80,6 +80,20 @@ def bytes_per_block_from_config(kv_cache_config: "KVCacheConfig") -> int:
     return total
 
 
+def remote_descriptor(vllm_config: "VllmConfig") -> str:
+    """What makes two engines' KV blocks interchangeable in G4 (the remote tier): the model, the
+    KV dtype and the block size. Engines that agree on it share prefixes through G4; the tensor-
+    parallel layout and rank are added by kvbm, and every value is verified on read. Set
+    ``kv_connector_extra_config.remote_model_id`` when instances name the same model differently
+    (e.g. by local path)."""
+    extra = vllm_config.kv_transfer_config.kv_connector_extra_config or {}
+    model = extra.get("remote_model_id") or vllm_config.model_config.model
+    dtype = vllm_config.cache_config.cache_dtype
+    if dtype in (None, "auto"):
+        dtype = str(vllm_config.model_config.dtype).replace("torch.", "")
+    return f"model={model}|kv_dtype={dtype}|block={int(vllm_config.cache_config.block_size)}"
+
+
 def _world_size(vllm_config: "VllmConfig") -> int:
     parallel = vllm_config.parallel_config
     if getattr(parallel, "pipeline_parallel_size", 1) != 1:
@@ -99,6 +113,7 @@ class DynamoConnector(KVConnectorBase_V1):
         self.world_size = self._world_size
         self.rank = self._tp_rank(self._world_size) if role != KVConnectorRole.SCHEDULER else 0
         self._kv_cache_config = kv_cache_config
+        self._vllm_config = vllm_config
         extra = vllm_config.kv_transfer_config.kv_connector_extra_config or {}
         self.leader: _core.Leader | None = None
         self.worker: _core.Worker | None = None
@@ -107,7 +122,8 @@ class DynamoConnector(KVConnectorBase_V1):
                 raise ValueError("kvbm: vLLM gave the scheduler-side connector no kv_cache_config")
             per_rank = bytes_per_block_from_config(kv_cache_config)
             self.bytes_per_block = per_rank * self._world_size
-            self.leader = _core.Leader(self._block_size, self.bytes_per_block, policy=extra.get("policy"))
+            self.leader = _core.Leader(self._block_size, self.bytes_per_block, policy=extra.get("policy"),
+                                       remote_descriptor=remote_descriptor(vllm_config), world_size=self._world_size)
             # Request objects by id: their token lists grow in place as the engine decodes.
             self._requests: dict[str, Request] = {}
             self._block_ids: dict[str, list[int]] = {}
@@ -240,6 +256,7 @@ class DynamoConnector(KVConnectorBase_V1):
         self.bytes_per_block = int(self.worker.bytes_per_block)
         host, disk = _core.size_tiers(self.bytes_per_block * self._world_size)
         self.worker.allocate_tiers(host, disk)
+        self.worker.connect_remote(remote_descriptor(self._vllm_config))
         logger.info(
             "kvbm worker rank %d/%d: %d layers, %s, %d bytes per block on this rank; G2 %d blocks, G3 %d blocks",
             self.rank, self._world_size, len(tensors), self.worker.layout, self.bytes_per_block, host, disk,
