@@ -220,7 +220,10 @@ Result<std::unique_ptr<RedisCluster>> RedisCluster::Connect(const RedisClusterOp
   if (auto st = options.Validate(); !st) return std::unexpected(st.error());
   std::unique_ptr<RedisCluster> cluster(new RedisCluster(options));
   std::lock_guard lock(cluster->mu_);
-  if (auto st = cluster->LoadSlotMapLocked(Clock::now() + options.call_timeout); !st)
+  if (auto st = cluster->LoadSlotMapLocked(
+          Clock::now() +
+          std::max(options.call_timeout, options.connect_timeout + options.command_timeout));
+      !st)
     return std::unexpected(st.error());
   return cluster;
 }
