@@ -83,7 +83,9 @@ class RedisCluster {
  public:
   // Validates the options, connects to the first seed that answers CLUSTER SLOTS and loads the
   // slot map. kUnavailable (nothing listening, refused) or kTimeout (no answer within the
-  // timeouts) naming every seed tried when none does; gives up after call_timeout.
+  // timeouts) naming every seed tried when none does; gives up after
+  // max(call_timeout, connect_timeout + command_timeout), so a small per-call budget (a
+  // scheduler's match budget) still leaves the first connection its own timeouts.
   static Result<std::unique_ptr<RedisCluster>> Connect(const RedisClusterOptions& options);
   ~RedisCluster();
   RedisCluster(const RedisCluster&) = delete;

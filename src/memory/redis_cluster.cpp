@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 #include <hiredis/hiredis.h>
+#include <poll.h>
 
 #include <algorithm>
 #include <array>
@@ -219,7 +220,10 @@ Result<std::unique_ptr<RedisCluster>> RedisCluster::Connect(const RedisClusterOp
   if (auto st = options.Validate(); !st) return std::unexpected(st.error());
   std::unique_ptr<RedisCluster> cluster(new RedisCluster(options));
   std::lock_guard lock(cluster->mu_);
-  if (auto st = cluster->LoadSlotMapLocked(Clock::now() + options.call_timeout); !st)
+  if (auto st = cluster->LoadSlotMapLocked(
+          Clock::now() +
+          std::max(options.call_timeout, options.connect_timeout + options.command_timeout));
+      !st)
     return std::unexpected(st.error());
   return cluster;
 }
@@ -468,6 +472,7 @@ Status RedisCluster::Execute(std::vector<Command>& commands) {
     };
 
     // Phase 1: connect and queue every node's commands, then write them all out.
+    std::vector<bool> asked(commands.size(), false);
     std::vector<bool> alive(groups.size(), false);
     for (size_t g = 0; g < groups.size(); ++g) {
       auto& [node, ops] = groups[g];
@@ -479,6 +484,7 @@ Status RedisCluster::Execute(std::vector<Command>& commands) {
                       ToTimeval(std::min(options_.command_timeout, Remaining(deadline))));
       for (size_t i : ops) {
         Command& cmd = commands[i];
+        asked[i] = cmd.ask.has_value();
         if (cmd.ask) redisAppendCommand(node->context, "ASKING");
         redisAppendCommandArgv(node->context, cmd.argc, cmd.argv.data(), cmd.argvlen.data());
       }
@@ -498,70 +504,122 @@ Status RedisCluster::Execute(std::vector<Command>& commands) {
         }
       }
     }
-    // Phase 2: read every reply.
+    // Phase 2: read every node's replies as they arrive (poll over all nodes), so the masters'
+    // reply streams flow in parallel instead of one node's waiting in its socket buffer.
     std::vector<size_t> next;
     bool moved = false;
-    for (size_t g = 0; g < groups.size(); ++g) {
-      if (!alive[g]) continue;
+    auto handle = [&](Node& node, size_t index, ReplyPtr reply) {
+      Command& cmd = commands[index];
+      const RedisNodeAddress& from = node.address;
+      cmd.ask.reset();
+      if (reply->type != REDIS_REPLY_ERROR) {
+        cmd.reply = std::move(reply);
+        return;
+      }
+      std::string_view text(reply->str, reply->len);
+      const bool is_moved = text.starts_with("MOVED "), is_ask = text.starts_with("ASK ");
+      if (is_moved || is_ask) {
+        // "MOVED <slot> <host>:<port>"
+        const size_t space = text.find(' ', is_moved ? 6 : 4);
+        auto target = space == std::string_view::npos
+                          ? std::nullopt
+                          : ParseEndpoint(text.substr(space + 1), from.host);
+        if (!target) {
+          fail(Error(
+              ErrorCode::kInternal,
+              fmt::format("Redis node {} sent a malformed redirect: {}", from.ToString(), text)));
+          return;
+        }
+        if (is_moved) {
+          counters_.moved.fetch_add(1, std::memory_order_relaxed);
+          Node* owner = NodeFor(*target);
+          for (size_t n = 0; n < nodes_.size(); ++n)
+            if (nodes_[n].get() == owner) slot_owner_[cmd.slot] = static_cast<int32_t>(n);
+          moved = true;
+        } else {
+          counters_.ask.fetch_add(1, std::memory_order_relaxed);
+          cmd.ask = std::move(*target);
+        }
+        next.push_back(index);
+        return;
+      }
+      if (text.starts_with("CLUSTERDOWN") || text.starts_with("TRYAGAIN") ||
+          text.starts_with("LOADING") || text.starts_with("MASTERDOWN")) {
+        slot_map_stale_ = true;
+        fail(Error(ErrorCode::kUnavailable,
+                   fmt::format("Redis node {}: {}", from.ToString(), text)));
+        return;
+      }
+      fail(Error(ErrorCode::kInternal,
+                 fmt::format("Redis node {} refused the command: {}", from.ToString(), text)));
+    };
+    // Per group: replies still expected (an ASK-redirected command has two: ASKING's, then its
+    // own).
+    struct Progress {
+      size_t op = 0;  // next command of the group whose reply is due
+      bool asking_due = false;
+    };
+    std::vector<Progress> progress(groups.size());
+    for (size_t g = 0; g < groups.size(); ++g)
+      if (alive[g]) progress[g].asking_due = asked[groups[g].second[0]];
+    // Takes every complete reply already parsed for group g; false when the reader failed.
+    auto drain = [&](size_t g) {
       auto& [node, ops] = groups[g];
-      for (size_t k = 0; k < ops.size(); ++k) {
-        Command& cmd = commands[ops[k]];
+      Progress& p = progress[g];
+      while (p.op < ops.size()) {
         void* raw = nullptr;
-        errno = 0;
-        bool ok = true;
-        if (cmd.ask) {
-          ok = redisGetReply(node->context, &raw) == REDIS_OK;
-          ReplyPtr asking(static_cast<redisReply*>(raw));
-          raw = nullptr;
-        }
-        ok = ok && redisGetReply(node->context, &raw) == REDIS_OK;
-        if (!ok) {
-          node_failed(*node, std::span(ops).subspan(k), "reading replies", errno);
-          break;
-        }
+        if (redisGetReplyFromReader(node->context, &raw) != REDIS_OK) return false;
+        if (raw == nullptr) return true;
         ReplyPtr reply(static_cast<redisReply*>(raw));
-        const RedisNodeAddress from = node->address;
-        cmd.ask.reset();
-        if (reply->type == REDIS_REPLY_ERROR) {
-          std::string_view text(reply->str, reply->len);
-          const bool is_moved = text.starts_with("MOVED "), is_ask = text.starts_with("ASK ");
-          if (is_moved || is_ask) {
-            // "MOVED <slot> <host>:<port>"
-            const size_t space = text.find(' ', is_moved ? 6 : 4);
-            auto target = space == std::string_view::npos
-                              ? std::nullopt
-                              : ParseEndpoint(text.substr(space + 1), from.host);
-            if (!target) {
-              fail(Error(ErrorCode::kInternal,
-                         fmt::format("Redis node {} sent a malformed redirect: {}", from.ToString(),
-                                     text)));
-              continue;
-            }
-            if (is_moved) {
-              counters_.moved.fetch_add(1, std::memory_order_relaxed);
-              Node* owner = NodeFor(*target);
-              for (size_t n = 0; n < nodes_.size(); ++n)
-                if (nodes_[n].get() == owner) slot_owner_[cmd.slot] = static_cast<int32_t>(n);
-              moved = true;
-            } else {
-              counters_.ask.fetch_add(1, std::memory_order_relaxed);
-              cmd.ask = std::move(*target);
-            }
-            next.push_back(ops[k]);
-            continue;
-          }
-          if (text.starts_with("CLUSTERDOWN") || text.starts_with("TRYAGAIN") ||
-              text.starts_with("LOADING") || text.starts_with("MASTERDOWN")) {
-            slot_map_stale_ = true;
-            fail(Error(ErrorCode::kUnavailable,
-                       fmt::format("Redis node {}: {}", from.ToString(), text)));
-            continue;
-          }
-          fail(Error(ErrorCode::kInternal,
-                     fmt::format("Redis node {} refused the command: {}", from.ToString(), text)));
+        if (p.asking_due) {
+          p.asking_due = false;  // ASKING's own +OK
           continue;
         }
-        cmd.reply = std::move(reply);
+        handle(*node, ops[p.op], std::move(reply));
+        if (++p.op < ops.size()) p.asking_due = asked[ops[p.op]];
+      }
+      return true;
+    };
+    for (;;) {
+      std::vector<pollfd> fds;
+      std::vector<size_t> fd_group;
+      for (size_t g = 0; g < groups.size(); ++g) {
+        if (!alive[g]) continue;
+        if (!drain(g)) {
+          node_failed(*groups[g].first, std::span(groups[g].second).subspan(progress[g].op),
+                      "parsing replies", 0);
+          alive[g] = false;
+          continue;
+        }
+        if (progress[g].op == groups[g].second.size()) continue;
+        fds.push_back({groups[g].first->context->fd, POLLIN, 0});
+        fd_group.push_back(g);
+      }
+      if (fds.empty()) break;
+      const milliseconds left = std::min(options_.command_timeout, Remaining(deadline));
+      const int ready =
+          left.count() <= 0 ? 0 : poll(fds.data(), fds.size(), static_cast<int>(left.count()));
+      if (ready < 0 && errno == EINTR) continue;
+      if (ready <= 0) {
+        // Nobody answered within the command timeout (or the call's budget): those nodes are
+        // stalled; drop them so a later call reconnects.
+        for (size_t g : fd_group) {
+          node_failed(*groups[g].first, std::span(groups[g].second).subspan(progress[g].op),
+                      "reading replies", ready == 0 ? ETIMEDOUT : errno);
+          alive[g] = false;
+        }
+        continue;
+      }
+      for (size_t f = 0; f < fds.size(); ++f) {
+        if (fds[f].revents == 0) continue;
+        const size_t g = fd_group[f];
+        errno = 0;
+        // One read(2): the socket is readable, so it does not block.
+        if (redisBufferRead(groups[g].first->context) != REDIS_OK) {
+          node_failed(*groups[g].first, std::span(groups[g].second).subspan(progress[g].op),
+                      "reading replies", errno);
+          alive[g] = false;
+        }
       }
     }
     // A MOVED usually means more than one slot moved (resharding, failover): reload once.
