@@ -8,6 +8,7 @@ the pairs that were measured. No timing threshold: the machine may be loaded.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -98,7 +99,6 @@ def test_quick_report_ratios_come_from_alternating_pairs(quick_report):
 def _without_vllm_env(tmp_path: Path) -> dict:
     """An environment in which ``import vllm`` fails: a ``vllm`` package on PYTHONPATH that
     raises, standing in for a machine where vLLM is not installed."""
-    import os
 
     pkg = tmp_path / "vllm"
     pkg.mkdir()
@@ -118,7 +118,7 @@ def test_without_vllm_reports_kvbm_alone_and_says_why(tmp_path):
     assert "vllm hidden by test_bench_core" in r["vllm_anchor_error"]
     assert r["blocks_matched"] == 8192 and r["match_8192_blocks_us"] > 0
     assert r["vllm_match_8192_blocks_us"] is None and r["match_speedup_vs_vllm"] is None
-    assert list(r["pairs"][0]) == ["order", "kvbm"]
+    assert set(r["pairs"][0]) == {"order", "kvbm"}  # no vLLM side, no ratio
 
     text = _kvbm("bench", "core", *_SMALL, env=_without_vllm_env(tmp_path))
     assert text.returncode == 0, text.stderr[-4000:]
