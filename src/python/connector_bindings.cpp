@@ -13,6 +13,7 @@
 #include <mutex>
 
 #include "bindings.h"
+#include "kvbm/leader.h"
 #include "kvbm/manager.h"
 #include "kvbm/remote_tier.h"
 #include "kvbm/observability.h"

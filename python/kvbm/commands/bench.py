@@ -2,7 +2,7 @@
 
 A benchmark module ``kvbm/bench/<name>.py`` provides ``add_parser(subparsers)`` (returns its
 parser) and ``run(args)``, exactly like a subcommand; dropping a file there adds
-``kvbm bench <name>``. Each prints its figures, as one JSON object with ``--json``.
+``kvbm bench <name>``. A module without ``add_parser`` is a helper the benchmarks share. Each prints its figures, as one JSON object with ``--json``.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             sub = benches.add_parser(info.name, help=f"(unavailable: {e})")
             sub.set_defaults(_bench_run=_unavailable(info.name, e))
             continue
+        if not hasattr(module, "add_parser"):
+            continue  # a helper of the benchmarks (e.g. vllm_anchor), not a benchmark
         sub = module.add_parser(benches)
         sub.set_defaults(_bench_run=module.run)
     p.set_defaults(_bench_parser=p)
