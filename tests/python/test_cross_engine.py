@@ -15,6 +15,7 @@ from kvbm import _core  # noqa: E402
 from kvbm.errors import FailedPreconditionError  # noqa: E402
 from kvbm.testing.trtllm_driver import Engine, Request, make_llm_args  # noqa: E402
 from kvbm.trtllm_integration import connector as trt  # noqa: E402
+from kvbm.vllm_integration.layout import element_order  # noqa: E402
 
 PAGE, LAYERS, HEADS, HD, NB = 8, 2, 2, 16, 32
 
@@ -25,7 +26,8 @@ def _vllm_core(tmp_path, heads=HEADS):
     layers = [torch.zeros((NB, 2, PAGE, heads, HD), dtype=torch.float16) for _ in range(LAYERS)]
     w = _core.Worker(env=env, shared_metrics=False)
     w.register_kv_caches([t.data_ptr() for t in layers], [list(t.shape) for t in layers],
-                         [list(t.stride()) for t in layers], 2, NB, PAGE, element_order="token,head,dim")
+                         [list(t.stride()) for t in layers], 2, NB, PAGE,
+                         element_order=element_order(list(layers[0].shape), PAGE))  # as the vLLM adapter does
     leader = _core.Leader(PAGE, w.bytes_per_block, env=env, shared_metrics=False)
     w.allocate_tiers(leader.host_blocks, leader.disk_blocks)
     return leader, w, layers
@@ -90,13 +92,3 @@ def test_different_layouts_are_refused_by_fingerprint(tmp_path, backend, heads, 
     assert why in str(e.value)
     # The vLLM-shaped registration still stands: its blocks stay served to it.
     assert worker.block_format == worker.tier_block_format
-
-
-def test_sglang_layer_first_pages_share_the_vllm_block_format(tmp_path):
-    from kvbm.sglang_integration import pool_geometry
-    from kvbm.testing.sglang_pool import HostPool
-
-    _, worker, _ = _vllm_core(tmp_path)
-    pool = HostPool("layer_first", size=64, layers=LAYERS, heads=HEADS, head_dim=HD, page_size=PAGE)
-    assert pool_geometry(pool).block_format == worker.block_format
-    assert pool_geometry(pool).block_bytes == worker.bytes_per_block

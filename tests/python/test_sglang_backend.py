@@ -15,8 +15,16 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import kvbm.sglang_integration as sgl  # noqa: E402
 from kvbm.testing.sglang_pool import HostPool  # noqa: E402
+
+
+def _sgl():
+    """Imported inside the tests (which run last), so collecting this file does not import SGLang."""
+    import kvbm.sglang_integration as mod
+
+    return mod
+
+pytestmark = pytest.mark.sglang
 
 PAGE, LAYERS, HEADS, HD, SIZE = 4, 3, 2, 8, 64
 _names = itertools.count()
@@ -27,7 +35,7 @@ def _config(tmp_path, **extra):
            "DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS": "32", "DYN_KVBM_DISK_DISABLE_O_DIRECT": "true"}
     cfg = {"backend_name": "kvbm", "module_path": "kvbm.sglang_integration", "class_name": "KvbmHiCacheStorage",
            "store": f"test-{next(_names)}", "env": env, **extra}
-    return sgl.HiCacheStorageConfig(tp_rank=0, tp_size=1, pp_rank=0, pp_size=1, attn_cp_rank=0, attn_cp_size=1,
+    return _sgl().HiCacheStorageConfig(tp_rank=0, tp_size=1, pp_rank=0, pp_size=1, attn_cp_rank=0, attn_cp_size=1,
                                     is_mla_model=False, enable_storage_metrics=False, is_page_first_layout=False,
                                     model_name="tiny", extra_config=cfg)
 
@@ -43,7 +51,7 @@ def _backend(config, pool):
     """Built the way SGLang's dynamic backend factory builds it, then given the host pool."""
     extra = config.extra_config
     cls = getattr(importlib.import_module(extra["module_path"]), extra["class_name"])
-    assert issubclass(cls, sgl.HiCacheStorage)
+    assert issubclass(cls, _sgl().HiCacheStorage)
     backend = cls(config, {})
     backend.register_mem_pool_host(pool)
     return backend
@@ -57,16 +65,16 @@ def _same_tokens(a: HostPool, ta: list[int], b: HostPool, tb: list[int]) -> bool
 def test_interface_is_reported():
     try:
         importlib.import_module("sglang.srt.mem_cache.hicache_storage")
-        assert sgl.INTERFACE == "sglang"
+        assert _sgl().INTERFACE == "sglang"
     except Exception:  # noqa: BLE001
-        assert sgl.INTERFACE.startswith("kvbm stand-ins")
+        assert _sgl().INTERFACE.startswith("kvbm stand-ins")
 
 
 def test_sglang_factory_loads_it_when_sglang_is_installed(tmp_path):
     factory = pytest.importorskip("sglang.srt.mem_cache.storage.backend_factory")
     config = _config(tmp_path)
     backend = factory.StorageBackendFactory.create_backend("dynamic", config, _pool("layer_first"))
-    assert isinstance(backend, sgl.KvbmHiCacheStorage)
+    assert isinstance(backend, _sgl().KvbmHiCacheStorage)
 
 
 @pytest.mark.parametrize("src_layout,dst_layout", [("layer_first", "page_first"), ("page_first", "layer_first"),
@@ -123,22 +131,42 @@ def test_other_layout_is_refused_by_fingerprint(tmp_path):
 
 
 def test_bad_calls_name_the_problem(tmp_path):
-    b = sgl.KvbmHiCacheStorage(_config(tmp_path), {})
+    b = _sgl().KvbmHiCacheStorage(_config(tmp_path), {})
     with pytest.raises(RuntimeError, match="register_mem_pool_host"):
         b.batch_exists(["a"])
     b.register_mem_pool_host(_pool("layer_first"))
     with pytest.raises(ValueError, match="host indices"):
         b.batch_set_v1(["a", "b"], torch.arange(0, PAGE))
     with pytest.raises(ValueError, match="not supported"):
-        sgl.pool_geometry(type("P", (), {"layout": "page_head", "kv_buffer": torch.zeros(1), "page_size": 4})())
+        _sgl().pool_geometry(type("P", (), {"layout": "page_head", "kv_buffer": torch.zeros(1), "page_size": 4})())
 
 
 def test_kvbm_keys_are_the_core_sequence_hashes():
     tokens = list(range(3 * PAGE + 1))
-    keys = sgl.kvbm_keys(tokens, PAGE)
+    keys = _sgl().kvbm_keys(tokens, PAGE)
     assert len(keys) == 3
     from kvbm import _core
 
     seq = _core.TokenBlockSequence(PAGE)
     seq.extend(tokens)
     assert keys == [b.sequence_hash for b in seq.blocks]
+
+
+def test_layer_first_pages_share_the_vllm_block_format(tmp_path):
+    """SGLang's layer_first pages and vLLM's FlashAttention/FlashInfer blocks have one format."""
+    from kvbm import _core
+
+    layers = [torch.zeros((16, 2, PAGE, HEADS, HD), dtype=torch.float16) for _ in range(LAYERS)]
+    w = _core.Worker(env={"DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS": "4"}, shared_metrics=False)
+    w.register_kv_caches([t.data_ptr() for t in layers], [list(t.shape) for t in layers],
+                         [list(t.stride()) for t in layers], 2, 16, PAGE,
+                         element_order=_vllm_order([16, 2, PAGE, HEADS, HD], PAGE))
+    g = _sgl().pool_geometry(_pool("layer_first"))
+    assert g.block_format == w.block_format
+    assert g.block_bytes == w.bytes_per_block
+
+
+def _vllm_order(shape, page):
+    from kvbm.vllm_integration.layout import element_order
+
+    return element_order(shape, page)

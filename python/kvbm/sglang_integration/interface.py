@@ -2,7 +2,7 @@
 ``sglang.srt.mem_cache.hicache_storage`` cannot be imported.
 
 Same names and signatures as SGLang's ``python/sglang/srt/mem_cache/hicache_storage.py``
-(PyPI sglang 0.5.23; docs/ENGINES.md), written from that interface, not copied. When SGLang
+(PyPI sglang 0.5.23, which kvbm's CI installs; docs/ENGINES.md), written from that interface, not copied. When SGLang
 imports, ``kvbm.sglang_integration`` subclasses the real ``HiCacheStorage`` instead.
 """
 
@@ -14,7 +14,7 @@ from typing import Any, List, Optional
 
 
 @dataclass
-class HiCacheStorageConfig:
+class HiCacheStorageConfig:  # fields as in sglang 0.5.23
     tp_rank: int
     tp_size: int
     pp_rank: int
@@ -25,11 +25,13 @@ class HiCacheStorageConfig:
     enable_storage_metrics: bool
     is_page_first_layout: bool
     model_name: Optional[str]
-    dp_rank: int = 0
-    dp_size: int = 1
     tp_lcm_size: Optional[int] = None
     should_split_heads: bool = False
+    dp_rank: int = 0
     extra_config: Optional[dict] = None
+    dcp_size: int = 1
+    dcp_rank: int = 0
+    logical_page_size: Optional[int] = None
 
 
 @dataclass
