@@ -93,6 +93,9 @@ class KvbmWorker {
   std::vector<uint32_t> TakeLoadErrors();
   // Waits until no transfer is in flight (tests, shutdown).
   void WaitIdle();
+  // Waits until every load started so far has finished (its request is then reported by
+  // GetFinished): for engines that load synchronously, before the forward pass reads the blocks.
+  void WaitForLoads();
 
   // Direct access for tests and benchmarks (the simulated engine fills G1 through these).
   uint8_t* host_data() const { return host_ ? host_->data() : nullptr; }

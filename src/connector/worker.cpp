@@ -434,4 +434,9 @@ void KvbmWorker::WaitIdle() {
   cv_.wait(lock, [&] { return transfers_in_flight_ == 0; });
 }
 
+void KvbmWorker::WaitForLoads() {
+  std::unique_lock lock(mu_);
+  cv_.wait(lock, [&] { return loads_in_flight_.empty(); });
+}
+
 }  // namespace kvbm

@@ -229,6 +229,8 @@ void BindConnector(nb::module_& m) {
       .def("get_finished", [](PyWorker& w) { return w.w().GetFinished(); }, "(done_sending, done_recving)")
       .def("take_load_errors", [](PyWorker& w) { return w.w().TakeLoadErrors(); })
       .def("wait_idle", [](PyWorker& w) { w.w().WaitIdle(); }, nb::call_guard<nb::gil_scoped_release>())
+      .def("wait_for_loads", [](PyWorker& w) { w.w().WaitForLoads(); }, nb::call_guard<nb::gil_scoped_release>(),
+           "Blocks until every load started so far finished (synchronous loading engines).")
       .def("metrics", [](PyWorker& w) { return MetricsDict(*w.w().metrics()); });
 
   m.def("size_tiers",

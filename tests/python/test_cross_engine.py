@@ -64,11 +64,10 @@ def test_vllm_blocks_read_through_trtllm_adapter_are_byte_identical(tmp_path, mo
     assert worker.block_format == worker.tier_block_format
     req = Request(1, prompt, max_new_tokens=1)
     eng.add_request(req)
-    got = None
-    while not eng.idle():
-        eng.step()
-        if got is None and req.state.name == "CONTEXT_INIT":
-            got = {i: eng.pool[eng.blocks[1][i]].clone() for i in range(4)}
+    got = {}
+    eng.before_forward = lambda ctx, gen: got.update(
+        {i: eng.pool[eng.blocks[1][i]].clone() for i in range(4)}) if req in ctx and not got else None
+    eng.run_until_idle()
     assert eng.loaded_tokens[1] == 4 * PAGE
     for i in range(4):
         for layer in range(LAYERS):

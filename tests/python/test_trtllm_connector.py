@@ -93,17 +93,20 @@ def test_onboards_exactly_the_bytes_stored(kvbm_env):
     eng.pool.fill_(-1.0)
     b = Request(2, prompt + [7, 7, 7], max_new_tokens=2)
     eng.add_request(b)
-    loaded_snap = {}
-    while not eng.idle():
-        eng.step()
-        if b.request_id in eng.blocks and b.state.name == "CONTEXT_INIT" and not loaded_snap:
-            loaded_snap = {i: eng.pool[eng.blocks[2][i]].clone() for i in range(5)}
+    seen = {}
+
+    def at_forward(ctx, gen):  # what the forward pass of B's first step reads
+        if b in ctx and not seen:
+            seen.update({i: eng.pool[eng.blocks[2][i]].clone() for i in range(5)})
+
+    eng.before_forward = at_forward
+    eng.run_until_idle()
     assert eng.loaded_tokens[2] == 5 * PAGE
-    assert set(loaded_snap) == set(snap)
-    onboarded = sum(t.numel() * t.element_size() for t in loaded_snap.values())
+    assert set(seen) == set(snap)
+    onboarded = sum(t.numel() * t.element_size() for t in seen.values())
     assert onboarded == 5 * worker.bytes_per_block
     for i in snap:
-        assert torch.equal(loaded_snap[i].view(torch.int16), snap[i].view(torch.int16)), f"block {i} differs"
+        assert torch.equal(seen[i].view(torch.int16), snap[i].view(torch.int16)), f"block {i} differs"
     stats = sched.leader.stats()
     assert stats["onboard_host_blocks"] + stats["onboard_disk_blocks"] == 5
     # Finished-request bookkeeping: no slot, no block left anywhere.
@@ -122,20 +125,23 @@ def test_call_order_per_iteration_matches_the_engine(kvbm_env):
                          "request_finished", "get_finished"]
 
 
-def test_only_returns_ids_the_engine_passed_in(kvbm_env):
-    """get_finished may return an id only after the engine passed it in (the driver raises
-    KeyError otherwise); an async load is reported once, then the request runs."""
+def test_loads_are_synchronous_and_scheduled_at_once(kvbm_env):
+    """TensorRT-LLM only builds connector metadata for a scheduled batch; kvbm answers (n, False)
+    so that a request alone in the engine still gets its load, done before its forward pass."""
     eng, sched, worker = _engine()
     prompt = _prompt(3, 4 * PAGE + 1)
     eng.add_request(Request(1, prompt, max_new_tokens=1))
     eng.run_until_idle()
+    before = len(eng.calls)
     eng.add_request(Request(2, prompt, max_new_tokens=1))
     eng.step()
-    assert 2 in eng.pending_loading  # async load started, request held by the engine
-    eng.run_until_idle()
     assert eng.loaded_tokens[2] == 4 * PAGE
-    assert worker._loaded == set() and worker._loading_asked == set()
+    assert not eng.pending_loading  # nothing held by the engine
+    assert eng.calls[before:] == ["get_num_new_matched_tokens", "update_state_after_alloc", "build_connector_meta",
+                                  "start_load_kv", "forward", "wait_for_save", "request_finished", "get_finished"]
+    eng.run_until_idle()
     assert sched.leader.num_slots() == 0
+    assert not sched.leader.is_loading("2")
 
 
 def test_from_disk_when_host_tier_is_off(kvbm_env):
@@ -156,10 +162,9 @@ def test_from_disk_when_host_tier_is_off(kvbm_env):
     c = Request(3, prompt, max_new_tokens=1)
     eng.add_request(c)
     got = {}
-    while not eng.idle():
-        eng.step()
-        if c.state.name == "CONTEXT_INIT" and not got:
-            got = {i: eng.pool[eng.blocks[3][i]].clone() for i in range(3)}
+    eng.before_forward = lambda ctx, gen: got.update(
+        {i: eng.pool[eng.blocks[3][i]].clone() for i in range(3)}) if c in ctx and not got else None
+    eng.run_until_idle()
     for i in range(3):
         assert torch.equal(got[i], eng.expected_block(prompt, i))
 

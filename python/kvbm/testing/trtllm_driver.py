@@ -135,6 +135,7 @@ class Engine:
         self.in_transfer: set[int] = set()
         self.calls: list[str] = []  # connector calls in order, for tests
         self.loaded_tokens: dict[int, int] = {}  # external tokens each request got
+        self.before_forward = None  # test hook: called with (context, generation) requests
         worker.register_kv_caches(self.pool)
         self.calls.append("register_kv_caches")
 
@@ -204,6 +205,8 @@ class Engine:
         return RequestData(req.request_id, list(tokens[nt:]), list(blocks[nb:]), computed, scheduled)
 
     def _forward(self, ctx: list[Request], gen: list[Request]) -> None:
+        if self.before_forward is not None:
+            self.before_forward(ctx, gen)
         work = []  # (request, first position, count)
         for r in ctx:
             n = min(r.context_remaining_length, r.context_chunk_size)

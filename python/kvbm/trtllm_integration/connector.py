@@ -19,8 +19,10 @@ What differs from vLLM, and how it is bridged (docs/ENGINES.md has the engine's 
   Rank 0's worker, which lives in the scheduler's process, hands its finished loads and load
   errors to the leader of that process (``on_worker_output``). Other ranks' workers guard their
   own host slots (the core never overwrites a host slot that a load still reads).
-- Loads are always reported as asynchronous: the engine holds the request until every rank's
-  ``get_finished`` returned it as loaded, so no layer ever waits inside the forward pass.
+- Loads are synchronous (``(n, False)``): the worker waits for the step's loads in
+  ``start_load_kv``, before the forward pass. The engine only builds connector metadata when it
+  schedules a batch, and a request that loads asynchronously is not scheduled: alone in the
+  engine, its load would never be issued (docs/ENGINES.md).
 - ``get_finished`` may only return ids the engine already passed in; finished ids the core
   reports earlier are held until then.
 - The KV cache is ONE tensor ``[num_blocks, num_layers, kv_factor, heads * tokens * head_dim]``
@@ -124,6 +126,9 @@ class DynamoKVBMConnectorLeader(KvCacheConnectorScheduler):
         self._blocks: dict[str, list[int]] = {}  # device blocks reported so far, per request
         self._tokens: dict[str, list[int]] = {}  # tokens reported through RequestData
         self._matched: dict[str, int] = {}  # external tokens promised by get_num_new_matched_tokens
+        # Matched counts the engine subtracts from computed_position in its next SchedulerOutput
+        # (KvCacheConnectorSchedulerOutputManager.external_loads, reset at every build).
+        self._external_loads: dict[str, int] = {}
         global _leader_ref
         with _lock:
             _leader_ref = weakref.ref(self)
@@ -159,9 +164,9 @@ class DynamoKVBMConnectorLeader(KvCacheConnectorScheduler):
         external, is_async, _host, _disk = self.leader.get_num_new_matched_tokens(rid, int(num_computed_tokens))
         external = int(external)
         self._matched[rid] = external
-        # The core loads asynchronously (is_async is True whenever external > 0); (0, True) would
-        # be an error for the engine.
-        return external, bool(is_async) and external > 0
+        self._external_loads[rid] = external
+        # Synchronous for the engine: scheduled in this iteration, loaded before its forward pass.
+        return external, False
 
     def update_state_after_alloc(self, request: Any, block_ids: list[int]):
         rid = _rid(request.request_id)
@@ -175,24 +180,28 @@ class DynamoKVBMConnectorLeader(KvCacheConnectorScheduler):
         tokens = self._tokens.setdefault(rid, [])
         tokens.extend(data.new_tokens)
         blocks = self._blocks.setdefault(rid, [])
+        # The engine leaves the tokens matched since its last SchedulerOutput out of
+        # computed_position; they are loaded before this step's forward pass.
+        computed = int(data.computed_position) + self._external_loads.get(rid, 0)
         if first:
             blocks[:] = list(data.new_block_ids)  # the first RequestData lists every block so far
         else:
             blocks.extend(data.new_block_ids)
         self._sync(rid, tokens)
-        self.leader.on_scheduled(rid, blocks, int(data.computed_position), int(data.num_scheduled_tokens))
+        self.leader.on_scheduled(rid, blocks, computed, int(data.num_scheduled_tokens))
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> bytes:
         for data in scheduler_output.new_requests:
             self._scheduled(data, first=True)
         for data in scheduler_output.cached_requests:
             self._scheduled(data, first=False)
+        self._external_loads = {}
         # Plain bytes: TensorRT-LLM pickles the metadata to broadcast it to every rank.
         return self.leader.build_step_metadata()
 
     def request_finished(self, request: Any, cache_block_ids: list[int]) -> bool:
         rid = _rid(request.request_id)
-        for d in (self._blocks, self._tokens, self._matched):
+        for d in (self._blocks, self._tokens, self._matched, self._external_loads):
             d.pop(rid, None)
         if not self.leader.has_request(rid):
             return False
@@ -224,9 +233,8 @@ class DynamoKVBMConnectorWorker(KvCacheConnectorWorker):
         self._on_cuda = False
         # get_finished bookkeeping: what the core reported, what the engine has passed in.
         self._saved: set[int] = set()
-        self._loaded: set[int] = set()
         self._saving_asked: set[int] = set()
-        self._loading_asked: set[int] = set()
+        self._loading_asked: set[int] = set()  # stays empty: kvbm never answers (n, True)
 
     def register_kv_caches(self, kv_cache_tensor: Any):
         t = kv_cache_tensor
@@ -259,10 +267,12 @@ class DynamoKVBMConnectorWorker(KvCacheConnectorWorker):
             self.worker.bind_step(metadata)  # loads start now
 
     def start_load_kv(self, stream: Any):
-        pass  # loads started when the step was bound
+        # Loads started when the step was bound; the forward pass may read them once they are
+        # done (kvbm's copies complete on its own streams before a load is reported).
+        self.worker.wait_for_loads()
 
     def wait_for_layer_load(self, layer_idx: int, stream: Any):
-        pass  # loads are asynchronous: the engine schedules the request only after they finished
+        pass  # every layer was loaded in start_load_kv
 
     def save_kv_layer(self, layer_idx: int, stream: Any):
         pass  # stores run once per step, after the forward pass, in wait_for_save
@@ -287,17 +297,16 @@ class DynamoKVBMConnectorWorker(KvCacheConnectorWorker):
             leader = _leader_ref() if _leader_ref is not None else None
             if leader is not None and (sending or recving or errors):
                 leader.on_worker_output(recving, sending, errors)
+        # Loads are synchronous: the engine never waits for one here (started_loading_req_ids
+        # stays empty); requests whose blocks a load still wrote when they finished come back
+        # as saved once the engine has passed them in.
         self._saved.update(int(r) for r in sending)
-        self._loaded.update(int(r) for r in recving)
         self._saving_asked.update(int(r) for r in finished_gen_req_ids)
         self._loading_asked.update(int(r) for r in started_loading_req_ids)
         saved = sorted(self._saved & self._saving_asked)
-        loaded = sorted(self._loaded & self._loading_asked)
         self._saved.difference_update(saved)
         self._saving_asked.difference_update(saved)
-        self._loaded.difference_update(loaded)
-        self._loading_asked.difference_update(loaded)
-        return saved, loaded
+        return saved, []
 
     def shutdown(self):
         self.worker.wait_idle()
