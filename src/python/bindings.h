@@ -101,6 +101,8 @@ inline const char* StateName(BlockState s) {
 }
 
 
+inline bool InterpreterFinalizing();  // defined below; PythonSink uses it first
+
 // An event sink held by the C++ registry. The callable is a strong reference that is dropped
 // under the GIL whichever thread destroys the last copy of the sink.
 class PythonSink {
