@@ -270,6 +270,9 @@ class DynamoKVBMConnectorWorker(KvCacheConnectorWorker):
         # Loads started when the step was bound; the forward pass may read them once they are
         # done (kvbm's copies complete on its own streams before a load is reported).
         self.worker.wait_for_loads()
+        # Tell the leader now: request_finished comes before get_finished in the engine's loop,
+        # and a request may finish in the very step its load ran.
+        self._drain()
 
     def wait_for_layer_load(self, layer_idx: int, stream: Any):
         pass  # every layer was loaded in start_load_kv
@@ -284,8 +287,9 @@ class DynamoKVBMConnectorWorker(KvCacheConnectorWorker):
             stream.synchronize()  # the forward pass was only launched; kvbm copies on its own streams
         self.worker.forward_pass_done()
 
-    def get_finished(self, finished_gen_req_ids: list[int],
-                     started_loading_req_ids: list[int]) -> tuple[list[int], list[int]]:
+    def _drain(self) -> None:
+        """Collects the core's finished transfers and load errors; rank 0 hands them to the
+        leader of its process (TensorRT-LLM has no scheduler-side callback for them)."""
         sending, recving = self.worker.get_finished()
         errors = self.worker.take_load_errors()
         if errors:
@@ -297,10 +301,14 @@ class DynamoKVBMConnectorWorker(KvCacheConnectorWorker):
             leader = _leader_ref() if _leader_ref is not None else None
             if leader is not None and (sending or recving or errors):
                 leader.on_worker_output(recving, sending, errors)
+        self._saved.update(int(r) for r in sending)
+
+    def get_finished(self, finished_gen_req_ids: list[int],
+                     started_loading_req_ids: list[int]) -> tuple[list[int], list[int]]:
+        self._drain()
         # Loads are synchronous: the engine never waits for one here (started_loading_req_ids
         # stays empty); requests whose blocks a load still wrote when they finished come back
         # as saved once the engine has passed them in.
-        self._saved.update(int(r) for r in sending)
         self._saving_asked.update(int(r) for r in finished_gen_req_ids)
         self._loading_asked.update(int(r) for r in started_loading_req_ids)
         saved = sorted(self._saved & self._saving_asked)
