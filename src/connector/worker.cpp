@@ -68,11 +68,40 @@ KvbmWorker::~KvbmWorker() {
   engine_.reset();
 }
 
+namespace {
+
+std::string FormatOf(const LayoutDims& d, const std::string& element_order) {
+  return fmt::format("layers={} outer={} page={} inner={} dtype_bytes={} order={}", d.num_layers, d.outer_dim,
+                     d.page_size, d.inner_dim, d.dtype_bytes, element_order.empty() ? "?" : element_order);
+}
+
+}  // namespace
+
 Status KvbmWorker::RegisterKvCaches(const DeviceTensors& t) {
   if (t.layer_pointers.size() != t.layer_shapes.size())
     return MakeError(ErrorCode::kInvalidArgument, "register_kv_caches: one pointer per layer shape is required");
-  auto layout = LayoutFromTensorShapes(t.layer_shapes, t.num_blocks, t.page_size);
-  if (!layout) return std::unexpected(layout.error());
+  std::unique_ptr<Layout> layout;
+  if (t.pool) {
+    if (t.layer_shapes.size() != 1)
+      return MakeError(ErrorCode::kInvalidArgument,
+                       fmt::format("register_kv_caches: a pool is one tensor, got {}", t.layer_shapes.size()));
+    auto pool = LayoutFromPoolTensor(t.layer_shapes[0], t.num_blocks, t.page_size);
+    if (!pool) return std::unexpected(pool.error());
+    layout = std::move(*pool);
+  } else {
+    auto layers = LayoutFromTensorShapes(t.layer_shapes, t.num_blocks, t.page_size);
+    if (!layers) return std::unexpected(layers.error());
+    layout = std::move(*layers);
+  }
+  if (!tier_format_.empty()) {
+    std::string format = FormatOf(layout->dims(), t.element_order);
+    if (format != tier_format_)
+      return MakeError(ErrorCode::kFailedPrecondition,
+                       fmt::format("rank {}: layout fingerprint differs: this engine's blocks are [{}], the blocks "
+                                   "kvbm's tiers hold are [{}]; refusing, they would be misread",
+                                   rank_, format, tier_format_));
+    WaitIdle();  // nothing in flight may still address the previous G1 tensors
+  }
   if (t.kind == MemoryKind::kDevice) {
     // GPU tensors need the CUDA backend; without it every copy would fail, so refuse now with
     // the reason rather than run an engine whose offloads all fail.
@@ -83,14 +112,21 @@ Status KvbmWorker::RegisterKvCaches(const DeviceTensors& t) {
                                    t.device_index, cuda.error().message()));
     engine_->AddBackend(std::move(*cuda));
   }
-  device_layout_ = std::move(*layout);
-  device_mem_ = TierMemory{TierId::kDevice, t.kind, device_layout_.get(), {}, -1, nullptr, t.device_index};
+  std::vector<uint8_t*> bases;
   for (uintptr_t p : t.layer_pointers) {
     if (p == 0) return MakeError(ErrorCode::kInvalidArgument, "register_kv_caches: null tensor pointer");
-    device_mem_.bases.push_back(reinterpret_cast<uint8_t*>(p));
+    bases.push_back(reinterpret_cast<uint8_t*>(p));
   }
+  device_layout_ = std::move(layout);
+  element_order_ = t.element_order;
+  device_mem_ = TierMemory{TierId::kDevice, t.kind, device_layout_.get(), {}, -1, nullptr, t.device_index};
+  device_mem_.bases = std::move(bases);
   Log(LogLevel::kInfo, "rank {}: G1 layout {}", rank_, device_layout_->Describe());
   return {};
+}
+
+std::string KvbmWorker::block_format() const {
+  return device_layout_ ? FormatOf(device_layout_->dims(), element_order_) : std::string();
 }
 
 uint64_t KvbmWorker::bytes_per_block() const { return device_layout_ ? device_layout_->dims().block_bytes() : 0; }
@@ -98,6 +134,7 @@ uint64_t KvbmWorker::device_blocks() const { return device_layout_ ? device_layo
 
 Status KvbmWorker::AllocateTiers(uint64_t host_blocks, uint64_t disk_blocks) {
   if (!device_layout_) return MakeError(ErrorCode::kFailedPrecondition, "AllocateTiers before RegisterKvCaches");
+  if (host_ || disk_) return MakeError(ErrorCode::kFailedPrecondition, "AllocateTiers called twice");
   LayoutDims dims = device_layout_->dims();
   if (host_blocks > 0) {
     dims.num_blocks = host_blocks;
@@ -131,6 +168,7 @@ Status KvbmWorker::AllocateTiers(uint64_t host_blocks, uint64_t disk_blocks) {
     disk_mem_ = TierMemory{TierId::kDisk, MemoryKind::kDisk, disk_layout_.get(), {}, disk_->fd(), side_.get()};
     disk_blocks_ = disk_blocks;
   }
+  if (host_blocks > 0 || disk_blocks > 0) tier_format_ = block_format();
   return {};
 }
 
@@ -623,6 +661,11 @@ std::vector<uint32_t> KvbmWorker::TakeLoadErrors() {
 void KvbmWorker::WaitIdle() {
   std::unique_lock lock(mu_);
   cv_.wait(lock, [&] { return transfers_in_flight_ == 0; });
+}
+
+void KvbmWorker::WaitForLoads() {
+  std::unique_lock lock(mu_);
+  cv_.wait(lock, [&] { return loads_in_flight_.empty(); });
 }
 
 }  // namespace kvbm

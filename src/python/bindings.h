@@ -101,8 +101,7 @@ inline const char* StateName(BlockState s) {
 }
 
 
-// True while the interpreter shuts down (defined below).
-inline bool InterpreterFinalizing();
+inline bool InterpreterFinalizing();  // defined below; PythonSink uses it first
 
 // An event sink held by the C++ registry. The callable is a strong reference that is dropped
 // under the GIL whichever thread destroys the last copy of the sink.

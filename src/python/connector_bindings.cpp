@@ -209,9 +209,11 @@ void BindConnector(nb::module_& m) {
       .def("register_kv_caches",
            [](PyWorker& w, const std::vector<uintptr_t>& pointers, const std::vector<std::vector<int64_t>>& shapes,
               const std::vector<std::vector<int64_t>>& strides, uint64_t dtype_bytes, uint64_t num_blocks,
-              uint64_t page_size, bool on_device, int device_index) {
+              uint64_t page_size, bool on_device, int device_index, bool pool, const std::string& element_order) {
              if (shapes.size() != strides.size()) throw ConfigError("register_kv_caches: shapes and strides differ in length");
              DeviceTensors t;
+             t.pool = pool;
+             t.element_order = element_order;
              t.layer_pointers = pointers;
              for (size_t i = 0; i < shapes.size(); ++i) t.layer_shapes.push_back({shapes[i], strides[i], dtype_bytes});
              t.num_blocks = num_blocks;
@@ -221,7 +223,11 @@ void BindConnector(nb::module_& m) {
              ThrowIfError(w.w().RegisterKvCaches(t));
            },
            "layer_pointers"_a, "shapes"_a, "strides"_a, "dtype_bytes"_a, "num_blocks"_a, "page_size"_a,
-           "on_device"_a = false, "device_index"_a = -1)
+           "on_device"_a = false, "device_index"_a = -1, "pool"_a = false, "element_order"_a = "",
+           "pool=True: one tensor [num_blocks, num_layers, kv_factor, ...] holding every layer (TensorRT-LLM). "
+           "element_order: how a chunk's elements are ordered (part of the layout fingerprint).")
+      .def_prop_ro("block_format", [](PyWorker& w) { return w.w().block_format(); })
+      .def_prop_ro("tier_block_format", [](PyWorker& w) { return w.w().tier_block_format(); })
       .def_prop_ro("bytes_per_block", [](PyWorker& w) { return w.w().bytes_per_block(); })
       .def_prop_ro("device_blocks", [](PyWorker& w) { return w.w().device_blocks(); })
       .def_prop_ro("host_blocks", [](PyWorker& w) { return w.w().host_blocks(); })
@@ -265,6 +271,8 @@ void BindConnector(nb::module_& m) {
       .def("get_finished", [](PyWorker& w) { return w.w().GetFinished(); }, "(done_sending, done_recving)")
       .def("take_load_errors", [](PyWorker& w) { return w.w().TakeLoadErrors(); })
       .def("wait_idle", [](PyWorker& w) { w.w().WaitIdle(); }, nb::call_guard<nb::gil_scoped_release>())
+      .def("wait_for_loads", [](PyWorker& w) { w.w().WaitForLoads(); }, nb::call_guard<nb::gil_scoped_release>(),
+           "Blocks until every load started so far finished (synchronous loading engines).")
       .def("set_load_delay_for_testing",
            [](PyWorker& w, int64_t ms) {
              if (ms < 0) throw ConfigError("set_load_delay_for_testing: the delay must be >= 0 ms");

@@ -10,6 +10,7 @@ void BindConnector(nanobind::module_& m);
 void BindTransferBench(nanobind::module_& m);  // bench_bindings.cpp: data-path benchmark
 
 void BindReplay(nanobind::module_& m);       // replay_bindings.cpp: `kvbm replay`
+void BindStore(nanobind::module_& m);        // store_bindings.cpp: PageStore (G2/G3 by key)
 
 NB_MODULE(_core, m) {
   m.doc() = "kvbm native core (C++), see include/kvbm/ for the contracts";
@@ -29,4 +30,5 @@ NB_MODULE(_core, m) {
   BindConnector(m);
   BindTransferBench(m);
   BindReplay(m);
+  BindStore(m);
 }

@@ -29,3 +29,9 @@ def run_kvbm():
         )
 
     return run
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `sglang` run last: importing SGLang patches transformers and redirects cache
+    directories for the whole process, which the vLLM tests must not see."""
+    items.sort(key=lambda item: item.get_closest_marker("sglang") is not None)

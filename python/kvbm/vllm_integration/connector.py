@@ -34,6 +34,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from kvbm import _core
+from kvbm.vllm_integration.layout import element_order
 
 if TYPE_CHECKING:
     import torch
@@ -251,6 +252,7 @@ class DynamoConnector(KVConnectorBase_V1):
             self._block_size,
             on_device=first.device.type == "cuda",
             device_index=first.device.index if first.device.index is not None else -1,
+            element_order=element_order(list(first.shape), self._block_size),
         )
         self._on_cuda = first.device.type == "cuda"
         self.bytes_per_block = int(self.worker.bytes_per_block)
