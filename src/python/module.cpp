@@ -7,6 +7,7 @@ void BindConnector(nanobind::module_& m);
 void BindTransferBench(nanobind::module_& m);  // bench_bindings.cpp: data-path benchmark
 void BindDistributed(nanobind::module_& m);  // distributed_bindings.cpp: leader/worker bench
 void BindReplay(nanobind::module_& m);       // replay_bindings.cpp: `kvbm replay`
+void BindStats(nanobind::module_& m);        // stats_bindings.cpp: worker counters, recording settings
 
 NB_MODULE(_core, m) {
   m.doc() = "kvbm native core (C++), see include/kvbm/ for the contracts";
@@ -16,4 +17,5 @@ NB_MODULE(_core, m) {
   BindTransferBench(m);
   BindDistributed(m);
   BindReplay(m);
+  BindStats(m);
 }
