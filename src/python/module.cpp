@@ -8,6 +8,7 @@ void BindTransferBench(nanobind::module_& m);  // bench_bindings.cpp: data-path 
 void BindDistributed(nanobind::module_& m);  // distributed_bindings.cpp: leader/worker bench
 void BindReplay(nanobind::module_& m);       // replay_bindings.cpp: `kvbm replay`
 void BindStats(nanobind::module_& m);        // stats_bindings.cpp: worker counters, recording settings
+void BindBuildInfo(nanobind::module_& m);    // build_info_bindings.cpp: `kvbm build-info`
 
 NB_MODULE(_core, m) {
   m.doc() = "kvbm native core (C++), see include/kvbm/ for the contracts";
@@ -18,4 +19,5 @@ NB_MODULE(_core, m) {
   BindDistributed(m);
   BindReplay(m);
   BindStats(m);
+  BindBuildInfo(m);
 }
