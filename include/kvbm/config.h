@@ -11,6 +11,7 @@
 #include <map>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace kvbm {
@@ -63,7 +64,7 @@ struct KvbmConfig {
   std::optional<uint16_t> trtllm_zmq_port;               // DYN_KVBM_TRTLLM_ZMQ_PORT
   // The DYN_KVBM_LEADER_* names that were set: the ZeroMQ leader/worker stack they configured
   // is gone (vLLM carries the leader's operations), so they are accepted and reported.
-  std::vector<std::string> leader_settings_set;
+  std::vector<std::pair<std::string, std::string>> leader_settings_set;  // (name, value)
 
   // Reads the environment through `getenv` (injectable for tests).
   static KvbmConfig FromEnvironment(

@@ -130,7 +130,7 @@ KvbmConfig KvbmConfig::FromEnvironment(const std::function<const char*(const cha
   if (auto v = get("DYN_KVBM_EVENTS_ENDPOINT")) c.events_endpoint = Trim(*v);
   for (const char* name : {"DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS", "DYN_KVBM_LEADER_ZMQ_HOST",
                            "DYN_KVBM_LEADER_ZMQ_PUB_PORT", "DYN_KVBM_LEADER_ZMQ_ACK_PORT"})
-    if (get(name)) c.leader_settings_set.emplace_back(name);
+    if (auto v = get(name)) c.leader_settings_set.emplace_back(name, *v);
 
   if (auto v = get("DYN_KVBM_ENABLE_RECORD")) c.enable_record = ParseBool("DYN_KVBM_ENABLE_RECORD", *v);
   if (auto v = get("DYN_KVBM_RECORD_PATH")) {
@@ -187,8 +187,8 @@ std::vector<std::string> KvbmConfig::Notices() const {
   if (trtllm_zmq_port)
     note("DYN_KVBM_TRTLLM_ZMQ_PORT", std::to_string(*trtllm_zmq_port),
          "it is the port of the reference's TensorRT-LLM event consolidator, which kvbm does not have");
-  for (const std::string& name : leader_settings_set)
-    note(name, "(set)",
+  for (const auto& [name, value] : leader_settings_set)
+    note(name, value,
          "kvbm has no ZeroMQ leader/worker channel; the leader's operations travel in the engine's own "
          "per-step connector metadata");
   return out;
