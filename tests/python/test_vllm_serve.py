@@ -32,10 +32,6 @@ MAX_TOKENS = 8
 BLOCK = 32
 
 
-def _shm() -> set[str]:
-    return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
-
-
 def _open_disk_files(pids: list[int], disk_dir: str) -> list[str]:
     """Files under ``disk_dir`` (kvbm's G3 file, unlinked once open) that ``pids`` hold open."""
     held = []
@@ -123,7 +119,9 @@ def reference(model_dir, readme_command, tmp_path_factory):
 def served(model_dir, readme_command, reference, tmp_path_factory):
     """The kvbm server after the workload: outputs, both endpoints' metrics, and what its
     shutdown left behind."""
-    from kvbm.testing.vllm_server import complete, free_port, group_alive, scrape, start_server, stop_server
+    from kvbm.testing.vllm_server import (
+        complete, free_port, group_alive, scrape, shm_names, start_server, stop_server,
+    )
 
     tmp = tmp_path_factory.mktemp("serve-kvbm")
     disk_dir = tmp / "disk"
@@ -139,23 +137,24 @@ def served(model_dir, readme_command, reference, tmp_path_factory):
         "DYN_KVBM_METRICS_HOST": "127.0.0.1",
         "DYN_KVBM_METRICS_PORT": str(metrics_port),
     })
-    shm_before = _shm()
     server = start_server(_argv(readme_command[1], model_dir, port, with_kvbm=True), env, tmp / "server.log", port)
     try:
         pids = group_alive(server)
         assert _open_disk_files(pids, str(disk_dir)), "no process of the server holds kvbm's G3 file open"
         tokens, ttfts = _run_chat(server)
+        shm = shm_names(group_alive(server))  # vLLM's queues between the server's processes
         # One more short request: the workers report the counters of transfers that ended after
         # the last turn's final step with the next step's output.
         complete(server, [5, 6, 7], 4)
         kvbm = scrape(f"http://127.0.0.1:{metrics_port}/metrics")
         vllm = scrape(server.url + "/metrics")
     finally:
-        rc = stop_server(server)
+        rc, forced = stop_server(server)
+    shm_left = sorted(n for n in shm if os.path.exists(os.path.join("/dev/shm", n)))
     return {
-        "tokens": tokens, "ttfts": ttfts, "kvbm": kvbm, "vllm": vllm, "rc": rc, "log": server.log(),
+        "tokens": tokens, "ttfts": ttfts, "kvbm": kvbm, "vllm": vllm, "rc": rc, "forced": forced, "log": server.log(),
         "alive_after": group_alive(server), "held_after": _open_disk_files(pids, str(disk_dir)),
-        "disk_files_after": sorted(os.listdir(disk_dir)), "new_shm": sorted(_shm() - shm_before), "pids": pids,
+        "disk_files_after": sorted(os.listdir(disk_dir)), "shm": sorted(shm), "shm_left": shm_left, "pids": pids,
     }
 
 
@@ -204,8 +203,12 @@ def test_vllm_metrics_agree_with_kvbm(served):
 
 
 def test_clean_shutdown_leaves_nothing_behind(served):
+    assert not served["forced"], "the server's processes did not exit by themselves after SIGTERM"
     assert served["rc"] == 0, served["log"][-4000:]
     assert served["alive_after"] == [], served["alive_after"]
     assert served["held_after"] == [], served["held_after"]
     assert served["disk_files_after"] == [], served["disk_files_after"]
-    assert served["new_shm"] == [], served["new_shm"]
+    assert served["shm_left"] == [], (served["shm_left"], served["shm"])
+    # nothing went wrong on the way down (vLLM logs a dead engine core at ERROR)
+    errors = [line for line in served["log"].splitlines() if " ERROR " in line]
+    assert errors == [], errors[:20]

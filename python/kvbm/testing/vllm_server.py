@@ -95,17 +95,44 @@ def start_server(argv: list[str], env: dict[str, str], log_path: Path, port: int
         time.sleep(0.25)  # polling interval of the readiness wait, not synchronisation
 
 
-def stop_server(server: Server, timeout_s: float = 60) -> int:
-    """SIGINT to the server (vLLM shuts its engine processes down), then waits; SIGKILL to the
-    whole process group only if that does not finish in time. Returns the exit status."""
+def stop_server(server: Server, timeout_s: float = 120) -> tuple[int, bool]:
+    """SIGTERM to the HTTP server process only, as a service manager stops it: vLLM then shuts
+    its engine core and workers down itself. Waits until every process of the group has exited.
+    Returns (exit status, forced): forced is True when something had to be SIGKILLed after
+    ``timeout_s`` (an unclean shutdown)."""
+    forced = False
+    deadline = time.monotonic() + timeout_s
     if server.proc.poll() is None:
-        os.killpg(server.proc.pid, signal.SIGINT)
+        server.proc.send_signal(signal.SIGTERM)
         try:
             server.proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
+            forced = True
+    while group_alive(server) and time.monotonic() < deadline and not forced:
+        time.sleep(0.1)  # polling interval of the exit wait (children are not ours to wait on)
+    if group_alive(server) or server.proc.poll() is None:
+        forced = True
+        try:
             os.killpg(server.proc.pid, signal.SIGKILL)
-            server.proc.wait(timeout=30)
-    return server.proc.returncode
+        except ProcessLookupError:
+            pass
+        server.proc.wait(timeout=30)
+    return server.proc.returncode, forced
+
+
+def shm_names(pids: list[int]) -> set[str]:
+    """Names under /dev/shm that ``pids`` have mapped (vLLM's message queues between processes)."""
+    names = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                for line in f:
+                    path = line.split(maxsplit=5)[-1].strip() if len(line.split()) >= 6 else ""
+                    if path.startswith("/dev/shm/"):
+                        names.add(path[len("/dev/shm/"):].removesuffix(" (deleted)"))
+        except OSError:
+            continue
+    return names
 
 
 def group_alive(server: Server) -> list[int]:
