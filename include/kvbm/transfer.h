@@ -127,7 +127,6 @@ struct TransferEngineOptions {
   uint32_t max_concurrent_transfers = 4;  // DYN_KVBM_MAX_CONCURRENT_TRANSFERS
   uint32_t max_batch_size = 16;           // DYN_KVBM_MAX_TRANSFER_BATCH_SIZE
   uint32_t memcpy_threads = 2;
-  uint32_t bounce_blocks = 16;            // disk <-> non-host staging, per engine
   IoQueue::Kind io_kind = IoQueue::Kind::kAuto;
 };
 

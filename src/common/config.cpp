@@ -153,6 +153,15 @@ KvbmConfig KvbmConfig::FromEnvironment(const std::function<const char*(const cha
     c.nccl_max_ctas = static_cast<uint32_t>(ParseUnsigned("DYN_KVBM_NCCL_MAX_CTAS", *v, 1, 1024));
   if (auto v = get("DYN_KVBM_TRTLLM_ZMQ_PORT"))
     c.trtllm_zmq_port = static_cast<uint16_t>(ParseUnsigned("DYN_KVBM_TRTLLM_ZMQ_PORT", *v, 1, 65535));
+  if (auto v = get("DYN_KVBM_PROMOTE_DISK_HITS")) c.promote_disk_hits = ParseBool("DYN_KVBM_PROMOTE_DISK_HITS", *v);
+  for (auto [name, field] : {std::pair{"DYN_KVBM_HOST_EVICTION_POLICY", &c.host_eviction_policy},
+                             std::pair{"DYN_KVBM_DISK_EVICTION_POLICY", &c.disk_eviction_policy}}) {
+    if (auto v = get(name)) {
+      std::string t = Lower(Trim(*v));
+      if (t.empty()) Bad(name, *v, "must name an eviction policy (leaf-first, lru)");
+      *field = t;  // the name is checked against the policies when the tiers are built
+    }
+  }
   return c;
 }
 

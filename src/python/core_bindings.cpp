@@ -94,7 +94,6 @@ const char* StateName(BlockState s) {
   return "unknown";
 }
 
-const char* PolicyName(EvictionPolicy p) { return p == EvictionPolicy::kLeafFirst ? "leaf-first" : "lru"; }
 
 // An event sink held by the C++ registry. The callable is a strong reference that is dropped
 // under the GIL whichever thread destroys the last copy of the sink.
@@ -362,7 +361,7 @@ void BindPools(nb::module_& m) {
                   "tier"_a, "num_blocks"_a, "policy"_a = "leaf-first", "registry"_a.none() = nb::none())
       .def_prop_ro("tier", &BlockPool::tier)
       .def_prop_ro("num_blocks", &BlockPool::num_blocks)
-      .def_prop_ro("policy", [](const BlockPool& p) { return PolicyName(p.policy()); })
+      .def_prop_ro("policy", [](const BlockPool& p) { return std::string(p.policy_name()); })
       .def("allocate",
            [](BlockPool& p, size_t count) {
              std::vector<MutableBlock> blocks = ThrowIfError(p.Allocate(count));
@@ -383,9 +382,9 @@ void BindPools(nb::module_& m) {
              std::vector<PyImmutableBlock> out;
              {
                nb::gil_scoped_release release;
-               std::vector<ImmutableBlock> matched = p.MatchPrefix(parsed);
+               BlockRun matched = p.MatchPrefix(parsed);
                out.reserve(matched.size());
-               for (auto& b : matched) out.emplace_back(std::move(b));
+               for (size_t i = 0; i < matched.size(); ++i) out.emplace_back(matched.Share(i));
              }
              return out;
            },
@@ -484,10 +483,14 @@ void BindBench(nb::module_& m) {
           }
           nb::dict out;
           out["hash_tokens_per_s"] = r.hash_tokens_per_s;
-          out["xxh3_raw_tokens_per_s"] = r.xxh3_raw_tokens_per_s;
-          out["hash_vs_raw"] = r.hash_vs_raw;
+          out["hash_request_us"] = r.hash_request_us;
           out["pool_cycles_per_s"] = r.pool_cycles_per_s;
           out["match_8192_blocks_us"] = r.match_8192_blocks_us;
+          out["leader_request_miss_us"] = r.leader_request_miss_us;
+          out["leader_request_hit_us"] = r.leader_request_hit_us;
+          out["blocks_matched"] = r.blocks_matched;
+          out["blocks_stored"] = r.blocks_stored;
+          out["blocks_loaded"] = r.blocks_loaded;
           nb::dict opts;
           opts["num_tokens"] = r.options.num_tokens;
           opts["block_size"] = r.options.block_size;
@@ -507,8 +510,7 @@ void BindBench(nb::module_& m) {
 }  // namespace
 
 EvictionPolicy PolicyFromName(const std::string& name) {
-  if (name == "leaf-first" || name == "leaf_first") return EvictionPolicy::kLeafFirst;
-  if (name == "lru") return EvictionPolicy::kLru;
+  if (auto p = ParseEvictionPolicy(name)) return *p;
   throw StatusException(Error(ErrorCode::kInvalidArgument,
                               fmt::format("eviction policy '{}': expected 'leaf-first' or 'lru'", name)));
 }
@@ -518,6 +520,7 @@ nb::dict PoolStatsDict(const BlockPoolStats& s) {
   d["num_blocks"] = s.num_blocks;
   d["free"] = s.free;
   d["inactive"] = s.inactive;
+  d["evictable"] = s.evictable;
   d["active"] = s.active;
   d["registered"] = s.registered;
   d["evictions"] = s.evictions;

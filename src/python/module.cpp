@@ -5,7 +5,7 @@
 void BindCore(nanobind::module_& m);       // core_bindings.cpp: hashing, layouts, pools, config
 void BindConnector(nanobind::module_& m);
 void BindTransferBench(nanobind::module_& m);  // bench_bindings.cpp: data-path benchmark
-void BindDistributed(nanobind::module_& m);  // distributed_bindings.cpp: leader/worker bench
+
 void BindReplay(nanobind::module_& m);       // replay_bindings.cpp: `kvbm replay`
 void BindStats(nanobind::module_& m);        // stats_bindings.cpp: worker counters, recording settings
 void BindBuildInfo(nanobind::module_& m);    // build_info_bindings.cpp: `kvbm build-info`
@@ -16,7 +16,6 @@ NB_MODULE(_core, m) {
   BindCore(m);
   BindConnector(m);
   BindTransferBench(m);
-  BindDistributed(m);
   BindReplay(m);
   BindStats(m);
   BindBuildInfo(m);
