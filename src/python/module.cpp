@@ -5,7 +5,6 @@
 void BindCore(nanobind::module_& m);       // core_bindings.cpp: hashing, layouts, pools, config
 void BindConnector(nanobind::module_& m);
 void BindTransferBench(nanobind::module_& m);  // bench_bindings.cpp: data-path benchmark
-
 void BindReplay(nanobind::module_& m);       // replay_bindings.cpp: `kvbm replay`
 void BindStats(nanobind::module_& m);        // stats_bindings.cpp: worker counters, recording settings
 void BindBuildInfo(nanobind::module_& m);    // build_info_bindings.cpp: `kvbm build-info`
