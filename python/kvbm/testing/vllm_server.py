@@ -72,7 +72,7 @@ class Server:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
-def start_server(argv: list[str], env: dict[str, str], log_path: Path, port: int, timeout_s: float = 300) -> Server:
+def start_server(argv: list[str], env: dict[str, str], log_path: Path, port: int, timeout_s: float = 900) -> Server:
     """Starts ``argv`` (its own process group) and waits until GET /health answers 200."""
     log = open(log_path, "wb")  # noqa: SIM115 - the child holds it; closed with the process
     proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
