@@ -29,7 +29,7 @@ def test_write_plot_draws_both_runs_and_every_tier(tmp_path):
     withk = [0.050, 0.020, 0.025, 0.030]
     write_plot(str(path), base, withk, ["none", "G1", "none", "none"], ["none", "G1", "G2", "G3"])
     w, h = _png_size(path)
-    assert (w, h) == (1080, 576)  # 9 x 4.8 inches at 120 dpi
+    assert (w, h) == (1320, 576)  # 11 x 4.8 inches at 120 dpi
 
 
 def test_tier_of_turn_takes_the_deepest_tier_used():

@@ -50,6 +50,7 @@ def _quiet_vllm(verbose: bool) -> None:
     if verbose:
         return
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # torch's C++ warnings (CPU NUMA binding, ...)
     os.environ.setdefault("KVBM_LOG", "error")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     for name in _NOISY_LOGGERS:
@@ -114,7 +115,7 @@ def write_plot(path: str, base_ttft_s: list[float], kvbm_ttft_s: list[float], ba
     markers = {"none": ("o", "computed (no cached prefix)"), "G1": ("s", "prefix from G1 (vLLM's cache)"),
                "G2": ("^", "prefix from G2 (kvbm host memory)"), "G3": ("D", "prefix from G3 (kvbm disk)")}
     turns = list(range(1, len(base_ttft_s) + 1))
-    fig, ax = plt.subplots(figsize=(9, 4.8))
+    fig, ax = plt.subplots(figsize=(11, 4.8))
     for label, ttft, tiers, color in (("vLLM alone", base_ttft_s, base_tiers, "tab:gray"),
                                       ("vLLM + kvbm", kvbm_ttft_s, kvbm_tiers, "tab:blue")):
         ms = [1000 * t for t in ttft]
@@ -134,7 +135,7 @@ def write_plot(path: str, base_ttft_s: list[float], kvbm_ttft_s: list[float], ba
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.set_title("kvbm demo: TTFT per turn, tiny Llama on vLLM (CPU)")
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # beside, not over, the data
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -163,7 +164,8 @@ def run(args: argparse.Namespace) -> int:
 
     show_progress = sys.stderr.isatty() and not args.no_progress
     print("1/2 vLLM alone ...", flush=True)
-    llm = vr.make_llm(model, with_kvbm=False, gpu_blocks=args.gpu_blocks, max_model_len=max_len)
+    quiet = {} if args.verbose else {"use_tqdm_on_load": False}  # no "Loading safetensors" bar
+    llm = vr.make_llm(model, with_kvbm=False, gpu_blocks=args.gpu_blocks, max_model_len=max_len, **quiet)
     base = vr.run_sequential(llm, prompts, args.max_tokens,
                              on_turn=_TurnProgress("vLLM alone ", len(prompts), show_progress))
     vr.close_llm(llm)
@@ -176,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
         DYN_KVBM_DISK_CACHE_DIR=disk,
         DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER="true",
     ):
-        llm = vr.make_llm(model, with_kvbm=True, gpu_blocks=args.gpu_blocks, max_model_len=max_len)
+        llm = vr.make_llm(model, with_kvbm=True, gpu_blocks=args.gpu_blocks, max_model_len=max_len, **quiet)
         counters_before = vr.kvbm_counters()
         progress = _TurnProgress("vLLM + kvbm", len(prompts), show_progress)
         last = [dict(counters_before["leader"])]
