@@ -16,6 +16,7 @@ process, no open disk-cache file and no shared memory behind.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -112,7 +113,7 @@ def reference(model_dir, readme_command, tmp_path_factory):
         tokens, _ = _run_chat(server)
     finally:
         stop_server(server)
-    return tokens
+    return {"tokens": tokens, "log": server.log()}
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +160,7 @@ def served(model_dir, readme_command, reference, tmp_path_factory):
 
 
 def test_outputs_identical_to_a_server_without_kvbm(served, reference):
-    assert served["tokens"] == reference
+    assert served["tokens"] == reference["tokens"]
     assert all(len(t) == MAX_TOKENS for t in served["tokens"])
 
 
@@ -202,13 +203,20 @@ def test_vllm_metrics_agree_with_kvbm(served):
     assert external == k["kvbm_matched_tokens"], (external, k["kvbm_matched_tokens"])
 
 
-def test_clean_shutdown_leaves_nothing_behind(served):
+def _error_kinds(log: str) -> set[str]:
+    """The distinct ERROR lines of a vLLM log, without process id and time."""
+    return {re.sub(r"^\(\w+ pid=\d+\) ERROR \S+ \S+ ", "", line) for line in log.splitlines() if " ERROR " in line}
+
+
+def test_clean_shutdown_leaves_nothing_behind(served, reference):
     assert not served["forced"], "the server's processes did not exit by themselves after SIGTERM"
     assert served["rc"] == 0, served["log"][-4000:]
     assert served["alive_after"] == [], served["alive_after"]
     assert served["held_after"] == [], served["held_after"]
     assert served["disk_files_after"] == [], served["disk_files_after"]
     assert served["shm_left"] == [], (served["shm_left"], served["shm"])
-    # nothing went wrong on the way down (vLLM logs a dead engine core at ERROR)
-    errors = [line for line in served["log"].splitlines() if " ERROR " in line]
-    assert errors == [], errors[:20]
+    # vLLM (CPU build) itself logs an EngineDeadError while it shuts down, and SIGKILLs its worker
+    # after a grace period, with or without a connector: kvbm must add no error of its own.
+    extra = _error_kinds(served["log"]) - _error_kinds(reference["log"])
+    assert extra == set(), sorted(extra)[:20]
+    assert not [line for line in served["log"].splitlines() if "kvbm" in line and (" ERROR " in line or "Traceback" in line)]
