@@ -54,6 +54,7 @@ nb::dict MetricsDict(const KvbmMetrics& m) {
   d["matched_tokens"] = m.matched_tokens.load();
   d["requested_tokens"] = m.requested_tokens.load();
   d["load_errors"] = m.load_errors.load();
+  d["corrupt_blocks"] = m.corrupt_blocks.load();
   d["disk_writes_avoided"] = m.disk_writes_avoided.load();
   d["host_hit_rate"] = m.host_hit_rate.Rate();
   d["disk_hit_rate"] = m.disk_hit_rate.Rate();

@@ -108,6 +108,7 @@ TEST(SimEngine, OverwrittenDiskBlockIsDetectedNotServed) {
   EXPECT_EQ(r->load_errors, r->disk_blocks);
   EXPECT_GT(r->load_errors, 0u);
   EXPECT_EQ(engine.leader().chain().stats().load_errors, r->load_errors);
+  EXPECT_EQ(engine.worker().metrics()->corrupt_blocks.load(), r->load_errors);  // each failed its checksum
   // The bad blocks were dropped from G3 and "b" stored its recomputed blocks again: the next
   // identical request loads fresh, verified data.
   engine.worker().WaitIdle();

@@ -177,6 +177,16 @@ def test_corrupt_g3_is_detected_and_recomputed(reference, first_pass, kvbm_engin
     # every failed load was verified and counted by the worker, too (the worker's metrics object
     # is shared with the leader in a single-process engine, so it may hold both counts)
     assert w["load_errors"] >= stats["load_errors"], (stats, w)
+    assert w["corrupt_blocks"] >= stats["load_errors"], (stats, w)
+    # The leader invalidated every bad block, and the recomputed blocks were stored again: the
+    # same conversation now loads without a single error and still gives the same tokens.
+    before_l = dict(leader.leader.stats())
+    again = vr.run_sequential(kvbm_engine["llm"], chat_prompts())
+    worker.worker.wait_idle()
+    stats = _delta(dict(leader.leader.stats()), before_l)
+    assert again.tokens == reference["chat"]
+    assert stats["load_errors"] == 0, stats
+    assert stats["onboard_host_blocks"] + stats["onboard_disk_blocks"] > 0, stats
 
 
 def _drain(llm, steps: int = 6) -> None:
