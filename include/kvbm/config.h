@@ -11,10 +11,16 @@
 #include <map>
 #include <optional>
 #include <string>
+#include <utility>
+#include <vector>
 
 namespace kvbm {
 
 enum class DiskAllocatorType { kDefault, kOpenDirect };
+
+// DYN_KVBM_KV_EVENTS_CONSOLIDATOR_MODE: how the reference merges the engine's and KVBM's KV
+// events (kvbm has no consolidator; the value is validated and reported, see Notices()).
+enum class ConsolidatorMode { kDedup, kPassthrough };
 
 struct KvbmConfig {
   double cpu_cache_gb = 0;
@@ -52,6 +58,26 @@ struct KvbmConfig {
   std::string remote_admission = "store"; // DYN_KVBM_REMOTE_ADMISSION: store | reuse | off
   bool remote_required = false;           // DYN_KVBM_REMOTE_REQUIRED: unreachable G4 is an error
 
+  // DYN_KVBM_ENABLE_RECORD: the vLLM adapter writes a Mooncake-format trace of the engine's
+  // requests (JSONL, one line per request) to `record_path` (DYN_KVBM_RECORD_PATH; default
+  // kvbm-record-<pid>.jsonl in the working directory). `kvbm replay FILE` reads it back.
+  bool enable_record = false;
+  std::string record_path;  // empty: the default above
+
+  // Settings of the reference that mean nothing here. Each is parsed and validated like the
+  // others (a bad value is still an error) and, when set, reported once by Notices(). The
+  // reasons are in Notices() and docs/CONFIG.md.
+  std::optional<bool> disable_write_combined;            // DYN_KVBM_DISABLE_WRITE_COMBINED
+  std::optional<bool> enable_numa;                       // DYN_KVBM_ENABLE_NUMA
+  std::optional<bool> kv_events_enable_consolidator;     // DYN_KVBM_KV_EVENTS_ENABLE_CONSOLIDATOR
+  std::optional<ConsolidatorMode> kv_events_consolidator_mode;  // DYN_KVBM_KV_EVENTS_CONSOLIDATOR_MODE
+  std::optional<bool> nccl_mla_mode;                     // DYN_KVBM_NCCL_MLA_MODE
+  std::optional<uint32_t> nccl_max_ctas;                 // DYN_KVBM_NCCL_MAX_CTAS
+  std::optional<uint16_t> trtllm_zmq_port;               // DYN_KVBM_TRTLLM_ZMQ_PORT
+  // The DYN_KVBM_LEADER_* names that were set: the ZeroMQ leader/worker stack they configured
+  // is gone (vLLM carries the leader's operations), so they are accepted and reported.
+  std::vector<std::pair<std::string, std::string>> leader_settings_set;  // (name, value)
+
   // Reads the environment through `getenv` (injectable for tests).
   static KvbmConfig FromEnvironment(
       const std::function<const char*(const char*)>& getenv_fn = nullptr);
@@ -59,6 +85,13 @@ struct KvbmConfig {
 
   // Throws ConfigError when no tier below G1 is sized.
   void Validate() const;
+
+  // One line per setting that was set but has no effect in kvbm, naming it and saying why.
+  // Empty when none was set. Pure; LogNoticesOnce() logs them.
+  std::vector<std::string> Notices() const;
+  // Logs each line of Notices() at WARN level, each at most once per process (the leader, the
+  // workers and the sizing call all read the configuration). Thread-safe.
+  void LogNoticesOnce() const;
 
   // Blocks for a tier: the override wins; else floor(gb * 1e9 / bytes_per_block).
   uint64_t HostBlocks(uint64_t bytes_per_block) const;

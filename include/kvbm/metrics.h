@@ -42,6 +42,9 @@ class LatencyHistogram {
     double sum = 0;
   };
   Snapshot Read() const;
+  // Adds another process's observations (its snapshot, or the difference of two of them), so
+  // that a worker's histogram can be folded into the leader's (see src/python/stats_bindings).
+  void Add(const Snapshot& other);
 
  private:
   mutable std::mutex mu_;

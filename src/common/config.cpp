@@ -6,8 +6,11 @@
 #include <cmath>
 #include <cstdlib>
 #include <fmt/format.h>
+#include <mutex>
+#include <set>
 
 #include "kvbm/error.h"
+#include "kvbm/log.h"
 
 namespace kvbm {
 namespace {
@@ -126,6 +129,31 @@ KvbmConfig KvbmConfig::FromEnvironment(const std::function<const char*(const cha
   if (auto v = get("DYN_KVBM_CACHE_STATS_LOG_INTERVAL_SECS"))
     c.cache_stats_log_interval_secs = ParseUnsigned("DYN_KVBM_CACHE_STATS_LOG_INTERVAL_SECS", *v, 1, 86400);
   if (auto v = get("DYN_KVBM_EVENTS_ENDPOINT")) c.events_endpoint = Trim(*v);
+  for (const char* name : {"DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS", "DYN_KVBM_LEADER_ZMQ_HOST",
+                           "DYN_KVBM_LEADER_ZMQ_PUB_PORT", "DYN_KVBM_LEADER_ZMQ_ACK_PORT"})
+    if (auto v = get(name)) c.leader_settings_set.emplace_back(name, *v);
+
+  if (auto v = get("DYN_KVBM_ENABLE_RECORD")) c.enable_record = ParseBool("DYN_KVBM_ENABLE_RECORD", *v);
+  if (auto v = get("DYN_KVBM_RECORD_PATH")) {
+    if (Trim(*v).empty()) Bad("DYN_KVBM_RECORD_PATH", *v, "must name a file");
+    c.record_path = *v;
+  }
+  if (auto v = get("DYN_KVBM_DISABLE_WRITE_COMBINED"))
+    c.disable_write_combined = ParseBool("DYN_KVBM_DISABLE_WRITE_COMBINED", *v);
+  if (auto v = get("DYN_KVBM_ENABLE_NUMA")) c.enable_numa = ParseBool("DYN_KVBM_ENABLE_NUMA", *v);
+  if (auto v = get("DYN_KVBM_KV_EVENTS_ENABLE_CONSOLIDATOR"))
+    c.kv_events_enable_consolidator = ParseBool("DYN_KVBM_KV_EVENTS_ENABLE_CONSOLIDATOR", *v);
+  if (auto v = get("DYN_KVBM_KV_EVENTS_CONSOLIDATOR_MODE")) {
+    std::string m = Lower(Trim(*v));
+    if (m == "dedup") c.kv_events_consolidator_mode = ConsolidatorMode::kDedup;
+    else if (m == "passthrough") c.kv_events_consolidator_mode = ConsolidatorMode::kPassthrough;
+    else Bad("DYN_KVBM_KV_EVENTS_CONSOLIDATOR_MODE", *v, "expected 'dedup' or 'passthrough'");
+  }
+  if (auto v = get("DYN_KVBM_NCCL_MLA_MODE")) c.nccl_mla_mode = ParseBool("DYN_KVBM_NCCL_MLA_MODE", *v);
+  if (auto v = get("DYN_KVBM_NCCL_MAX_CTAS"))
+    c.nccl_max_ctas = static_cast<uint32_t>(ParseUnsigned("DYN_KVBM_NCCL_MAX_CTAS", *v, 1, 1024));
+  if (auto v = get("DYN_KVBM_TRTLLM_ZMQ_PORT"))
+    c.trtllm_zmq_port = static_cast<uint16_t>(ParseUnsigned("DYN_KVBM_TRTLLM_ZMQ_PORT", *v, 1, 65535));
   if (auto v = get("DYN_KVBM_REMOTE_URL")) c.remote_url = Trim(*v);
   if (auto v = get("DYN_KVBM_REMOTE_NAMESPACE")) {
     std::string t = Trim(*v);
@@ -154,6 +182,53 @@ KvbmConfig KvbmConfig::FromEnvironment(const std::function<const char*(const cha
     }
   }
   return c;
+}
+
+std::vector<std::string> KvbmConfig::Notices() const {
+  std::vector<std::string> out;
+  auto note = [&out](const std::string& name, const std::string& value, const char* why) {
+    out.push_back(fmt::format("{}={} is accepted but has no effect in kvbm: {}", name, value, why));
+  };
+  auto b = [](bool v) { return std::string(v ? "true" : "false"); };
+  if (disable_write_combined)
+    note("DYN_KVBM_DISABLE_WRITE_COMBINED", b(*disable_write_combined),
+         "kvbm never allocates write-combined host memory (G2 is mapped with mmap and page-locked with "
+         "cuMemHostRegister, which has no write-combined mode), so there is nothing to disable");
+  if (enable_numa)
+    note("DYN_KVBM_ENABLE_NUMA", b(*enable_numa),
+         "the worker's G2 memory follows the kernel's first-touch placement (the node of the worker thread "
+         "that allocates it); kvbm does not bind it to the GPU's node on request");
+  if (kv_events_enable_consolidator)
+    note("DYN_KVBM_KV_EVENTS_ENABLE_CONSOLIDATOR", b(*kv_events_enable_consolidator),
+         "kvbm has no event consolidator; it publishes its own G2/G3 events on DYN_KVBM_EVENTS_ENDPOINT "
+         "and the engine publishes G1's on its own socket");
+  if (kv_events_consolidator_mode)
+    note("DYN_KVBM_KV_EVENTS_CONSOLIDATOR_MODE",
+         *kv_events_consolidator_mode == ConsolidatorMode::kDedup ? "dedup" : "passthrough",
+         "kvbm has no event consolidator (see DYN_KVBM_KV_EVENTS_ENABLE_CONSOLIDATOR)");
+  if (nccl_mla_mode)
+    note("DYN_KVBM_NCCL_MLA_MODE", b(*nccl_mla_mode),
+         "kvbm has no NCCL path; every tensor-parallel rank loads its own shard from its own G2/G3");
+  if (nccl_max_ctas)
+    note("DYN_KVBM_NCCL_MAX_CTAS", std::to_string(*nccl_max_ctas),
+         "kvbm has no NCCL path (see DYN_KVBM_NCCL_MLA_MODE)");
+  if (trtllm_zmq_port)
+    note("DYN_KVBM_TRTLLM_ZMQ_PORT", std::to_string(*trtllm_zmq_port),
+         "it is the port of the reference's TensorRT-LLM event consolidator, which kvbm does not have");
+  for (const auto& [name, value] : leader_settings_set)
+    note(name, value,
+         "kvbm has no ZeroMQ leader/worker channel; the leader's operations travel in the engine's own "
+         "per-step connector metadata");
+  return out;
+}
+
+void KvbmConfig::LogNoticesOnce() const {
+  static std::mutex mu;
+  static std::set<std::string> logged;  // GUARDED_BY(mu)
+  for (const std::string& line : Notices()) {
+    std::lock_guard lock(mu);
+    if (logged.insert(line).second) Log(LogLevel::kWarn, "{}", line);
+  }
 }
 
 void KvbmConfig::Validate() const {

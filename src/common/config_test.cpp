@@ -65,5 +65,68 @@ TEST(Config, TierSettings) {
   EXPECT_EQ(c.disk_eviction_policy, "lru");
 }
 
+TEST(Config, ReferenceOnlySettingsParseAndValidate) {
+  auto c = KvbmConfig::FromMap({{"DYN_KVBM_DISABLE_WRITE_COMBINED", "1"},
+                                {"DYN_KVBM_ENABLE_NUMA", "true"},
+                                {"DYN_KVBM_KV_EVENTS_ENABLE_CONSOLIDATOR", "false"},
+                                {"DYN_KVBM_KV_EVENTS_CONSOLIDATOR_MODE", "PassThrough"},
+                                {"DYN_KVBM_NCCL_MLA_MODE", "yes"},
+                                {"DYN_KVBM_NCCL_MAX_CTAS", "8"},
+                                {"DYN_KVBM_TRTLLM_ZMQ_PORT", "20081"},
+                                {"DYN_KVBM_ENABLE_RECORD", "on"},
+                                {"DYN_KVBM_RECORD_PATH", "/tmp/trace.jsonl"}});
+  EXPECT_EQ(c.disable_write_combined, true);
+  EXPECT_EQ(c.enable_numa, true);
+  EXPECT_EQ(c.kv_events_enable_consolidator, false);
+  EXPECT_EQ(c.kv_events_consolidator_mode, ConsolidatorMode::kPassthrough);
+  EXPECT_EQ(c.nccl_mla_mode, true);
+  EXPECT_EQ(c.nccl_max_ctas, 8u);
+  EXPECT_EQ(c.trtllm_zmq_port, 20081);
+  EXPECT_TRUE(c.enable_record);
+  EXPECT_EQ(c.record_path, "/tmp/trace.jsonl");
+
+  auto expect_error = [](const char* name, const char* value) {
+    try {
+      KvbmConfig::FromMap({{name, value}});
+      ADD_FAILURE() << "no error for " << name << "=" << value;
+    } catch (const ConfigError& e) {
+      EXPECT_NE(std::string(e.what()).find(std::string(name) + "=\"" + value + "\""), std::string::npos) << e.what();
+    }
+  };
+  expect_error("DYN_KVBM_DISABLE_WRITE_COMBINED", "sometimes");
+  expect_error("DYN_KVBM_ENABLE_NUMA", "2");
+  expect_error("DYN_KVBM_KV_EVENTS_ENABLE_CONSOLIDATOR", "enabled");
+  expect_error("DYN_KVBM_KV_EVENTS_CONSOLIDATOR_MODE", "merge");
+  expect_error("DYN_KVBM_NCCL_MLA_MODE", "mla");
+  expect_error("DYN_KVBM_NCCL_MAX_CTAS", "0");
+  expect_error("DYN_KVBM_NCCL_MAX_CTAS", "many");
+  expect_error("DYN_KVBM_TRTLLM_ZMQ_PORT", "70000");
+  expect_error("DYN_KVBM_ENABLE_RECORD", "please");
+  expect_error("DYN_KVBM_RECORD_PATH", " ");
+}
+
+TEST(Config, NoticesNameEverySettingWithoutEffect) {
+  EXPECT_TRUE(KvbmConfig::FromMap({{"DYN_KVBM_CPU_CACHE_GB", "1"}}).Notices().empty());
+  const std::map<std::string, std::string> env = {
+      {"DYN_KVBM_DISABLE_WRITE_COMBINED", "1"}, {"DYN_KVBM_ENABLE_NUMA", "1"},
+      {"DYN_KVBM_KV_EVENTS_ENABLE_CONSOLIDATOR", "1"}, {"DYN_KVBM_KV_EVENTS_CONSOLIDATOR_MODE", "dedup"},
+      {"DYN_KVBM_NCCL_MLA_MODE", "1"}, {"DYN_KVBM_NCCL_MAX_CTAS", "4"}, {"DYN_KVBM_TRTLLM_ZMQ_PORT", "20081"},
+      {"DYN_KVBM_LEADER_ZMQ_HOST", "10.0.0.1"}, {"DYN_KVBM_LEADER_ZMQ_PUB_PORT", "5000"},
+      {"DYN_KVBM_LEADER_ZMQ_ACK_PORT", "5001"}, {"DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS", "30"}};
+  auto notices = KvbmConfig::FromMap(env).Notices();
+  ASSERT_EQ(notices.size(), env.size());
+  for (const auto& [name, value] : env) {
+    int hits = 0;
+    for (const auto& line : notices)
+      if (line.rfind(name + "=", 0) == 0) {
+        ++hits;
+        EXPECT_NE(line.find("has no effect in kvbm: "), std::string::npos) << line;
+      }
+    EXPECT_EQ(hits, 1) << name;
+  }
+  // Recording is implemented, so it is no notice.
+  EXPECT_TRUE(KvbmConfig::FromMap({{"DYN_KVBM_ENABLE_RECORD", "1"}}).Notices().empty());
+}
+
 }  // namespace
 }  // namespace kvbm

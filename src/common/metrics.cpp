@@ -38,6 +38,13 @@ void LatencyHistogram::Observe(double seconds) {
   data_.sum += seconds;
 }
 
+void LatencyHistogram::Add(const Snapshot& other) {
+  std::lock_guard lock(mu_);
+  for (size_t i = 0; i < data_.counts.size(); ++i) data_.counts[i] += other.counts[i];
+  data_.count += other.count;
+  data_.sum += other.sum;
+}
+
 LatencyHistogram::Snapshot LatencyHistogram::Read() const {
   std::lock_guard lock(mu_);
   return data_;

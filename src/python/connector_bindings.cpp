@@ -14,6 +14,7 @@
 
 #include "bindings.h"
 #include "kvbm/leader.h"
+#include "stats_bindings.h"
 #include "kvbm/manager.h"
 #include "kvbm/remote_tier.h"
 #include "kvbm/observability.h"
@@ -36,7 +37,10 @@ std::shared_ptr<KvbmMetrics> ProcessMetrics(size_t window) {
 }
 
 KvbmConfig ConfigFrom(const std::optional<std::map<std::string, std::string>>& env) {
-  return env ? KvbmConfig::FromMap(*env) : KvbmConfig::FromEnvironment();
+  if (env) return KvbmConfig::FromMap(*env);
+  KvbmConfig config = KvbmConfig::FromEnvironment();
+  config.LogNoticesOnce();  // the process's own settings: say which of them do nothing here
+  return config;
 }
 
 
@@ -201,6 +205,10 @@ void BindConnector(nb::module_& m) {
              return d;
            })
       .def("metrics", [](PyLeader& l) { return MetricsDict(*l.manager().metrics()); })
+      .def("add_worker_counters", [](PyLeader& l, const nb::dict& c) { AddTransferCounters(*l.manager().metrics(), c); },
+           "counters"_a,
+           "Folds a worker process's transfer counters (Worker.transfer_counters(), or a difference of two) "
+           "into this leader's metrics, so that its endpoint shows the workers' offloads and onboards.")
       .def("prometheus_text", [](PyLeader& l) { return RenderPrometheusText(*l.manager().metrics()); });
 
   nb::class_<PyWorker>(m, "Worker", "Worker side of the connector core: owns G2/G3 memory and moves bytes.")
@@ -280,7 +288,9 @@ void BindConnector(nb::module_& m) {
            },
            "milliseconds"_a,
            "Test seam: holds back the completion of every load started from now on, as a slow tier would.")
-      .def("metrics", [](PyWorker& w) { return MetricsDict(*w.w().metrics()); });
+      .def("metrics", [](PyWorker& w) { return MetricsDict(*w.w().metrics()); })
+      .def("transfer_counters", [](PyWorker& w) { return TransferCounters(*w.w().metrics()); },
+           "Every counter this worker updates (cumulative), for Leader.add_worker_counters.");
 
   m.def("size_tiers",
         [](uint64_t bytes_per_block, std::optional<std::map<std::string, std::string>> env) {

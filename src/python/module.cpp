@@ -8,9 +8,10 @@
 
 void BindConnector(nanobind::module_& m);
 void BindTransferBench(nanobind::module_& m);  // bench_bindings.cpp: data-path benchmark
-
 void BindReplay(nanobind::module_& m);       // replay_bindings.cpp: `kvbm replay`
 void BindStore(nanobind::module_& m);        // store_bindings.cpp: PageStore (G2/G3 by key)
+void BindStats(nanobind::module_& m);        // stats_bindings.cpp: worker counters, recording settings
+void BindBuildInfo(nanobind::module_& m);    // build_info_bindings.cpp: `kvbm build-info`
 
 NB_MODULE(_core, m) {
   m.doc() = "kvbm native core (C++), see include/kvbm/ for the contracts";
@@ -31,4 +32,6 @@ NB_MODULE(_core, m) {
   BindTransferBench(m);
   BindReplay(m);
   BindStore(m);
+  BindStats(m);
+  BindBuildInfo(m);
 }

@@ -23,9 +23,9 @@ def run_kvbm():
     script = Path(sys.executable).parent / "kvbm"
     base = [str(script)] if script.is_file() else [sys.executable, "-m", "kvbm"]
 
-    def run(*args: str, check: bool = False) -> subprocess.CompletedProcess:
+    def run(*args: str, check: bool = False, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [*base, *args], capture_output=True, text=True, timeout=120, check=check, stdin=subprocess.DEVNULL
+            [*base, *args], capture_output=True, text=True, timeout=timeout, check=check, stdin=subprocess.DEVNULL
         )
 
     return run
