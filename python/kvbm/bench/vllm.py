@@ -48,6 +48,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=None,
                    help=f"no-reuse batch: tokens generated each (default {DEFAULT['max_tokens']})")
     p.add_argument("--dir", default=None, help="directory for the disk tier (default: a new one in /tmp)")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile one G2 and one G3 hit (cProfile of the engine's timed run) into the JSON")
     return p
 
 
@@ -209,9 +211,17 @@ def run(args: argparse.Namespace) -> int:
             lim["bandwidth_gbps"] = _pairs.summarize([x for x in bandwidth[tier] if x is not None])
             lim["bandwidth_source"] = "memcpy" if tier == "g2" else "fio read"
             result[f"ttft_{tier}_vs_limit"] = lim
+        if args.profile:
+            result["profile"] = {
+                tier: engine.call({"op": "profile_reload", "prompt": prompt(seed, s["tokens"])})
+                for tier, engine, seed in (("g2", g2, 7_900_000), ("g3", g3, 7_950_000))
+            }
         result["onboarded_blocks_g2"] = _pairs.summarize(onboarded["g2"])
         result["onboarded_blocks_g3"] = _pairs.summarize(onboarded["g3"])
         result["outputs_identical"] = outputs_identical
+    except RuntimeError as e:
+        print(f"kvbm bench vllm: error: {e}", file=sys.stderr)
+        return 1
     finally:
         for e in engines.values():
             e.close()
@@ -231,4 +241,6 @@ def run(args: argparse.Namespace) -> int:
               f"x limit {f(result[f'ttft_{tier}_vs_limit'])}")
     print(f"  no-reuse throughput with/without kvbm: {f(result['no_reuse_throughput_ratio'])}")
     print(f"  outputs identical: {outputs_identical}")
+    for tier, prof in result.get("profile", {}).items():
+        print(f"profile of one {tier.upper()} hit (TTFT {1000 * prof['ttft_s']:.1f} ms):\n{prof['profile']}")
     return 0 if ok else 1
