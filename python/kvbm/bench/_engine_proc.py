@@ -125,35 +125,38 @@ class EngineProc:
         self.proc = subprocess.Popen([sys.executable, "-m", module, json.dumps(config)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True,
                                      bufsize=1)
+        import queue
+        import threading
+
+        self._answers: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read_lines, name=f"{name}-stdout", daemon=True).start()
 
     def _log_tail(self) -> str:
         self._log.flush()
         with open(self.log_path, encoding="utf-8", errors="replace") as f:
             return f.read()[-3000:]
 
-    def read_answer(self, timeout_s: float) -> dict:
-        import selectors
+    def _read_lines(self) -> None:
+        """Reader thread: the child's answer lines into the queue (None at end of file)."""
+        for line in self.proc.stdout:
+            if line.startswith(RESULT_PREFIX):
+                self._answers.put(line[len(RESULT_PREFIX):])
+        self._answers.put(None)
 
-        deadline = time.monotonic() + timeout_s
-        sel = selectors.DefaultSelector()
-        sel.register(self.proc.stdout, selectors.EVENT_READ)
+    def read_answer(self, timeout_s: float) -> dict:
+        import queue
+
         try:
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise RuntimeError(f"engine {self.name}: no answer within {timeout_s:.0f} s; log:\n{self._log_tail()}")
-                if not sel.select(timeout=left):
-                    continue
-                line = self.proc.stdout.readline()
-                if not line:
-                    raise RuntimeError(f"engine {self.name} exited ({self.proc.poll()}); log:\n{self._log_tail()}")
-                if line.startswith(RESULT_PREFIX):
-                    answer = json.loads(line[len(RESULT_PREFIX):])
-                    if "error" in answer:
-                        raise RuntimeError(f"engine {self.name}: {answer['error']}\n{answer.get('traceback', '')}")
-                    return answer
-        finally:
-            sel.close()
+            line = self._answers.get(timeout=max(0.001, timeout_s))
+        except queue.Empty:
+            raise RuntimeError(f"{self.name}: no answer within {timeout_s:.0f} s; log:\n{self._log_tail()}") from None
+        if line is None:
+            self.proc.wait()
+            raise RuntimeError(f"{self.name} exited ({self.proc.returncode}); log:\n{self._log_tail()}")
+        answer = json.loads(line)
+        if "error" in answer:
+            raise RuntimeError(f"{self.name}: {answer['error']}\n{answer.get('traceback', '')}")
+        return answer
 
     def call(self, cmd: dict, timeout_s: float = 600.0) -> dict:
         self.proc.stdin.write(json.dumps(cmd) + "\n")
