@@ -175,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
                    "--max-model-len", str(max_len), "--num-gpu-blocks-override", str(g1), "--kv-cache-memory-bytes",
                    str(64 << 20), "--enforce-eager", "--seed", "0", "--enable-prefix-caching"]
     kv_config = {"kv_connector": "DynamoConnector", "kv_role": "kv_both",
-                 "kv_connector_module_path": "kvbm.vllm_integration.connector"}
+                 "kv_connector_module_path": "kvbm.vllm_integration.connector", "kv_load_failure_policy": "recompute"}
     total_blocks = (pairs + 2) * sum(-(-len(r["prompt"].split()) // BLOCK_SIZE) for r in rows) + 256
     kvbm_env = {"DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS": total_blocks, "DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS": 0,
                 "DYN_KVBM_CPU_CACHE_GB": None, "DYN_KVBM_DISK_CACHE_GB": None, "DYN_KVBM_DISK_CACHE_DIR": disk}
@@ -207,8 +207,10 @@ def run(args: argparse.Namespace) -> int:
                 out = client.call({"argv": client_argv(servers[which], model, path, len(rows), args.output_len)},
                                   timeout_s=left)
                 if out.get("completed") != len(rows):
+                    errors = [e for e in out.get("errors", []) if e][:3]
                     raise RuntimeError(f"vllm bench serve completed {out.get('completed')} of {len(rows)} turns "
-                                       f"against the {which} server")
+                                       f"against the {which} server; errors: {errors}\nserver log:\n"
+                                       f"{servers[which].log_tail()}")
                 if i >= 0:
                     results[which].append({k: out.get(k) for k in FIGURES})
                 return out["mean_ttft_ms"]
