@@ -35,10 +35,18 @@ namespace kvbm {
 
 enum class MemoryKind : uint8_t { kHost, kDevice, kDisk };
 
+class DiskSlotRecords;
+struct DiskRecovery;
+
 // Per-slot side data of a disk tier, written with each block and checked on each read.
+// With `records` (a persistent disk tier, DiskStorage::slot_records()) every Invalidate and Set
+// is also written through to the slot's record, and the entries start from the blocks that
+// `recovery` verified at open; both must outlive this object.
 class DiskSideData {
  public:
   explicit DiskSideData(uint64_t num_blocks) : entries_(num_blocks) {}
+  DiskSideData(uint64_t num_blocks, DiskSlotRecords* records, const DiskRecovery& recovery);
+  // Invalidate runs before a slot's data write is submitted, Set after it completed.
   void Set(uint32_t slot, SequenceHash hash, uint64_t checksum);
   void Invalidate(uint32_t slot);
   // kCorrupt when the slot holds another hash, nothing valid, or bytes whose checksum differs.
@@ -53,6 +61,8 @@ class DiskSideData {
   };
   mutable std::mutex mu_;
   std::vector<Entry> entries_;  // GUARDED_BY(mu_)
+  DiskSlotRecords* records_ = nullptr;
+  std::atomic<uint64_t> record_errors_{0};
 };
 
 // A tier's memory as the transfer engine sees it.
@@ -82,6 +92,7 @@ struct BlockCopy {
 // first error. ok() when nothing failed.
 struct TransferResult {
   std::vector<uint32_t> failed;
+  uint32_t corrupt = 0;  // of the failed, blocks whose bytes did not verify (kvbm_corrupt_blocks)
   std::optional<Error> first_error;
   bool ok() const { return failed.empty(); }
 };
@@ -127,7 +138,6 @@ struct TransferEngineOptions {
   uint32_t max_concurrent_transfers = 4;  // DYN_KVBM_MAX_CONCURRENT_TRANSFERS
   uint32_t max_batch_size = 16;           // DYN_KVBM_MAX_TRANSFER_BATCH_SIZE
   uint32_t memcpy_threads = 2;
-  uint32_t bounce_blocks = 16;            // disk <-> non-host staging, per engine
   IoQueue::Kind io_kind = IoQueue::Kind::kAuto;
 };
 
