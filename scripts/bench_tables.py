@@ -2,7 +2,7 @@
 """Rewrites BENCHMARKS.md's figure tables from the JSON of ``kvbm bench all --json``.
 
     kvbm bench all --json --invocations 3 --out bench.json
-    python scripts/bench_tables.py bench.json [BENCHMARKS.md]
+    python scripts/bench_tables.py bench.json [more.json ...] [--doc BENCHMARKS.md]
 
 Only the text between ``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->`` is replaced (NAME:
 machine, core, transfer, vllm, serve, spread); the prose around the markers stays as written.
@@ -34,8 +34,8 @@ def machine_table(s: dict) -> str:
     lines = [f"Measured {m['time_utc']} on {m['cpus']} CPUs ({m['cpu_model']}), {m['mem_gib']} GiB, kernel "
              f"{m['kernel']}, Python {m['python']}; load average (1 min) at the end {m['load_avg_1m']}; "
              f"{'--quick (smoke figures)' if s.get('quick') else 'stable mode'}, "
-             f"{s.get('invocations', 1)} invocation(s). Commands:", ""]
-    for name, cmd in sorted(s.get("commands", {}).items()):
+             "commands:", ""]
+    for _name, cmd in sorted(s.get("commands", {}).items()):
         lines.append(f"- `{cmd}`")
     return "\n".join(lines)
 
@@ -122,6 +122,22 @@ def tables(summary: dict) -> dict[str, str]:
     return out
 
 
+def merge(summaries: list[dict]) -> dict:
+    """Several `kvbm bench all` runs as one (e.g. three invocations of a fast benchmark and one
+    of the slow ones): results, commands and spreads are united, later files win."""
+    out = dict(summaries[-1])
+    out["results"], out["commands"], out["spread"] = {}, {}, {}
+    for s in summaries:
+        out["results"].update(s.get("results", {}))
+        n = s.get("invocations", 1)
+        out["commands"].update({k: f"{v} (x{n} invocations)" if n > 1 else v for k, v in s.get("commands", {}).items()})
+        out["spread"].update(s.get("spread", {}))
+    out["invocations"] = max(s.get("invocations", 1) for s in summaries)
+    if not out["spread"]:
+        del out["spread"]
+    return out
+
+
 def rewrite(doc: str, blocks: dict[str, str]) -> str:
     for name, body in blocks.items():
         pattern = re.compile(rf"(<!-- bench:{name} -->\n).*?(\n<!-- /bench:{name} -->)", re.S)
@@ -131,11 +147,11 @@ def rewrite(doc: str, blocks: dict[str, str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("json_file")
-    p.add_argument("doc", nargs="?", default=str(Path(__file__).resolve().parents[1] / "BENCHMARKS.md"))
+    p.add_argument("json_file", nargs="+", help="one or more `kvbm bench all` JSON files (merged in order)")
+    p.add_argument("--doc", default=str(Path(__file__).resolve().parents[1] / "BENCHMARKS.md"))
     p.add_argument("--check", action="store_true", help="exit 1 when the document differs; write nothing")
     a = p.parse_args(argv)
-    summary = json.loads(Path(a.json_file).read_text())
+    summary = merge([json.loads(Path(f).read_text()) for f in a.json_file])
     doc = Path(a.doc).read_text()
     new = rewrite(doc, tables(summary))
     if a.check:

@@ -167,16 +167,16 @@ def test_all_quick_and_tables_regenerate(tmp_path):
     doc.write_text(prose + "<!-- bench:transfer -->\nold figures\n<!-- /bench:transfer -->\n\nMore prose.\n"
                    "<!-- bench:spread -->\nold\n<!-- /bench:spread -->\n<!-- bench:vllm -->\nkept\n<!-- /bench:vllm -->\n")
     script = REPO / "scripts" / "bench_tables.py"
-    r = subprocess.run([sys.executable, str(script), str(out_file), str(doc), "--check"], capture_output=True, check=False)
+    r = subprocess.run([sys.executable, str(script), str(out_file), "--doc", str(doc), "--check"], capture_output=True, check=False)
     assert r.returncode == 1  # differs before the rewrite
-    subprocess.run([sys.executable, str(script), str(out_file), str(doc)], check=True)
+    subprocess.run([sys.executable, str(script), str(out_file), "--doc", str(doc)], check=True)
     text = doc.read_text()
     assert text.startswith(prose) and "More prose." in text
     assert "old figures" not in text and "G1→G2" in text and "memcpy, 1 thread" in text
     b = next(iter(summary["results"]["transfer"]["block_sizes"].values()))
     assert f"{b['g1_to_g2_vs_memcpy']['median']:.2f}" in text
     assert "kept" in text  # no vllm result in the JSON: its table is left alone
-    r = subprocess.run([sys.executable, str(script), str(out_file), str(doc), "--check"], capture_output=True, check=False)
+    r = subprocess.run([sys.executable, str(script), str(out_file), "--doc", str(doc), "--check"], capture_output=True, check=False)
     assert r.returncode == 0
 
 
