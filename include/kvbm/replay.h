@@ -47,6 +47,7 @@ struct ReplayProgress {
   uint64_t finished = 0, total = 0;
   double trace_seconds = 0;   // simulated time reached
   double token_hit_rate = 0;  // so far
+  uint16_t metrics_port = 0;  // the metrics endpoint's bound port; 0 when off or not bound
 };
 
 struct ReplayOptions {

@@ -329,6 +329,7 @@ class ReplayRun {
       p.finished = finished_;
       p.total = trace_.requests.size();
       p.trace_seconds = now_;
+      p.metrics_port = result_.metrics_port;
       p.token_hit_rate = result_.input_tokens ? static_cast<double>(result_.hit_tokens(page_)) /
                                                     static_cast<double>(result_.input_tokens)
                                               : 0;

@@ -11,14 +11,16 @@ import json
 import os
 import platform
 
+from kvbm.commands._args import decimal
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("core", help="hashing and block-pool throughput (native timings)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--tokens", type=int, default=1 << 20, help="tokens hashed per pass (default 2^20)")
-    p.add_argument("--block-size", type=int, default=16, help="tokens per block (default 16)")
-    p.add_argument("--passes", type=int, default=15, help="timed passes; the median is reported")
-    p.add_argument("--pool-cycles", type=int, default=200_000, help="pool cycles per pass")
+    p.add_argument("--tokens", type=decimal("--tokens", 1, 1 << 31), default=1 << 20, help="tokens hashed per pass (default 2^20)")
+    p.add_argument("--block-size", type=decimal("--block-size", 1, 1 << 31), default=16, help="tokens per block (default 16)")
+    p.add_argument("--passes", type=decimal("--passes", 1, 1 << 31), default=15, help="timed passes; the median is reported")
+    p.add_argument("--pool-cycles", type=decimal("--pool-cycles", 1, 1 << 31), default=200_000, help="pool cycles per pass")
     return p
 
 

@@ -20,16 +20,18 @@ import shutil
 import subprocess
 import tempfile
 
+from kvbm.commands._args import decimal
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("transfer", help="G1<->G2<->G3 throughput against memcpy and fio")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--dir", default=os.environ.get("DYN_KVBM_DISK_CACHE_DIR", "/tmp/"),
                    help="directory for the disk tier and fio's file (default: DYN_KVBM_DISK_CACHE_DIR or /tmp/)")
-    p.add_argument("--total-mib", type=int, default=512, help="bytes moved per measurement, in MiB")
-    p.add_argument("--passes", type=int, default=3, help="passes per measurement; the best is kept")
+    p.add_argument("--total-mib", type=decimal("--total-mib", 1, 1 << 31), default=512, help="bytes moved per measurement, in MiB")
+    p.add_argument("--passes", type=decimal("--passes", 1, 1 << 31), default=3, help="passes per measurement; the best is kept")
     p.add_argument("--block-sizes", default="256K,2M", help="comma-separated block sizes (K/M suffix)")
-    p.add_argument("--iodepth", type=int, default=64,
+    p.add_argument("--iodepth", type=decimal("--iodepth", 1, 1 << 31), default=64,
                    help="fio queue depth; kvbm keeps up to DYN_KVBM_MAX_CONCURRENT_TRANSFERS x "
                         "DYN_KVBM_MAX_TRANSFER_BATCH_SIZE = 64 blocks in flight by default")
     return p

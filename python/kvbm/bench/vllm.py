@@ -23,15 +23,17 @@ import statistics
 import sys
 import tempfile
 
+from kvbm.commands._args import decimal
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("vllm", help="TTFT from G2/G3 vs recompute, and write-through overhead, in vLLM")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--tokens", type=int, default=6144, help="long prompt length (default 6144)")
-    p.add_argument("--repeats", type=int, default=3, help="distinct long prompts; medians reported (default 3)")
-    p.add_argument("--batch", type=int, default=8, help="no-reuse batch: prompts (default 8)")
-    p.add_argument("--batch-tokens", type=int, default=1024, help="no-reuse batch: tokens per prompt (default 1024)")
-    p.add_argument("--max-tokens", type=int, default=16, help="no-reuse batch: tokens generated each (default 16)")
+    p.add_argument("--tokens", type=decimal("--tokens", 1, 1 << 31), default=6144, help="long prompt length (default 6144)")
+    p.add_argument("--repeats", type=decimal("--repeats", 1, 1 << 31), default=3, help="distinct long prompts; medians reported (default 3)")
+    p.add_argument("--batch", type=decimal("--batch", 1, 1 << 31), default=8, help="no-reuse batch: prompts (default 8)")
+    p.add_argument("--batch-tokens", type=decimal("--batch-tokens", 1, 1 << 31), default=1024, help="no-reuse batch: tokens per prompt (default 1024)")
+    p.add_argument("--max-tokens", type=decimal("--max-tokens", 1, 1 << 31), default=16, help="no-reuse batch: tokens generated each (default 16)")
     return p
 
 

@@ -15,13 +15,15 @@ import statistics
 import sys
 import tempfile
 
+from kvbm.commands._args import decimal
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("demo", help="vLLM + kvbm on a tiny model: per-tier hits, TTFT, identical outputs")
-    p.add_argument("--gpu-blocks", type=int, default=48, help="engine (G1) blocks of 32 tokens (default 48)")
-    p.add_argument("--host-blocks", type=int, default=24, help="kvbm G2 blocks (default 24)")
-    p.add_argument("--disk-blocks", type=int, default=400, help="kvbm G3 blocks (default 400)")
-    p.add_argument("--max-tokens", type=int, default=8, help="tokens generated per turn (default 8)")
+    p.add_argument("--gpu-blocks", type=decimal("--gpu-blocks", 1, 1 << 31), default=48, help="engine (G1) blocks of 32 tokens (default 48)")
+    p.add_argument("--host-blocks", type=decimal("--host-blocks", 0, 1 << 31), default=24, help="kvbm G2 blocks (default 24)")
+    p.add_argument("--disk-blocks", type=decimal("--disk-blocks", 0, 1 << 31), default=400, help="kvbm G3 blocks (default 400)")
+    p.add_argument("--max-tokens", type=decimal("--max-tokens", 1, 1 << 31), default=8, help="tokens generated per turn (default 8)")
     p.add_argument("--verbose", action="store_true", help="keep vLLM's log output")
     return p
 
