@@ -40,7 +40,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     }
     for (bool host : {true, false}) {
       try {
-        const uint64_t blocks = host ? c.HostBlocks(bytes_per_block) : c.DiskBlocks(bytes_per_block);
+        const uint64_t blocks =
+            host ? c.HostBlocks(bytes_per_block) : c.DiskBlocks(bytes_per_block);
         if (blocks > kvbm::kMaxCacheBlocks) std::abort();
       } catch (const kvbm::ConfigError& e) {
         if (std::string_view(e.what()).find("DYN_KVBM_") == std::string_view::npos) std::abort();

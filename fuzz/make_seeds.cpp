@@ -21,8 +21,10 @@ int main(int argc, char** argv) {
   write("sized.bin", sized);
   StepMetadata all = sized;
   for (uint8_t k = 0; k <= kMaxOpKind; ++k) {
-    TransferOp op{.id = 100u + k, .kind = static_cast<OpKind>(k), .request_id = "req-" + std::to_string(k)};
-    for (uint32_t b = 0; b < 3; ++b) op.blocks.push_back({b, 10 + b, 0x9E3779B97F4A7C15ull * (b + 1)});
+    TransferOp op{
+        .id = 100u + k, .kind = static_cast<OpKind>(k), .request_id = "req-" + std::to_string(k)};
+    for (uint32_t b = 0; b < 3; ++b)
+      op.blocks.push_back({b, 10 + b, 0x9E3779B97F4A7C15ull * (b + 1)});
     write(std::string("op_") + OpKindName(op.kind) + ".bin",
           StepMetadata{.step = 1, .host_blocks = 8, .disk_blocks = 8, .ops = {op}});
     all.ops.push_back(op);

@@ -14,8 +14,7 @@
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   // The first byte picks a request limit (0 = all), the rest is the trace text.
   const size_t limit = size > 0 ? data[0] % 8 : 0;
-  const std::string_view text(reinterpret_cast<const char*>(data) + (size > 0),
-                              size - (size > 0));
+  const std::string_view text(reinterpret_cast<const char*>(data) + (size > 0), size - (size > 0));
   auto trace = kvbm::ParseMooncakeTrace(text, limit);
   if (!trace) {
     if (trace.error().message().empty()) std::abort();
@@ -25,8 +24,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (limit != 0 && trace->requests.size() > limit) std::abort();
   uint64_t refs = 0, tokens = 0;
   for (const kvbm::TraceRequest& r : trace->requests) {
-    const uint64_t want = r.input_length / kvbm::kTraceBlockTokens +
-                          (r.input_length % kvbm::kTraceBlockTokens != 0);
+    const uint64_t want =
+        r.input_length / kvbm::kTraceBlockTokens + (r.input_length % kvbm::kTraceBlockTokens != 0);
     if (r.hash_ids.size() != want || !(r.timestamp_ms >= 0)) std::abort();
     refs += r.hash_ids.size();
     tokens += r.input_length;

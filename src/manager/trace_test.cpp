@@ -14,8 +14,8 @@ namespace {
 
 std::string Line(double ts, uint64_t in, uint64_t out, const std::string& ids) {
   return fmt::format(
-      "{{\"timestamp\": {}, \"input_length\": {}, \"output_length\": {}, \"hash_ids\": [{}]}}",
-      ts, in, out, ids);
+      "{{\"timestamp\": {}, \"input_length\": {}, \"output_length\": {}, \"hash_ids\": [{}]}}", ts,
+      in, out, ids);
 }
 
 // A temporary directory removed with everything in it.
@@ -43,7 +43,8 @@ long RssKiB() {
   return -1;
 }
 
-void ExpectError(const Result<Trace>& t, ErrorCode code, std::initializer_list<const char*> needles) {
+void ExpectError(const Result<Trace>& t, ErrorCode code,
+                 std::initializer_list<const char*> needles) {
   ASSERT_FALSE(t);
   EXPECT_EQ(t.error().code(), code) << t.error().ToString();
   for (const char* n : needles)
@@ -84,9 +85,11 @@ TEST(TraceReader, DirectoryEmptyAndMissingFilesAreErrorsNamingThePath) {
   ExpectError(ReadMooncakeTrace(dir.path.string()), ErrorCode::kIoError,
               {dir.path.c_str(), "Is a directory"});
   const std::string empty = dir.Write("empty.jsonl", "");
-  ExpectError(ReadMooncakeTrace(empty), ErrorCode::kInvalidArgument, {"empty.jsonl", "no requests"});
+  ExpectError(ReadMooncakeTrace(empty), ErrorCode::kInvalidArgument,
+              {"empty.jsonl", "no requests"});
   const std::string blank = dir.Write("blank.jsonl", "\n\n  \n");
-  ExpectError(ReadMooncakeTrace(blank), ErrorCode::kInvalidArgument, {"blank.jsonl", "no requests"});
+  ExpectError(ReadMooncakeTrace(blank), ErrorCode::kInvalidArgument,
+              {"blank.jsonl", "no requests"});
   const std::string missing = (dir.path / "missing.jsonl").string();
   ExpectError(ReadMooncakeTrace(missing), ErrorCode::kIoError, {"missing.jsonl"});
   const std::string bad = dir.Write("bad.jsonl", Line(0, 10, 1, "0") + "\n{\"timestamp\": 1}\n");
@@ -127,7 +130,8 @@ TEST(TraceReader, StreamingReadEqualsInMemoryParse) {
   // An overlong line in the middle of a file is found by the streaming reader too.
   const std::string big =
       dir.Write("big.jsonl", Line(0, 10, 1, "0") + "\n" + std::string(3 * kMaxTraceLineBytes, '7'));
-  ExpectError(ReadMooncakeTrace(big), ErrorCode::kInvalidArgument, {"big.jsonl", "line 2", "longer than"});
+  ExpectError(ReadMooncakeTrace(big), ErrorCode::kInvalidArgument,
+              {"big.jsonl", "line 2", "longer than"});
 }
 
 }  // namespace

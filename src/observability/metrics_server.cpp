@@ -188,12 +188,12 @@ struct MetricsServer::Impl {
   // nothing) once per chunk of body. Every answer is queued on the first call, so a body is
   // never read, let alone kept.
   static MHD_Result Handle(void* cls, MHD_Connection* connection, const char* url,
-                           const char* method, const char* /*version*/,
-                           const char* /*upload_data*/, size_t* upload_data_size,
-                           void** req_cls) {
+                           const char* method, const char* /*version*/, const char* /*upload_data*/,
+                           size_t* upload_data_size, void** req_cls) {
     Impl* self = static_cast<Impl*>(cls);
-    if (*req_cls == nullptr) *req_cls = &g_request_seen_marker;
-    else if (*upload_data_size != 0) {
+    if (*req_cls == nullptr) {
+      *req_cls = &g_request_seen_marker;
+    } else if (*upload_data_size != 0) {
       // Unreachable: the first call always queues a response. Refuse rather than buffer.
       *upload_data_size = 0;
       return MHD_NO;
@@ -203,11 +203,10 @@ struct MetricsServer::Impl {
       return Reply(connection, MHD_HTTP_METHOD_NOT_ALLOWED, "only GET /metrics\n", "text/plain");
     const char* length =
         MHD_lookup_connection_value(connection, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
-    const char* chunked = MHD_lookup_connection_value(connection, MHD_HEADER_KIND,
-                                                      MHD_HTTP_HEADER_TRANSFER_ENCODING);
+    const char* chunked =
+        MHD_lookup_connection_value(connection, MHD_HEADER_KIND, MHD_HTTP_HEADER_TRANSFER_ENCODING);
     if ((length != nullptr && std::string_view(length) != "0") || chunked != nullptr)
-      return Reply(connection, MHD_HTTP_CONTENT_TOO_LARGE, "a scrape has no body\n",
-                   "text/plain");
+      return Reply(connection, MHD_HTTP_CONTENT_TOO_LARGE, "a scrape has no body\n", "text/plain");
     if (std::string_view(url) != "/metrics")
       return Reply(connection, MHD_HTTP_NOT_FOUND, "not found: only /metrics\n", "text/plain");
     if (self->options.before_scrape) self->options.before_scrape();
@@ -305,8 +304,8 @@ Status MetricsServer::Start() {
   // One epoll thread serves every connection. The limits are the Options' (see the header).
   const Options& o = impl_->options;
   impl_->daemon = MHD_start_daemon(
-      MHD_USE_EPOLL_INTERNAL_THREAD | MHD_USE_ITC, 0, nullptr, nullptr, &Impl::Handle,
-      impl_.get(), MHD_OPTION_LISTEN_SOCKET, fd, MHD_OPTION_CONNECTION_LIMIT,
+      MHD_USE_EPOLL_INTERNAL_THREAD | MHD_USE_ITC, 0, nullptr, nullptr, &Impl::Handle, impl_.get(),
+      MHD_OPTION_LISTEN_SOCKET, fd, MHD_OPTION_CONNECTION_LIMIT,
       static_cast<unsigned int>(o.max_connections), MHD_OPTION_CONNECTION_TIMEOUT,
       static_cast<unsigned int>(o.idle_timeout.count()), MHD_OPTION_CONNECTION_MEMORY_LIMIT,
       o.max_request_bytes, MHD_OPTION_END);

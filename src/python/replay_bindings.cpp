@@ -139,7 +139,8 @@ void BindReplay(nanobind::module_& m) {
         bool raised = false;
         bool port_reported = false;
         if (!progress.is_none() || !on_metrics_port.is_none()) {
-          o.progress = [&progress, &on_metrics_port, &raised, &port_reported](const ReplayProgress& p) {
+          o.progress = [&progress, &on_metrics_port, &raised,
+                        &port_reported](const ReplayProgress& p) {
             nb::gil_scoped_acquire gil;
             try {
               if (!port_reported && !on_metrics_port.is_none()) {
@@ -177,6 +178,6 @@ void BindReplay(nanobind::module_& m) {
       "`progress(finished, total, trace_seconds, token_hit_rate)` is called every "
       "`progress_every`\n"
       "finished requests; returning False cancels (CancelledError).\n"
-      "`on_metrics_port(port)` is called once, at the first progress point, with the bound port of\n"
-      "the DYN_KVBM_METRICS endpoint (0 when it is off or could not bind).");
+      "`on_metrics_port(port)` is called once, at the first progress point, with the port the\n"
+      "DYN_KVBM_METRICS endpoint bound (0 when it is off or could not bind).");
 }
