@@ -21,7 +21,7 @@ add_library(kvbm_fuzz_core STATIC
   ${CMAKE_CURRENT_SOURCE_DIR}/src/common/error.cpp
   ${CMAKE_CURRENT_SOURCE_DIR}/src/common/log.cpp
   ${CMAKE_CURRENT_SOURCE_DIR}/src/connector/connector_ops.cpp
-  ${CMAKE_CURRENT_SOURCE_DIR}/src/manager/trace.cpp)
+  ${CMAKE_CURRENT_SOURCE_DIR}/src/tools/trace.cpp)
 target_include_directories(kvbm_fuzz_core PUBLIC ${CMAKE_CURRENT_SOURCE_DIR}/include
                                           PRIVATE ${MSGPACK_INCLUDE_DIR})
 target_compile_definitions(kvbm_fuzz_core PRIVATE MSGPACK_NO_BOOST)

@@ -1,4 +1,4 @@
-// libFuzzer target: the Mooncake trace parser (ParseMooncakeTrace, src/manager/trace.cpp), fed
+// libFuzzer target: the Mooncake trace parser (ParseMooncakeTrace, src/tools/trace.cpp), fed
 // whatever file a user names to `kvbm replay`.
 // Properties: no crash, leak or undefined behaviour; an accepted trace is internally consistent
 // (every request has ceil(input_length / 512) hash ids, the totals add up, it is sorted) and the

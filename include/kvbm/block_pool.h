@@ -4,25 +4,24 @@
 // States: Reset -> Partial -> Complete -> Registered (ARCHITECTURE.md, "Block lifecycle").
 //
 //   MutableBlock   exclusive, move-only; dropping it returns the block to Reset.
-//   ImmutableBlock shared (copy = one more reference); dropping the last reference of a
-//                  registered block moves it to the inactive set, where it can still be matched
-//                  and is evictable.
+//   ImmutableBlock one shared reference (copy = one more); dropping the last reference of a
+//                  registered block makes it inactive: still matchable, and evictable.
+//   BlockRun       references on a run of blocks of one pool (what a match or a batch store
+//                  returns), taken and released under one lock, leaf first.
 //
-// While a registered block is referenced it holds a reference on its parent in the same pool,
-// so a chain returns leaf first. Handles keep only a weak_ptr to their pool: a handle that
-// outlives its pool releases nothing and reports valid() == false.
-//
-// Eviction (only inactive blocks; Reset blocks are always used first):
-//   kLeafFirst: lowest priority, then blocks with no cached child in this pool (leaves), then
-//               least recently returned.
-//   kLru:       lowest priority, then least recently returned (the reference's order).
+// Leaf-first without walks: a block does not reference its parent. Instead the pool counts, per
+// sequence hash, the registered children it holds; a policy whose evictor is `leaf_only()`
+// (eviction.h) never evicts a block with a cached child, so a chain leaves the pool leaf first
+// whatever order its handles are dropped in. Every operation costs O(1) or O(log n) per block,
+// independent of the chain's length.
 //
 // Collisions: a match needs the sequence hash, the block's own token hash and the parent's
 // sequence hash to agree, so a 64-bit collision is a miss, never wrong KV.
 //
 // Thread safety: every BlockPool method and every handle operation is thread-safe. One mutex
 // per pool. Lock order: BlockPool::mu_ -> BlockRegistry::mu_ -> event sinks. Event sinks must
-// not call back into a pool.
+// not call back into a pool. Handles keep only a weak_ptr to their pool: a handle that
+// outlives its pool releases nothing and reports valid() == false.
 #pragma once
 
 #include <atomic>
@@ -37,23 +36,28 @@
 #include <vector>
 
 #include "kvbm/error.h"
+#include "kvbm/eviction.h"
 #include "kvbm/tokens.h"
 #include "kvbm/types.h"
 
 namespace kvbm {
 
 enum class BlockState : uint8_t { kReset, kPartial, kComplete, kRegistered };
-enum class EvictionPolicy : uint8_t { kLeafFirst, kLru };
 
-// What identifies the content of a registered block.
+// What identifies the content of a registered block: its sequence hash, its own token hash and
+// its parent's sequence hash. `position` (the block's index in its sequence) informs eviction
+// policies and is not part of the identity.
 struct BlockKey {
   SequenceHash sequence_hash;
   uint64_t block_hash = 0;
   std::optional<SequenceHash> parent;
-  friend bool operator==(const BlockKey&, const BlockKey&) = default;
+  uint32_t position = 0;
+  friend bool operator==(const BlockKey& a, const BlockKey& b) {
+    return a.sequence_hash == b.sequence_hash && a.block_hash == b.block_hash && a.parent == b.parent;
+  }
 };
 
-inline BlockKey KeyOf(const TokenBlock& b) { return {b.sequence_hash, b.block_hash, b.parent}; }
+inline BlockKey KeyOf(const TokenBlock& b) { return {b.sequence_hash, b.block_hash, b.parent, b.index}; }
 
 // A KV event: a hash entered its first tier (stored) or left its last (removed).
 struct KvEvent {
@@ -143,13 +147,52 @@ class ImmutableBlock {
   uint32_t priority_ = 0;
 };
 
+// References on a run of blocks of one pool (a match, a batch store), released together under
+// one lock, last block first (leaf first). Move-only. Block i is the i-th key asked for.
+class BlockRun {
+ public:
+  BlockRun() = default;
+  BlockRun(BlockRun&& other) noexcept;
+  BlockRun& operator=(BlockRun&& other) noexcept;
+  BlockRun(const BlockRun&) = delete;
+  BlockRun& operator=(const BlockRun&) = delete;
+  ~BlockRun();
+
+  size_t size() const { return ids_.size(); }
+  bool empty() const { return ids_.empty(); }
+  TierId tier() const { return tier_; }
+  BlockId id(size_t i) const { return BlockId(ids_[i]); }
+  // One more, individual reference on block i. REQUIRES: i < size(); an empty handle when the
+  // pool is gone.
+  ImmutableBlock Share(size_t i) const;
+  // Moves `other`'s references to the end of this run. REQUIRES: same pool (or this is empty).
+  void Append(BlockRun&& other);
+  void Release() noexcept;
+
+ private:
+  friend class BlockPool;
+  BlockRun(std::weak_ptr<BlockPool> pool, TierId tier) : pool_(std::move(pool)), tier_(tier) {}
+  std::weak_ptr<BlockPool> pool_;
+  TierId tier_ = TierId::kHost;
+  std::vector<uint32_t> ids_;
+};
+
 struct BlockPoolStats {
   uint64_t num_blocks = 0;
-  uint64_t free = 0;      // Reset, unowned
-  uint64_t inactive = 0;  // registered, unreferenced, matchable, evictable
-  uint64_t active = 0;    // owned by a handle
+  uint64_t free = 0;       // Reset, unowned
+  uint64_t inactive = 0;   // registered, unreferenced, matchable
+  uint64_t evictable = 0;  // of the inactive, those the policy may evict now
+  uint64_t active = 0;     // owned by a handle
   uint64_t registered = 0;
   uint64_t evictions = 0;
+};
+
+// What StoreRun did: `run` holds one reference per stored key, in order; `fresh[i]` is true
+// when block i was newly allocated (its bytes must be written), false when the pool already
+// held the key.
+struct StoreRunResult {
+  BlockRun run;
+  std::vector<uint8_t> fresh;
 };
 
 class BlockPool : public std::enable_shared_from_this<BlockPool> {
@@ -157,24 +200,36 @@ class BlockPool : public std::enable_shared_from_this<BlockPool> {
   // Throws ConfigError when num_blocks is 0 or above 2^31.
   static std::shared_ptr<BlockPool> Create(TierId tier, uint64_t num_blocks, EvictionPolicy policy,
                                            std::shared_ptr<BlockRegistry> registry = nullptr);
+  // With a policy object of the caller's (replay's oracle, experiments). REQUIRES: evictor sized
+  // for num_blocks.
+  static std::shared_ptr<BlockPool> Create(TierId tier, uint64_t num_blocks, std::unique_ptr<Evictor> evictor,
+                                           std::shared_ptr<BlockRegistry> registry = nullptr);
   ~BlockPool();
   BlockPool(const BlockPool&) = delete;
   BlockPool& operator=(const BlockPool&) = delete;
 
   TierId tier() const { return tier_; }
   uint64_t num_blocks() const { return slots_.size(); }
-  EvictionPolicy policy() const { return policy_; }
+  bool leaf_only() const { return leaf_only_; }
+  std::string_view policy_name() const { return evictor_->name(); }  // fixed at creation
 
   // All or nothing: `count` blocks in Reset, using free blocks before evicting any registered
-  // one. ResourceExhausted when free + inactive < count.
+  // one. ResourceExhausted when free + evictable < count.
   Result<std::vector<MutableBlock>> Allocate(size_t count);
   // Registers a Complete block. A hash the pool already holds returns the existing block (the
   // given one goes back to Reset); a hash held with different content is a collision:
   // FailedPrecondition, nothing registered.
   Result<ImmutableBlock> Register(MutableBlock&& block);
+  // Allocate + Complete + Register for each key, in order, under one lock: a key already held
+  // gives the existing block. Stops at the first key that gets no block (the pool is full of
+  // referenced or protected blocks) or collides; the run is shorter then. `tokens`, when not
+  // empty, has one entry per key (for the stored KV event).
+  StoreRunResult StoreRun(std::span<const BlockKey> keys, uint32_t priority,
+                          std::span<const std::span<const Token>> tokens = {});
   // Longest prefix of `keys` held in this pool, each returned block referenced (pinned).
-  // An empty list matches nothing.
-  std::vector<ImmutableBlock> MatchPrefix(std::span<const BlockKey> keys);
+  // The first key may have any parent (a match continuing another tier's run); after it the
+  // chain must be unbroken. An empty list matches nothing.
+  BlockRun MatchPrefix(std::span<const BlockKey> keys);
   // Like MatchPrefix but only counts, taking no references.
   size_t CountPrefix(std::span<const BlockKey> keys) const;
   bool Contains(const BlockKey& key) const;
@@ -188,7 +243,7 @@ class BlockPool : public std::enable_shared_from_this<BlockPool> {
   Status Reset();
 
   BlockPoolStats stats() const;
-  // Number of registered children of `hash` in this pool (for tests of leaf tracking).
+  // Number of registered children of `hash` in this pool.
   uint32_t ChildCount(SequenceHash hash) const;
   // Every registered block (id, key), for tests and audits.
   std::vector<std::pair<BlockId, BlockKey>> RegisteredBlocks() const;
@@ -198,54 +253,53 @@ class BlockPool : public std::enable_shared_from_this<BlockPool> {
  private:
   friend class MutableBlock;
   friend class ImmutableBlock;
-  struct EvictKey {
-    uint32_t priority;
-    uint32_t not_leaf;
-    uint64_t tick;
-    uint32_t id;
-    auto operator<=>(const EvictKey&) const = default;
-  };
+  friend class BlockRun;
   struct Slot {
+    BlockKey key;
+    uint64_t last_use = 0;
+    uint32_t refs = 0;
+    uint32_t priority = 0;
     BlockState state = BlockState::kReset;
     bool mutable_owned = false;
-    uint32_t refs = 0;
-    bool inactive = false;
-    EvictKey inactive_key{};
-    BlockKey key;
-    uint32_t priority = 0;
-    std::optional<uint32_t> parent_ref;  // slot on which this block holds a reference
-    std::vector<Token> tokens;           // kept from Complete until Register, for the stored event
+    bool evictable = false;    // in evictor_
+    std::vector<Token> tokens; // kept from Complete until Register, for the stored event
   };
-  BlockPool(TierId tier, uint64_t num_blocks, EvictionPolicy policy, std::shared_ptr<BlockRegistry> registry);
+  BlockPool(TierId tier, uint64_t num_blocks, std::unique_ptr<Evictor> evictor,
+            std::shared_ptr<BlockRegistry> registry);
 
   void ReleaseMutable(BlockId id) noexcept;
   void AddRef(BlockId id);
   void ReleaseRef(BlockId id) noexcept;
+  void ReleaseRun(std::span<const uint32_t> ids) noexcept;
+  ImmutableBlock ShareLocked(uint32_t id);
   Status CompleteBlock(BlockId id, const BlockKey& key, std::span<const Token> tokens, uint32_t priority);
   Status MarkPartialBlock(BlockId id);
   BlockState StateOf(BlockId id) const;
 
   // All REQUIRES mu_ held.
   void AcquireLocked(uint32_t id);
+  void ReleaseLocked(uint32_t id);
+  void MaybeEvictableLocked(uint32_t id);
+  void UnevictableLocked(uint32_t id);
+  void RegisterLocked(uint32_t id, std::span<const Token> tokens);
+  void UnregisterLocked(uint32_t id);
   void EvictLocked(uint32_t id);
-  void InsertInactiveLocked(uint32_t id);
-  void RekeyParentLocked(SequenceHash parent);
-  EvictKey KeyForLocked(uint32_t id) const;
-  uint32_t ChildCountLocked(SequenceHash hash) const;
+  std::optional<uint32_t> TakeBlockLocked();
   std::optional<uint32_t> FindLocked(const BlockKey& key, std::optional<SequenceHash> expected_parent) const;
 
   const TierId tier_;
-  const EvictionPolicy policy_;
   const std::shared_ptr<BlockRegistry> registry_;
   mutable std::mutex mu_;
-  std::vector<Slot> slots_;                                  // GUARDED_BY(mu_)
-  std::vector<uint32_t> free_;                               // GUARDED_BY(mu_)
-  std::unordered_map<SequenceHash, uint32_t> by_hash_;       // GUARDED_BY(mu_)
-  std::unordered_map<SequenceHash, uint32_t> children_;      // GUARDED_BY(mu_) parent -> count
-  std::set<EvictKey> inactive_;                              // GUARDED_BY(mu_)
-  uint64_t tick_ = 0;                                        // GUARDED_BY(mu_)
-  uint64_t active_ = 0;                                      // GUARDED_BY(mu_)
-  uint64_t evictions_ = 0;                                   // GUARDED_BY(mu_)
+  std::unique_ptr<Evictor> evictor_;                     // GUARDED_BY(mu_)
+  const bool leaf_only_;
+  std::vector<Slot> slots_;                              // GUARDED_BY(mu_)
+  std::vector<uint32_t> free_;                           // GUARDED_BY(mu_)
+  std::unordered_map<SequenceHash, uint32_t> by_hash_;   // GUARDED_BY(mu_)
+  std::unordered_map<SequenceHash, uint32_t> children_;  // GUARDED_BY(mu_) parent -> count
+  uint64_t tick_ = 0;                                    // GUARDED_BY(mu_)
+  uint64_t active_ = 0;                                  // GUARDED_BY(mu_)
+  uint64_t inactive_ = 0;                                // GUARDED_BY(mu_)
+  uint64_t evictions_ = 0;                               // GUARDED_BY(mu_)
 };
 
 }  // namespace kvbm

@@ -1,8 +1,10 @@
-// Native timings of the core (hashing, block pools) behind `kvbm bench core --json`.
+// Native timings of the control plane (hashing, block pools, the leader) behind
+// `kvbm bench core --json`, which puts them beside vLLM's own prefix cache measured in the same
+// run (python/kvbm/bench/core.py).
 //
 // The loops run in C++ so that the figures measure kvbm, not the Python interpreter. Each
-// figure is the median of several timed passes; hashing and the raw XXH3 baseline alternate
-// pass by pass within one run so that both see the same machine state.
+// figure is the median of several timed passes. Every timed operation is checked to have done
+// its work (blocks matched, blocks stored), so a figure never measures a failure path.
 //
 // Thread safety: RunCoreBench is reentrant; it builds its own pools and touches no globals.
 // It runs on the calling thread only (single-threaded figures).
@@ -24,10 +26,17 @@ struct CoreBenchOptions {
 
 struct CoreBenchResult {
   double hash_tokens_per_s = 0;       // HashTokenBlocks: block hashes + chained sequence hashes
-  double xxh3_raw_tokens_per_s = 0;   // XXH3_64 over the same bytes in the same block chunks
-  double hash_vs_raw = 0;             // hash_tokens_per_s / xxh3_raw_tokens_per_s
+  double hash_request_us = 0;         // a TokenBlockSequence of match_blocks * block_size tokens
+                                      // (the leader's path), in microseconds
   double pool_cycles_per_s = 0;       // one block: allocate, complete, register, drop
-  double match_8192_blocks_us = 0;    // MatchPrefix of a fully hit chain + dropping the handles
+  double match_8192_blocks_us = 0;    // MatchPrefix of a fully hit chain + releasing it
+  double leader_request_miss_us = 0;  // one request of match_blocks blocks through the leader:
+                                      // add (hashing), match (miss), alloc, every store, finish
+  double leader_request_hit_us = 0;   // the same request again: add, match (hit), load pins,
+                                      // load finished, finish
+  uint64_t blocks_matched = 0;        // per match pass (== match_blocks)
+  uint64_t blocks_stored = 0;         // per leader miss pass (== match_blocks)
+  uint64_t blocks_loaded = 0;         // per leader hit pass (== match_blocks - 1)
   CoreBenchOptions options;
 };
 

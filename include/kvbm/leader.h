@@ -1,32 +1,28 @@
 // The leader side of the connector core: one per engine instance, beside the engine's
-// scheduler. It owns the G2/G3 block pools (metadata only: the bytes live in the workers),
-// one slot per request, the offload policy, and emits per-step transfer operations
-// (StepMetadata) that every worker applies to its own shard. Nothing here is engine-specific:
-// the vLLM, TensorRT-LLM and SGLang adapters are thin layers over these calls.
+// scheduler. It keeps one slot per request (its tokens and hashes, the engine's device blocks,
+// the pins of its loads) and speaks the engine protocol; every policy decision (which tier,
+// what to store, admission, priorities, promotion) belongs to the tier chain it drives
+// (tier_chain.h). It emits per-step transfer operations (StepMetadata) that every worker
+// applies to its own shard. Nothing here is engine-specific: the vLLM, TensorRT-LLM and SGLang
+// adapters are thin layers over these calls.
 //
 // A request's life, as an engine drives it:
 //   AddRequest / ExtendTokens  the request's tokens (hashed into full blocks as they come)
 //   GetNumNewMatchedTokens     how many tokens past the engine's own prefix hit kvbm can load
-//                              (G2 run, then G3 run); no side effects; never the whole prompt
+//                              (the chain's run); no side effects; never the whole prompt
 //   UpdateStateAfterAlloc      the engine gave device blocks: matched blocks are pinned and
 //                              load operations emitted (the load is asynchronous)
-//   OnScheduled                per step: blocks completed by this step's forward pass are
-//                              stored G1 -> G2 (write-through; G1 -> G3 when only disk is
-//                              sized), then G2 -> G3 through the admission filter
+//   OnScheduled                per step: blocks completed by this step's forward pass go to
+//                              the chain (write-through)
 //   BuildStepMetadata          the step's operations for the workers
 //   OnWorkerOutput             loads finished (pins released), load errors (source blocks
 //                              invalidated so they are never matched again)
 //   RequestFinished            true when a load still writes the request's blocks: the engine
 //                              must wait for the worker to report the request as sent
 //
-// Pins: matched blocks stay referenced until their load is reported finished; blocks written
-// by a step's stores stay referenced for two more steps, so no slot is reallocated while a
-// worker may still be writing it.
-//
 // Thread safety: not thread-safe; the engine's scheduler thread makes every call.
 #pragma once
 
-#include <deque>
 #include <map>
 #include <memory>
 #include <optional>
@@ -39,17 +35,16 @@
 #include "kvbm/config.h"
 #include "kvbm/connector_ops.h"
 #include "kvbm/metrics.h"
-#include "kvbm/offload.h"
+#include "kvbm/tier_chain.h"
 #include "kvbm/tokens.h"
 
 namespace kvbm {
 
+// How the leader is set up when it builds its own tier chain (tests, the simulated engine).
 struct LeaderOptions {
   uint32_t page_size = 16;       // tokens per block (the engine's block size)
   uint64_t bytes_per_block = 0;  // one block, all layers, summed over every rank
-  EvictionPolicy policy = EvictionPolicy::kLeafFirst;
-  size_t offload_queue_capacity = 1 << 16;
-  size_t disk_offloads_per_step = 1024;
+  std::optional<EvictionPolicy> policy;  // G2 and G3; unset: the settings' (leaf-first by default)
   // Sizes in blocks; when unset they come from the config (GB / bytes_per_block, or overrides).
   std::optional<uint64_t> host_blocks, disk_blocks;
 };
@@ -64,27 +59,28 @@ struct MatchResult {
 struct LeaderStats {
   uint64_t requests = 0;
   uint64_t matched_tokens = 0, requested_tokens = 0;
-  uint64_t onboard_host_blocks = 0, onboard_disk_blocks = 0;
-  uint64_t store_host_blocks = 0, store_disk_blocks = 0, offload_disk_blocks = 0;
-  uint64_t skipped_cached_blocks = 0;
-  uint64_t dropped_full = 0, dropped_filter = 0, dropped_priority = 0, dropped_queue = 0;
-  uint64_t load_errors = 0;
 };
 
 class ConnectorLeader {
  public:
-  // Throws ConfigError when the config sizes no tier, or page_size/bytes_per_block are 0.
+  // Drives `chain` (shared with the KvBlockManager that owns the observability). Throws
+  // ConfigError when page_size is 0.
+  ConnectorLeader(std::shared_ptr<TierChain> chain, const KvbmConfig& config, uint32_t page_size,
+                  std::shared_ptr<KvbmMetrics> metrics);
+  // Builds its own chain from the settings and `options`. Throws ConfigError when the config
+  // sizes no tier, or page_size/bytes_per_block are 0.
   ConnectorLeader(const KvbmConfig& config, const LeaderOptions& options,
                   std::shared_ptr<KvbmMetrics> metrics = nullptr,
                   std::shared_ptr<BlockRegistry> registry = nullptr);
   ~ConnectorLeader();
 
-  uint64_t host_blocks() const { return host_ ? host_->num_blocks() : 0; }
-  uint64_t disk_blocks() const { return disk_ ? disk_->num_blocks() : 0; }
-  uint32_t page_size() const { return options_.page_size; }
-  BlockPool* host_pool() const { return host_.get(); }
-  BlockPool* disk_pool() const { return disk_.get(); }
-  const std::shared_ptr<BlockRegistry>& registry() const { return registry_; }
+  uint64_t host_blocks() const { return chain_->host_blocks(); }
+  uint64_t disk_blocks() const { return chain_->disk_blocks(); }
+  uint32_t page_size() const { return page_size_; }
+  BlockPool* host_pool() const { return chain_->host(); }
+  BlockPool* disk_pool() const { return chain_->disk(); }
+  TierChain& chain() { return *chain_; }
+  const TierChain& chain() const { return *chain_; }
   const std::shared_ptr<KvbmMetrics>& metrics() const { return metrics_; }
 
   // Creates the request's slot (idempotent: a known request keeps its tokens).
@@ -130,38 +126,24 @@ class ConnectorLeader {
     uint64_t pending_match_start = 0;  // block index the match starts at
     bool loading = false;
     bool finished = false;
-    std::vector<ImmutableBlock> pinned;            // matched blocks, until the load is done
+    OnboardPins pins;                              // matched blocks, until the load is done
     std::map<uint32_t, LoadedBlock> loading_into;  // device block -> what is being loaded
-  };
-  struct DiskOffload {
-    ImmutableBlock host_block;
-    BlockKey key;
   };
 
   Slot* Find(const std::string& request_id);
-  std::vector<BlockKey> KeysFrom(const Slot& slot, size_t first, size_t last) const;
-  void StoreBlock(Slot& slot, size_t index);
-  // One block of `pool`, completed with `key` and registered; counts a drop when full.
-  std::optional<ImmutableBlock> AllocateRegistered(BlockPool& pool, const BlockKey& key, std::span<const Token> tokens,
-                                                   uint32_t priority);
-  void MaybeQueueDiskOffload(const ImmutableBlock& host_block, const BlockKey& key, uint32_t priority);
-  void DrainDiskQueue();
+  void KeysFrom(const Slot& slot, size_t first, size_t last, std::vector<BlockKey>& out) const;
 
   const KvbmConfig config_;
-  const LeaderOptions options_;
+  const uint32_t page_size_;
   std::shared_ptr<KvbmMetrics> metrics_;
-  std::shared_ptr<BlockRegistry> registry_;
-  std::shared_ptr<BlockPool> host_, disk_;
-  DiskAdmissionFilter filter_;
-  OffloadQueue<DiskOffload> disk_queue_;
+  std::shared_ptr<TierChain> chain_;
   std::unordered_map<std::string, Slot> slots_;
   uint64_t step_ = 0;
   uint64_t next_op_id_ = 1;
-  std::vector<TransferOp> ops_;  // this step's
-  std::vector<BlockOp> step_store_host_, step_store_disk_, step_offload_disk_;
+  std::vector<TransferOp> ops_;  // this step's loads
   std::vector<std::string> finished_while_loading_;
-  std::deque<std::vector<ImmutableBlock>> step_pins_;  // stores of recent steps
-  std::vector<ImmutableBlock> current_pins_;
+  std::vector<BlockKey> keys_;                         // scratch
+  std::vector<std::span<const Token>> tokens_;         // scratch
   LeaderStats stats_;
 };
 

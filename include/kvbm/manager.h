@@ -1,18 +1,19 @@
-// KvBlockManager: the facade an engine integration (or `kvbm replay`) holds on the leader side.
-// It owns the connector leader (pools, policy, per-request slots) and the observability that
-// the configuration asks for: the Prometheus endpoint (DYN_KVBM_METRICS), the cache-statistics
-// log line and KV events (DYN_KVBM_EVENTS_ENDPOINT). An observability part that cannot start
-// (port in use, bad address) is logged with the variable that caused it and left off: it never
-// fails the engine.
+// KvBlockManager: what an engine integration (or `kvbm replay`) holds on the scheduler side. It
+// owns the tier chain (pools and policy, tier_chain.h), the registry of hashes across tiers and
+// the observability that the configuration asks for: the Prometheus endpoint
+// (DYN_KVBM_METRICS), the cache-statistics log line and KV events (DYN_KVBM_EVENTS_ENDPOINT).
+// An observability part that cannot start (port in use, bad address) is logged with the
+// variable that caused it and left off: it never fails the engine. The connector leader
+// (connector layer, above this one) drives chain().
 //
-// Thread safety: leader() is for the scheduler thread; metrics are safe from any thread.
+// Thread safety: chain() is for the scheduler thread; metrics are safe from any thread.
 #pragma once
 
 #include <memory>
 #include <string>
 
 #include "kvbm/config.h"
-#include "kvbm/leader.h"
+#include "kvbm/tier_chain.h"
 #include "kvbm/metrics.h"
 
 namespace kvbm {
@@ -24,11 +25,13 @@ class KvEventPublisher;
 class KvBlockManager {
  public:
   // Throws ConfigError for a configuration that sizes nothing or does not parse.
-  KvBlockManager(const KvbmConfig& config, const LeaderOptions& options,
+  // `page_size`: tokens per block (KV events carry it).
+  KvBlockManager(const KvbmConfig& config, const TierChainOptions& tiers, uint32_t page_size,
                  std::shared_ptr<KvbmMetrics> metrics = nullptr);
   ~KvBlockManager();
 
-  ConnectorLeader& leader() { return *leader_; }
+  const std::shared_ptr<TierChain>& chain() const { return chain_; }
+  const std::shared_ptr<BlockRegistry>& registry() const { return registry_; }
   const std::shared_ptr<KvbmMetrics>& metrics() const { return metrics_; }
   uint16_t metrics_port() const;           // 0 when the endpoint is off
   std::string events_endpoint() const;     // empty when events are off
@@ -36,7 +39,8 @@ class KvBlockManager {
 
  private:
   std::shared_ptr<KvbmMetrics> metrics_;
-  std::unique_ptr<ConnectorLeader> leader_;
+  std::shared_ptr<BlockRegistry> registry_;
+  std::shared_ptr<TierChain> chain_;
   std::unique_ptr<MetricsServer> server_;
   std::unique_ptr<CacheStatsLogger> stats_logger_;
   std::unique_ptr<KvEventPublisher> events_;

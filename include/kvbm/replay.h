@@ -36,6 +36,7 @@
 #include <vector>
 
 #include "kvbm/block_pool.h"
+#include "kvbm/eviction.h"
 #include "kvbm/config.h"
 #include "kvbm/error.h"
 #include "kvbm/tokens.h"
@@ -55,7 +56,12 @@ struct ReplayOptions {
   std::optional<uint64_t> g1_blocks;       // nullopt: unlimited (TotalPages); 0: no G1 prefix cache
   std::optional<uint64_t> g2_blocks;       // nullopt: unlimited (DistinctFullPages); 0: off
   std::optional<uint64_t> g3_blocks = 0;   // likewise
-  EvictionPolicy policy = EvictionPolicy::kLeafFirst;  // G2 and G3
+  std::optional<EvictionPolicy> policy;  // G2 and G3; unset: the settings' (leaf-first by default)
+  // Engine steps a load takes (without --bytes). 0: a load finishes within its step. With N > 0
+  // the loaded blocks stay pinned while N more steps (other requests' admissions and stores)
+  // happen, as with a slow tier, so policies that treat held children differently differ;
+  // a request's load finishes at the latest when its prefill ends.
+  uint32_t load_steps = 0;
   double prefill_tokens_per_s = 10'000;                // may be +inf (instantaneous)
   double decode_tokens_per_s = 50;
   // Real bytes: G1 tensors in host memory, a KvbmWorker moving bytes_per_token * page_size

@@ -82,6 +82,7 @@ struct BlockCopy {
 // first error. ok() when nothing failed.
 struct TransferResult {
   std::vector<uint32_t> failed;
+  uint32_t corrupt = 0;  // of the failed, blocks whose bytes did not verify (kvbm_corrupt_blocks)
   std::optional<Error> first_error;
   bool ok() const { return failed.empty(); }
 };
@@ -127,7 +128,6 @@ struct TransferEngineOptions {
   uint32_t max_concurrent_transfers = 4;  // DYN_KVBM_MAX_CONCURRENT_TRANSFERS
   uint32_t max_batch_size = 16;           // DYN_KVBM_MAX_TRANSFER_BATCH_SIZE
   uint32_t memcpy_threads = 2;
-  uint32_t bounce_blocks = 16;            // disk <-> non-host staging, per engine
   IoQueue::Kind io_kind = IoQueue::Kind::kAuto;
 };
 

@@ -16,6 +16,8 @@
 // bookkeeping; it is never held while submitting a transfer.
 #pragma once
 
+#include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <map>
 #include <memory>
@@ -79,6 +81,9 @@ class KvbmWorker {
   std::vector<uint32_t> TakeLoadErrors();
   // Waits until no transfer is in flight (tests, shutdown).
   void WaitIdle();
+  // Test seam: holds back the completion of every load started from now on by `delay`, as a
+  // slow tier would, so engine tests can abort or preempt requests while loads are in flight.
+  void SetLoadDelayForTesting(std::chrono::milliseconds delay) { test_load_delay_ms_ = delay.count(); }
 
   // Direct access for tests and benchmarks (the simulated engine fills G1 through these).
   uint8_t* host_data() const { return host_ ? host_->data() : nullptr; }
@@ -90,11 +95,14 @@ class KvbmWorker {
 
  private:
   void StartLoad(const TransferOp& op);
+  void StartPromotion(const TransferOp& op);
   void StartDiskWrite(const TransferOp& op, TransferPath path, const TierMemory& src);
   void LoadDone(const std::string& request_id, const std::vector<uint32_t>& failed_device_blocks);
   void WaitHostSlotsFree(const std::vector<BlockOp>& blocks);
   void ReleaseHostReaders(const std::vector<BlockOp>& blocks);
-  std::vector<std::shared_ptr<TransferCompletion>> PendingDiskWrites(const std::vector<uint32_t>& slots);
+  // Unfinished writes among `slots` (forgetting finished ones). Takes mu_.
+  std::vector<std::shared_ptr<TransferCompletion>> PendingWrites(
+      std::unordered_map<uint32_t, std::shared_ptr<TransferCompletion>>& writes, const std::vector<uint32_t>& slots);
 
   const KvbmConfig config_;
   const uint32_t rank_, world_size_;
@@ -108,8 +116,6 @@ class KvbmWorker {
   uint64_t host_blocks_ = 0, disk_blocks_ = 0;
   std::unique_ptr<TransferEngine> engine_;
 
-  bool HostSlotValid(uint32_t slot);
-
   std::vector<TransferOp> pending_stores_;  // bound step's stores, engine thread only
   std::vector<std::vector<uint32_t>> host_store_ops_;  // host slots of each G1 -> G2 store of the step
   std::vector<TransferOp> pending_offloads_;
@@ -118,12 +124,14 @@ class KvbmWorker {
   std::condition_variable cv_;
   std::unordered_map<uint32_t, uint32_t> host_readers_;                          // GUARDED_BY(mu_)
   std::unordered_map<uint32_t, std::shared_ptr<TransferCompletion>> disk_writes_;  // GUARDED_BY(mu_)
+  std::unordered_map<uint32_t, std::shared_ptr<TransferCompletion>> host_writes_;  // GUARDED_BY(mu_) promotions
   std::map<std::string, uint32_t> loads_in_flight_;                              // GUARDED_BY(mu_)
   std::set<std::string> report_sending_;                                         // GUARDED_BY(mu_)
   std::vector<std::string> done_recving_, done_sending_;                         // GUARDED_BY(mu_)
   std::vector<uint32_t> load_errors_;                                            // GUARDED_BY(mu_)
   uint32_t transfers_in_flight_ = 0;                                             // GUARDED_BY(mu_)
   std::vector<uint8_t> host_valid_;  // GUARDED_BY(mu_) 1 = the slot holds the block last stored
+  std::atomic<int64_t> test_load_delay_ms_{0};
 };
 
 }  // namespace kvbm

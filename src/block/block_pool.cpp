@@ -136,17 +136,76 @@ void ImmutableBlock::Release() noexcept {
 bool ImmutableBlock::valid() const { return !pool_.expired(); }
 
 // ---------------------------------------------------------------------------------------------
+// BlockRun
+
+BlockRun::BlockRun(BlockRun&& other) noexcept
+    : pool_(std::move(other.pool_)), tier_(other.tier_), ids_(std::move(other.ids_)) {
+  other.pool_.reset();
+  other.ids_.clear();
+}
+
+BlockRun& BlockRun::operator=(BlockRun&& other) noexcept {
+  if (this != &other) {
+    Release();
+    pool_ = std::move(other.pool_);
+    tier_ = other.tier_;
+    ids_ = std::move(other.ids_);
+    other.pool_.reset();
+    other.ids_.clear();
+  }
+  return *this;
+}
+
+BlockRun::~BlockRun() { Release(); }
+
+void BlockRun::Release() noexcept {
+  if (!ids_.empty())
+    if (auto pool = pool_.lock()) pool->ReleaseRun(ids_);
+  ids_.clear();
+  pool_.reset();
+}
+
+ImmutableBlock BlockRun::Share(size_t i) const {
+  auto pool = pool_.lock();
+  if (!pool) return {};
+  std::lock_guard lock(pool->mu_);
+  return pool->ShareLocked(ids_[i]);
+}
+
+void BlockRun::Append(BlockRun&& other) {
+  if (other.ids_.empty()) return;
+  if (ids_.empty() && pool_.expired()) {
+    *this = std::move(other);
+    return;
+  }
+  Check(!pool_.owner_before(other.pool_) && !other.pool_.owner_before(pool_), "BlockRun::Append: runs of two pools");
+  ids_.insert(ids_.end(), other.ids_.begin(), other.ids_.end());
+  other.ids_.clear();
+  other.pool_.reset();
+}
+
+// ---------------------------------------------------------------------------------------------
 // BlockPool
 
 std::shared_ptr<BlockPool> BlockPool::Create(TierId tier, uint64_t num_blocks, EvictionPolicy policy,
                                              std::shared_ptr<BlockRegistry> registry) {
   if (num_blocks == 0 || num_blocks > (uint64_t{1} << 31))
     throw ConfigError(fmt::format("{} block pool: num_blocks {} must be in [1, 2^31]", TierName(tier), num_blocks));
-  return std::shared_ptr<BlockPool>(new BlockPool(tier, num_blocks, policy, std::move(registry)));
+  return Create(tier, num_blocks, MakeEvictor(policy, static_cast<uint32_t>(num_blocks)), std::move(registry));
 }
 
-BlockPool::BlockPool(TierId tier, uint64_t num_blocks, EvictionPolicy policy, std::shared_ptr<BlockRegistry> registry)
-    : tier_(tier), policy_(policy), registry_(std::move(registry)), slots_(num_blocks) {
+std::shared_ptr<BlockPool> BlockPool::Create(TierId tier, uint64_t num_blocks, std::unique_ptr<Evictor> evictor,
+                                             std::shared_ptr<BlockRegistry> registry) {
+  if (num_blocks == 0 || num_blocks > (uint64_t{1} << 31))
+    throw ConfigError(fmt::format("{} block pool: num_blocks {} must be in [1, 2^31]", TierName(tier), num_blocks));
+  if (!evictor) throw ConfigError(fmt::format("{} block pool: no eviction policy", TierName(tier)));
+  return std::shared_ptr<BlockPool>(new BlockPool(tier, num_blocks, std::move(evictor), std::move(registry)));
+}
+
+BlockPool::BlockPool(TierId tier, uint64_t num_blocks, std::unique_ptr<Evictor> evictor,
+                     std::shared_ptr<BlockRegistry> registry)
+    : tier_(tier), registry_(std::move(registry)), evictor_(std::move(evictor)), leaf_only_(evictor_->leaf_only()),
+      slots_(num_blocks) {
   free_.reserve(num_blocks);
   for (uint64_t i = num_blocks; i-- > 0;) free_.push_back(static_cast<uint32_t>(i));
   by_hash_.reserve(num_blocks);
@@ -162,79 +221,116 @@ BlockPool::~BlockPool() {
   }
 }
 
-BlockPool::EvictKey BlockPool::KeyForLocked(uint32_t id) const {
-  const Slot& s = slots_[id];
-  uint32_t not_leaf = policy_ == EvictionPolicy::kLeafFirst && ChildCountLocked(s.key.sequence_hash) > 0 ? 1 : 0;
-  return {s.priority, not_leaf, tick_, id};
-}
-
-uint32_t BlockPool::ChildCountLocked(SequenceHash hash) const {
-  auto it = children_.find(hash);
-  return it == children_.end() ? 0 : it->second;
-}
-
-void BlockPool::InsertInactiveLocked(uint32_t id) {
+void BlockPool::MaybeEvictableLocked(uint32_t id) {
   Slot& s = slots_[id];
-  ++tick_;
-  s.inactive_key = KeyForLocked(id);
-  s.inactive = true;
-  inactive_.insert(s.inactive_key);
+  if (s.evictable || s.refs > 0 || s.mutable_owned || s.state != BlockState::kRegistered) return;
+  if (leaf_only_ && children_.count(s.key.sequence_hash)) return;
+  s.evictable = true;
+  evictor_->Insert({id, s.key.sequence_hash, s.priority, s.key.position, s.last_use});
 }
 
-void BlockPool::RekeyParentLocked(SequenceHash parent) {
-  if (policy_ != EvictionPolicy::kLeafFirst) return;
-  auto it = by_hash_.find(parent);
-  if (it == by_hash_.end()) return;
-  Slot& p = slots_[it->second];
-  if (!p.inactive) return;
-  uint32_t not_leaf = ChildCountLocked(parent) > 0 ? 1 : 0;
-  if (not_leaf == p.inactive_key.not_leaf) return;
-  inactive_.erase(p.inactive_key);
-  p.inactive_key.not_leaf = not_leaf;  // keeps its recency
-  inactive_.insert(p.inactive_key);
+void BlockPool::UnevictableLocked(uint32_t id) {
+  Slot& s = slots_[id];
+  if (!s.evictable) return;
+  s.evictable = false;
+  evictor_->Remove(id);
+}
+
+void BlockPool::AcquireLocked(uint32_t id) {
+  Slot& s = slots_[id];
+  if (s.refs++ > 0) return;
+  UnevictableLocked(id);
+  --inactive_;
+  ++active_;
+}
+
+void BlockPool::ReleaseLocked(uint32_t id) {
+  Slot& s = slots_[id];
+  if (s.refs == 0) return;
+  if (--s.refs > 0) return;
+  --active_;
+  if (s.state == BlockState::kRegistered) {
+    ++inactive_;
+    s.last_use = ++tick_;
+    MaybeEvictableLocked(id);
+  } else {
+    // Invalidated while referenced: its slot is free now.
+    s.state = BlockState::kReset;
+    s.key = {};
+    free_.push_back(id);
+  }
+}
+
+void BlockPool::RegisterLocked(uint32_t id, std::span<const Token> tokens) {
+  Slot& s = slots_[id];
+  s.state = BlockState::kRegistered;
+  by_hash_.emplace(s.key.sequence_hash, id);
+  if (s.key.parent && ++children_[*s.key.parent] == 1 && leaf_only_) {
+    auto p = by_hash_.find(*s.key.parent);
+    if (p != by_hash_.end()) UnevictableLocked(p->second);
+  }
+  if (registry_) registry_->OnStored(tier_, s.key, tokens);
+}
+
+void BlockPool::UnregisterLocked(uint32_t id) {
+  Slot& s = slots_[id];
+  by_hash_.erase(s.key.sequence_hash);
+  if (s.key.parent) {
+    auto it = children_.find(*s.key.parent);
+    if (it != children_.end() && --it->second == 0) {
+      children_.erase(it);
+      auto p = by_hash_.find(*s.key.parent);
+      if (p != by_hash_.end()) MaybeEvictableLocked(p->second);  // a leaf now
+    }
+  }
+  if (registry_) registry_->OnRemoved(tier_, s.key);
 }
 
 void BlockPool::EvictLocked(uint32_t id) {
   Slot& s = slots_[id];
-  inactive_.erase(s.inactive_key);
-  s.inactive = false;
-  by_hash_.erase(s.key.sequence_hash);
-  if (s.key.parent) {
-    auto it = children_.find(*s.key.parent);
-    if (it != children_.end() && --it->second == 0) children_.erase(it);
-    RekeyParentLocked(*s.key.parent);
-  }
-  if (registry_) registry_->OnRemoved(tier_, s.key);
+  // The caller took it out of the evictor.
+  s.evictable = false;
+  --inactive_;
+  SequenceHash hash = s.key.sequence_hash;
+  UnregisterLocked(id);
   s.state = BlockState::kReset;
   s.key = {};
   ++evictions_;
+  evictor_->OnEvicted(hash);
+}
+
+std::optional<uint32_t> BlockPool::TakeBlockLocked() {
+  uint32_t id;
+  if (!free_.empty()) {
+    id = free_.back();
+    free_.pop_back();
+  } else if (evictor_->size() > 0) {
+    id = evictor_->PopVictim();
+    EvictLocked(id);
+  } else {
+    return std::nullopt;
+  }
+  Slot& s = slots_[id];
+  s.state = BlockState::kReset;
+  s.mutable_owned = true;
+  ++active_;
+  return id;
 }
 
 Result<std::vector<MutableBlock>> BlockPool::Allocate(size_t count) {
   std::vector<MutableBlock> out;
-  {
-    std::lock_guard lock(mu_);
-    if (free_.size() + inactive_.size() < count)
-      return MakeError(ErrorCode::kResourceExhausted,
-                       fmt::format("{} pool: {} blocks requested, {} free and {} evictable of {}", TierName(tier_),
-                                   count, free_.size(), inactive_.size(), slots_.size()));
-    out.reserve(count);
-    auto self = weak_from_this();
-    for (size_t i = 0; i < count; ++i) {
-      uint32_t id;
-      if (!free_.empty()) {
-        id = free_.back();
-        free_.pop_back();
-      } else {
-        id = inactive_.begin()->id;
-        EvictLocked(id);
-      }
-      Slot& s = slots_[id];
-      s.state = BlockState::kReset;
-      s.mutable_owned = true;
-      ++active_;
-      out.push_back(MutableBlock(self, BlockId(id), tier_));
-    }
+  std::lock_guard lock(mu_);
+  if (free_.size() + evictor_->size() < count)
+    return MakeError(ErrorCode::kResourceExhausted,
+                     fmt::format("{} pool: {} blocks requested, {} free and {} evictable of {}", TierName(tier_), count,
+                                 free_.size(), evictor_->size(), slots_.size()));
+  out.reserve(count);
+  auto self = weak_from_this();
+  for (size_t i = 0; i < count; ++i) {
+    // Evicting a leaf can make its parent evictable: the count never drops below what was checked.
+    auto id = TakeBlockLocked();
+    Check(id.has_value(), "BlockPool::Allocate: a counted block vanished");
+    out.push_back(MutableBlock(self, BlockId(*id), tier_));
   }
   return out;
 }
@@ -276,22 +372,11 @@ BlockState BlockPool::StateOf(BlockId bid) const {
   return slots_[bid.value()].state;
 }
 
-void BlockPool::AcquireLocked(uint32_t id) {
+ImmutableBlock BlockPool::ShareLocked(uint32_t id) {
   Slot& s = slots_[id];
-  if (s.refs++ > 0) return;
-  // First reference: leave the inactive set and pin the parent.
-  if (s.inactive) {
-    inactive_.erase(s.inactive_key);
-    s.inactive = false;
-  }
-  ++active_;
-  if (s.key.parent) {
-    auto it = by_hash_.find(*s.key.parent);
-    if (it != by_hash_.end()) {
-      s.parent_ref = it->second;
-      AcquireLocked(it->second);  // depth 1: the parent is already referenced or becomes so here
-    }
-  }
+  if (s.refs == 0) AcquireLocked(id);
+  else ++s.refs;
+  return ImmutableBlock(weak_from_this(), BlockId(id), tier_, s.key, s.priority);
 }
 
 Result<ImmutableBlock> BlockPool::Register(MutableBlock&& block) {
@@ -302,8 +387,7 @@ Result<ImmutableBlock> BlockPool::Register(MutableBlock&& block) {
   std::lock_guard lock(mu_);
   Slot& s = slots_[id];
   if (s.state != BlockState::kComplete)
-    return MakeError(ErrorCode::kFailedPrecondition,
-                     fmt::format("Register: block {} is not complete", id));
+    return MakeError(ErrorCode::kFailedPrecondition, fmt::format("Register: block {} is not complete", id));
   auto existing = by_hash_.find(s.key.sequence_hash);
   if (existing != by_hash_.end()) {
     Slot& e = slots_[existing->second];
@@ -312,9 +396,10 @@ Result<ImmutableBlock> BlockPool::Register(MutableBlock&& block) {
                        fmt::format("Register: sequence hash {} already held with different content (collision)",
                                    s.key.sequence_hash.value()));
     }
-    // The existing block wins; the given one is returned to Reset by its handle.
-    AcquireLocked(existing->second);
-    ImmutableBlock handle(weak_from_this(), BlockId(existing->second), tier_, e.key, e.priority);
+    // The existing block wins; the given one goes back to Reset.
+    uint32_t eid = existing->second;
+    evictor_->OnHit(eid, e.key.sequence_hash);
+    ImmutableBlock handle = ShareLocked(eid);
     s.state = BlockState::kReset;
     s.tokens.clear();
     s.mutable_owned = false;
@@ -324,20 +409,44 @@ Result<ImmutableBlock> BlockPool::Register(MutableBlock&& block) {
     return handle;
   }
   s.mutable_owned = false;
-  s.state = BlockState::kRegistered;
-  by_hash_.emplace(s.key.sequence_hash, id);
-  if (s.key.parent) {
-    ++children_[*s.key.parent];
-    RekeyParentLocked(*s.key.parent);
-  }
-  if (registry_) registry_->OnStored(tier_, s.key, s.tokens);
-  s.tokens.clear();
-  s.tokens.shrink_to_fit();
-  // The mutable handle's count of active_ becomes the immutable reference's.
-  --active_;
-  AcquireLocked(id);
+  std::vector<Token> tokens = std::move(s.tokens);
+  s.tokens = {};
+  RegisterLocked(id, tokens);
+  // The mutable handle's count in active_ becomes the immutable reference's.
+  s.refs = 1;
   block.pool_.reset();
   return ImmutableBlock(weak_from_this(), BlockId(id), tier_, s.key, s.priority);
+}
+
+StoreRunResult BlockPool::StoreRun(std::span<const BlockKey> keys, uint32_t priority,
+                                   std::span<const std::span<const Token>> tokens) {
+  StoreRunResult out{BlockRun(weak_from_this(), tier_), {}};
+  out.run.ids_.reserve(keys.size());
+  out.fresh.reserve(keys.size());
+  std::lock_guard lock(mu_);
+  for (size_t i = 0; i < keys.size(); ++i) {
+    const BlockKey& key = keys[i];
+    auto existing = by_hash_.find(key.sequence_hash);
+    if (existing != by_hash_.end()) {
+      if (slots_[existing->second].key != key) break;  // a collision: not ours to store
+      evictor_->OnHit(existing->second, key.sequence_hash);
+      AcquireLocked(existing->second);
+      out.run.ids_.push_back(existing->second);
+      out.fresh.push_back(0);
+      continue;
+    }
+    auto id = TakeBlockLocked();
+    if (!id) break;
+    Slot& s = slots_[*id];
+    s.mutable_owned = false;
+    s.key = key;
+    s.priority = priority;
+    s.refs = 1;  // active_ was counted by TakeBlockLocked
+    RegisterLocked(*id, tokens.empty() ? std::span<const Token>() : tokens[i]);
+    out.run.ids_.push_back(*id);
+    out.fresh.push_back(1);
+  }
+  return out;
 }
 
 void BlockPool::AddRef(BlockId bid) {
@@ -348,24 +457,13 @@ void BlockPool::AddRef(BlockId bid) {
 
 void BlockPool::ReleaseRef(BlockId bid) noexcept {
   std::lock_guard lock(mu_);
-  uint32_t id = bid.value();
-  // Iterative so that a long chain returning at once does not recurse.
-  while (true) {
-    Slot& s = slots_[id];
-    if (s.refs == 0) return;
-    if (--s.refs > 0) return;
-    --active_;
-    std::optional<uint32_t> parent = s.parent_ref;
-    s.parent_ref.reset();
-    if (s.state == BlockState::kRegistered) {
-      InsertInactiveLocked(id);
-    } else {
-      s.state = BlockState::kReset;
-      free_.push_back(id);
-    }
-    if (!parent) return;
-    id = *parent;
-  }
+  ReleaseLocked(bid.value());
+}
+
+void BlockPool::ReleaseRun(std::span<const uint32_t> ids) noexcept {
+  std::lock_guard lock(mu_);
+  // Last first: under a recency order the leaf then counts as older than its parent.
+  for (size_t i = ids.size(); i-- > 0;) ReleaseLocked(ids[i]);
 }
 
 std::optional<uint32_t> BlockPool::FindLocked(const BlockKey& key, std::optional<SequenceHash> expected_parent) const {
@@ -377,20 +475,17 @@ std::optional<uint32_t> BlockPool::FindLocked(const BlockKey& key, std::optional
   return it->second;
 }
 
-std::vector<ImmutableBlock> BlockPool::MatchPrefix(std::span<const BlockKey> keys) {
-  std::vector<ImmutableBlock> out;
+BlockRun BlockPool::MatchPrefix(std::span<const BlockKey> keys) {
+  BlockRun out(weak_from_this(), tier_);
+  out.ids_.reserve(keys.size());
   std::lock_guard lock(mu_);
-  out.reserve(keys.size());
-  auto self = weak_from_this();
   std::optional<SequenceHash> parent;
   for (const BlockKey& key : keys) {
-    // The first key may have any parent (a match that continues after another tier's run);
-    // after it the chain must be unbroken.
-    auto id = FindLocked(key, out.empty() ? key.parent : parent);
+    auto id = FindLocked(key, out.ids_.empty() ? key.parent : parent);
     if (!id) break;
+    evictor_->OnHit(*id, key.sequence_hash);
     AcquireLocked(*id);
-    const Slot& s = slots_[*id];
-    out.push_back(ImmutableBlock(self, BlockId(*id), tier_, s.key, s.priority));
+    out.ids_.push_back(*id);
     parent = key.sequence_hash;
   }
   return out;
@@ -419,19 +514,17 @@ bool BlockPool::Invalidate(const BlockKey& key) {
   auto id = FindLocked(key, key.parent);
   if (!id) return false;
   Slot& s = slots_[*id];
-  if (s.inactive) {
-    EvictLocked(*id);
+  if (s.refs == 0) {
+    UnevictableLocked(*id);
+    --inactive_;
+    UnregisterLocked(*id);
+    s.state = BlockState::kReset;
+    s.key = {};
     free_.push_back(*id);
     return true;
   }
-  // Referenced: unregister now; ReleaseRef returns it to Reset since it is no longer Registered.
-  by_hash_.erase(s.key.sequence_hash);
-  if (s.key.parent) {
-    auto it = children_.find(*s.key.parent);
-    if (it != children_.end() && --it->second == 0) children_.erase(it);
-    RekeyParentLocked(*s.key.parent);
-  }
-  if (registry_) registry_->OnRemoved(tier_, s.key);
+  // Referenced: unregister now; the last release frees the slot since it is no longer Registered.
+  UnregisterLocked(*id);
   s.state = BlockState::kComplete;
   return true;
 }
@@ -442,10 +535,12 @@ void BlockPool::Touch(std::span<const SequenceHash> hashes) {
     auto it = by_hash_.find(h);
     if (it == by_hash_.end()) continue;
     Slot& s = slots_[it->second];
-    if (!s.inactive) continue;
-    inactive_.erase(s.inactive_key);
-    s.inactive = false;
-    InsertInactiveLocked(it->second);
+    if (s.refs > 0) continue;
+    s.last_use = ++tick_;
+    if (s.evictable) {
+      UnevictableLocked(it->second);
+      MaybeEvictableLocked(it->second);
+    }
   }
 }
 
@@ -454,9 +549,14 @@ Status BlockPool::Reset() {
   if (active_ != 0)
     return MakeError(ErrorCode::kFailedPrecondition,
                      fmt::format("{} pool reset: {} blocks are still held", TierName(tier_), active_));
-  while (!inactive_.empty()) {
-    uint32_t id = inactive_.begin()->id;
-    EvictLocked(id);
+  for (uint32_t id = 0; id < slots_.size(); ++id) {
+    Slot& s = slots_[id];
+    if (s.state != BlockState::kRegistered) continue;
+    UnevictableLocked(id);
+    --inactive_;
+    UnregisterLocked(id);
+    s.state = BlockState::kReset;
+    s.key = {};
     free_.push_back(id);
   }
   return {};
@@ -464,12 +564,13 @@ Status BlockPool::Reset() {
 
 BlockPoolStats BlockPool::stats() const {
   std::lock_guard lock(mu_);
-  return {slots_.size(), free_.size(), inactive_.size(), active_, by_hash_.size(), evictions_};
+  return {slots_.size(), free_.size(), inactive_, evictor_->size(), active_, by_hash_.size(), evictions_};
 }
 
 uint32_t BlockPool::ChildCount(SequenceHash hash) const {
   std::lock_guard lock(mu_);
-  return ChildCountLocked(hash);
+  auto it = children_.find(hash);
+  return it == children_.end() ? 0 : it->second;
 }
 
 std::vector<std::pair<BlockId, BlockKey>> BlockPool::RegisteredBlocks() const {
@@ -482,7 +583,7 @@ std::vector<std::pair<BlockId, BlockKey>> BlockPool::RegisteredBlocks() const {
 std::vector<SequenceHash> BlockPool::EvictionOrder() const {
   std::lock_guard lock(mu_);
   std::vector<SequenceHash> out;
-  for (const EvictKey& k : inactive_) out.push_back(slots_[k.id].key.sequence_hash);
+  for (uint32_t id : evictor_->Order()) out.push_back(slots_[id].key.sequence_hash);
   return out;
 }
 

@@ -90,7 +90,8 @@ TEST(BlockPool, MatchLongestPrefixAndChainBreaks) {
   auto m = pool->MatchPrefix(keys);
   EXPECT_EQ(m.size(), 5u);
   EXPECT_EQ(pool->stats().active, 5u);
-  m.clear();
+  m.Release();
+  EXPECT_EQ(pool->stats().active, 0u);
   std::vector<BlockKey> empty;
   EXPECT_TRUE(pool->MatchPrefix(empty).empty());
   // A different first block breaks the match at 0.
@@ -124,30 +125,125 @@ TEST(BlockPool, PriorityBeforeRecency) {
   EXPECT_EQ(pool->CountPrefix(Keys(lo)), 0u);
 }
 
-TEST(BlockPool, ChainReturnsLeafFirstAndLeafFirstEvictsLeaves) {
+TEST(BlockPool, LeafFirstEvictsOnlyLeavesWhateverTheReleaseOrder) {
+  auto pool = BlockPool::Create(TierId::kHost, 3, EvictionPolicy::kLeafFirst);
+  auto chain = Chain(1, 3);
+  {
+    auto held = RegisterChain(*pool, chain);
+    held[0] = ImmutableBlock();  // the root returns first: it must still not be a victim
+  }
+  EXPECT_EQ(pool->stats().inactive, 3u);
+  EXPECT_EQ(pool->ChildCount(chain[0].sequence_hash), 1u);
+  EXPECT_EQ(pool->EvictionOrder(), std::vector<SequenceHash>{chain[2].sequence_hash});
+  // Each eviction exposes the next leaf.
+  std::vector<MutableBlock> taken;
+  for (size_t k = 3; k-- > 0;) {
+    auto a = pool->Allocate(1);
+    ASSERT_TRUE(a.has_value());
+    taken.push_back(std::move((*a)[0]));
+    EXPECT_EQ(pool->CountPrefix(Keys(chain)), k);
+  }
+}
+
+TEST(BlockPool, LruEvictsByRecencyEvenAParent) {
+  auto pool = BlockPool::Create(TierId::kHost, 3, EvictionPolicy::kLru);
+  auto chain = Chain(1, 3);
+  {
+    auto held = RegisterChain(*pool, chain);
+    held[0] = ImmutableBlock();  // root returned first: oldest
+  }
+  auto order = pool->EvictionOrder();
+  ASSERT_EQ(order.size(), 3u);
+  EXPECT_EQ(order[0], chain[0].sequence_hash);
+  // A run returns last block first, so a matched chain goes back leaf-oldest.
+  { auto m = pool->MatchPrefix(Keys(chain)); }
+  order = pool->EvictionOrder();
+  EXPECT_EQ(order[0], chain[2].sequence_hash);
+  // Touch the leaf: LRU now evicts the middle block, orphaning the leaf.
+  std::vector<SequenceHash> leaf = {chain[2].sequence_hash};
+  pool->Touch(leaf);
+  EXPECT_EQ(pool->EvictionOrder()[0], chain[1].sequence_hash);
+}
+
+// A child held (being loaded) while its parent sits inactive: leaf-first keeps the parent,
+// LRU may evict it. Nothing walks the chain: matching the leaf references only the leaf.
+TEST(BlockPool, HeldChildProtectsItsParentOnlyUnderLeafFirst) {
   for (auto policy : {EvictionPolicy::kLeafFirst, EvictionPolicy::kLru}) {
-    auto pool = BlockPool::Create(TierId::kHost, 3, policy);
-    auto chain = Chain(1, 3);
-    {
-      auto held = RegisterChain(*pool, chain);
-      // Parents are pinned by children: dropping the root handle first keeps it active.
-      held[0] = ImmutableBlock();
-      EXPECT_EQ(pool->stats().active, 3u);
-    }
-    auto order = pool->EvictionOrder();
-    ASSERT_EQ(order.size(), 3u);
-    EXPECT_EQ(order[0], chain[2].sequence_hash);  // leaf returned first in both policies
-    // Touch the leaf: LRU would now evict the root first; leaf-first still takes a leaf.
-    std::vector<SequenceHash> leaf = {chain[2].sequence_hash};
-    pool->Touch(leaf);
-    order = pool->EvictionOrder();
+    auto pool = BlockPool::Create(TierId::kHost, 2, policy);
+    auto chain = Chain(1, 2);
+    { RegisterChain(*pool, chain); }
+    std::vector<BlockKey> tail = {KeyOf(chain[1])};
+    auto child = pool->MatchPrefix(tail);
+    ASSERT_EQ(child.size(), 1u);
+    EXPECT_EQ(pool->stats().active, 1u);  // the parent is not referenced by its child
+    auto a = pool->Allocate(1);
     if (policy == EvictionPolicy::kLeafFirst) {
-      EXPECT_EQ(order[0], chain[2].sequence_hash);
-      EXPECT_EQ(pool->ChildCount(chain[0].sequence_hash), 1u);
+      EXPECT_FALSE(a.has_value());
+      EXPECT_EQ(pool->CountPrefix(Keys(chain)), 2u);
     } else {
-      EXPECT_EQ(order[0], chain[1].sequence_hash);
+      ASSERT_TRUE(a.has_value());
+      EXPECT_EQ(pool->CountPrefix(Keys(chain)), 0u);  // the root is gone: the child is unreachable
+      EXPECT_EQ(pool->CountPrefix(tail), 1u);
     }
   }
+}
+
+TEST(BlockPool, ChildRegisteredBeforeItsParentStillProtectsIt) {
+  auto pool = BlockPool::Create(TierId::kHost, 4, EvictionPolicy::kLeafFirst);
+  auto chain = Chain(1, 2);
+  {
+    std::vector<TokenBlock> child = {chain[1]};
+    RegisterChain(*pool, child);  // a continuation stored before its parent arrived
+  }
+  { RegisterChain(*pool, std::vector<TokenBlock>{chain[0]}); }
+  EXPECT_EQ(pool->ChildCount(chain[0].sequence_hash), 1u);
+  EXPECT_EQ(pool->EvictionOrder(), std::vector<SequenceHash>{chain[1].sequence_hash});
+  // Invalidating the child makes the parent a leaf.
+  EXPECT_TRUE(pool->Invalidate(KeyOf(chain[1])));
+  EXPECT_EQ(pool->EvictionOrder(), std::vector<SequenceHash>{chain[0].sequence_hash});
+}
+
+TEST(BlockPool, MatchingOneBlockOfALongChainTouchesOneBlock) {
+  const size_t n = 20000;
+  auto pool = BlockPool::Create(TierId::kHost, n + 1, EvictionPolicy::kLeafFirst);
+  auto chain = Chain(1, n, 2);
+  auto keys = Keys(chain);
+  {
+    auto stored = pool->StoreRun(keys, 0);
+    ASSERT_EQ(stored.run.size(), n);
+  }
+  EXPECT_EQ(pool->stats().inactive, n);
+  EXPECT_EQ(pool->stats().evictable, 1u);  // only the leaf
+  std::vector<BlockKey> last = {keys.back()};
+  auto m = pool->MatchPrefix(last);
+  ASSERT_EQ(m.size(), 1u);
+  auto s = pool->stats();
+  EXPECT_EQ(s.active, 1u);
+  EXPECT_EQ(s.inactive, n - 1);
+  EXPECT_EQ(s.evictable, 0u);
+}
+
+TEST(BlockPool, StoreRunReportsFreshBlocksAndStopsWhenFull) {
+  auto pool = BlockPool::Create(TierId::kHost, 3, EvictionPolicy::kLeafFirst);
+  auto chain = Chain(1, 5);
+  auto keys = Keys(chain);
+  {
+    std::vector<BlockKey> first(keys.begin(), keys.begin() + 1);
+    auto r = pool->StoreRun(first, 0);
+    EXPECT_EQ(r.fresh, std::vector<uint8_t>{1});
+  }
+  auto r = pool->StoreRun(keys, 7);
+  ASSERT_EQ(r.run.size(), 3u);  // 3 blocks, all referenced by the run: the 4th finds none
+  EXPECT_EQ(r.fresh, (std::vector<uint8_t>{0, 1, 1}));
+  EXPECT_EQ(r.run.Share(1).priority(), 7u);
+  EXPECT_EQ(pool->stats().active, 3u);
+  r.run.Release();
+  EXPECT_EQ(pool->CountPrefix(keys), 3u);
+  // A key colliding with a held hash stops the run: never stored under another's content.
+  BlockKey forged = keys[0];
+  forged.block_hash ^= 1;
+  std::vector<BlockKey> bad = {forged};
+  EXPECT_TRUE(pool->StoreRun(bad, 0).run.empty());
 }
 
 TEST(BlockPool, RegistryEmitsOneStoredAndOneRemovedAcrossTiers) {
@@ -213,7 +309,8 @@ TEST(BlockPool, ConcurrentStress) {
         size_t need = chain.size() - matched.size();
         auto fresh = pool->Allocate(need);
         if (!fresh) continue;
-        std::vector<ImmutableBlock> held = matched;
+        std::vector<ImmutableBlock> held;
+        for (size_t k = 0; k < matched.size(); ++k) held.push_back(matched.Share(k));
         for (size_t k = 0; k < need; ++k) {
           auto& blk = (*fresh)[k];
           ASSERT_TRUE(blk.Complete(KeyOf(chain[matched.size() + k])).has_value());

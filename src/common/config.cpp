@@ -159,6 +159,15 @@ KvbmConfig KvbmConfig::FromEnvironment(const std::function<const char*(const cha
   if (auto v = get("DYN_KVBM_CACHE_STATS_LOG_INTERVAL_SECS"))
     c.cache_stats_log_interval_secs = ParseUnsigned("DYN_KVBM_CACHE_STATS_LOG_INTERVAL_SECS", *v, 1, 86400);
   if (auto v = get("DYN_KVBM_EVENTS_ENDPOINT")) c.events_endpoint = Trim(*v);
+  if (auto v = get("DYN_KVBM_PROMOTE_DISK_HITS")) c.promote_disk_hits = ParseBool("DYN_KVBM_PROMOTE_DISK_HITS", *v);
+  for (auto [name, field] : {std::pair{"DYN_KVBM_HOST_EVICTION_POLICY", &c.host_eviction_policy},
+                             std::pair{"DYN_KVBM_DISK_EVICTION_POLICY", &c.disk_eviction_policy}}) {
+    if (auto v = get(name)) {
+      std::string t = Lower(Trim(*v));
+      if (t.empty()) Bad(name, *v, "must name an eviction policy (leaf-first, lru)");
+      *field = t;  // the name is checked against the policies when the tiers are built
+    }
+  }
   return c;
 }
 

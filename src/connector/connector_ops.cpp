@@ -6,17 +6,6 @@
 
 namespace kvbm {
 
-const char* OpKindName(OpKind kind) {
-  switch (kind) {
-    case OpKind::kStoreHost: return "store_host";
-    case OpKind::kStoreDisk: return "store_disk";
-    case OpKind::kOffloadDisk: return "offload_disk";
-    case OpKind::kLoadHost: return "load_host";
-    case OpKind::kLoadDisk: return "load_disk";
-  }
-  return "unknown";
-}
-
 // Layout: [version, step, host_blocks, disk_blocks, [op...], [finished...]]
 // op: [id, kind, request_id, [src, dst, hash, src, dst, hash, ...]] (flat triples: compact).
 std::string EncodeStepMetadata(const StepMetadata& meta) {

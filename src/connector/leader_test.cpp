@@ -119,7 +119,7 @@ TEST(Leader, LoadErrorInvalidatesTheSourceBlock) {
   std::vector<uint32_t> bad = {12};
   std::vector<std::string> done = {"b"};
   l.OnWorkerOutput(done, {}, bad);
-  EXPECT_EQ(l.stats().load_errors, 1u);
+  EXPECT_EQ(l.chain().stats().load_errors, 1u);
   l.AddRequest("c", t);
   EXPECT_EQ(l.GetNumNewMatchedTokens("c", 0)->external_tokens, 8u);  // stops before the bad block
 }
@@ -135,11 +135,11 @@ TEST(Leader, PrefixMinPriorityStopsOffload) {
   l.AddRequest("low", t, std::nullopt, std::nullopt, 10);
   ASSERT_TRUE(l.UpdateStateAfterAlloc("low", Ids(5), 0).has_value());
   ASSERT_TRUE(l.OnScheduled("low", Ids(5), 0, 20).has_value());
-  EXPECT_EQ(l.stats().store_host_blocks, 0u);
+  EXPECT_EQ(l.chain().stats().store_host_blocks, 0u);
   l.AddRequest("high", Tokens(20, 100), std::nullopt, std::nullopt, 80);
   ASSERT_TRUE(l.UpdateStateAfterAlloc("high", Ids(5), 0).has_value());
   ASSERT_TRUE(l.OnScheduled("high", Ids(5), 0, 20).has_value());
-  EXPECT_EQ(l.stats().store_host_blocks, 5u);
+  EXPECT_EQ(l.chain().stats().store_host_blocks, 5u);
 }
 
 TEST(Leader, ChunkedPrefillStoresEachBlockOnceAfterItsForwardPass) {
@@ -171,9 +171,9 @@ TEST(Leader, DiskAdmissionOnReuseAndDiskContinuation) {
   ConnectorLeader l(c, o);
   auto t = Tokens(20);
   RunRequest(l, "a", t);
-  EXPECT_EQ(l.stats().offload_disk_blocks, 0u);  // first sight: filtered
+  EXPECT_EQ(l.chain().stats().offload_disk_blocks, 0u);  // first sight: filtered
   RunRequest(l, "b", t);  // second sight: the 4 G2 hits and the recomputed last block
-  EXPECT_EQ(l.stats().offload_disk_blocks, 5u);
+  EXPECT_EQ(l.chain().stats().offload_disk_blocks, 5u);
   // Flush G2 with other prefixes; the match then continues from G3.
   // (Names built with fmt-free literals: g++ 12 -O3 warns falsely on "f" + to_string.)
   const char* fillers[] = {"f0", "f1", "f2", "f3"};
@@ -191,6 +191,87 @@ TEST(Leader, BadConfigurationIsAnError) {
   EXPECT_THROW(ConnectorLeader(KvbmConfig{}, o), ConfigError);
   o.page_size = 0;
   EXPECT_THROW(ConnectorLeader(HostOnly(), o), ConfigError);
+}
+
+// A load that spans steps holds a child (the engine had the parent in G1, kvbm loads the
+// continuation from G2) while other requests' stores need room. Leaf-first keeps the parent,
+// whose child is held, and drops a new store instead; LRU evicts the parent, so its cached
+// child can never be matched again and a later request that needs the prefix misses both.
+TEST(Leader, AsyncLoadHoldingAChildLeafFirstKeepsItsParentLruDoesNot) {
+  for (auto policy : {EvictionPolicy::kLeafFirst, EvictionPolicy::kLru}) {
+    SCOPED_TRACE(std::string(EvictionPolicyName(policy)));
+    LeaderOptions o;
+    o.page_size = 4;
+    o.bytes_per_block = 1000;
+    o.policy = policy;
+    o.host_blocks = 4;
+    o.disk_blocks = 0;
+    ConnectorLeader l(KvbmConfig{}, o);
+    auto x = Tokens(9, 1);    // x0 x1 + 1 token
+    auto y = Tokens(13, 100);  // y0 y1 y2 + 1 token
+    RunRequest(l, "a", x);
+    Flush(l);
+    ASSERT_EQ(l.host_pool()->stats().inactive, 2u);
+
+    // B: the engine holds x0 in G1; kvbm loads x1 from G2, and the load is still in flight.
+    l.AddRequest("b", x);
+    MatchResult m = *l.GetNumNewMatchedTokens("b", 4);
+    ASSERT_EQ(m.host_blocks, 1u);
+    ASSERT_TRUE(l.UpdateStateAfterAlloc("b", Ids(3), m.external_tokens).has_value());
+    l.BuildStepMetadata();
+    EXPECT_TRUE(l.IsLoading("b"));
+
+    // C stores three new blocks meanwhile: two free blocks and one eviction are needed.
+    RunRequest(l, "c", y);
+    Flush(l);
+    std::vector<std::string> done = {"b"};
+    l.OnWorkerOutput(done, {}, {});
+    EXPECT_FALSE(l.RequestFinished("b"));
+    Flush(l);
+
+    // D needs the whole x prefix from kvbm.
+    l.AddRequest("d", x);
+    MatchResult d = *l.GetNumNewMatchedTokens("d", 0);
+    if (policy == EvictionPolicy::kLeafFirst) {
+      EXPECT_EQ(d.host_blocks, 2u);                      // x0 x1 kept
+      EXPECT_EQ(l.chain().stats().dropped_full, 1u);     // y2 had no room
+    } else {
+      EXPECT_EQ(d.host_blocks, 0u);                      // x0 evicted: x1 is unreachable
+      EXPECT_EQ(l.chain().stats().dropped_full, 0u);
+    }
+    EXPECT_TRUE(l.RequestFinished("d") == false);
+  }
+}
+
+TEST(Leader, DiskHitsArePromotedToHostWhenAsked) {
+  KvbmConfig c;
+  c.cpu_cache_num_blocks = 16;
+  c.disk_cache_num_blocks = 16;
+  c.disable_disk_offload_filter = true;
+  c.promote_disk_hits = true;
+  LeaderOptions o;
+  o.page_size = 4;
+  o.bytes_per_block = 1000;
+  ConnectorLeader l(c, o);
+  auto t = Tokens(21);  // 5 blocks + 1
+  RunRequest(l, "a", t);
+  Flush(l);
+  ASSERT_EQ(l.disk_pool()->stats().registered, 5u);
+  ASSERT_TRUE(l.host_pool()->Reset().has_value());  // G2 lost them: only G3 holds the prefix
+  l.AddRequest("b", t);
+  MatchResult m = *l.GetNumNewMatchedTokens("b", 0);
+  EXPECT_EQ(m.disk_blocks, 5u);
+  ASSERT_TRUE(l.UpdateStateAfterAlloc("b", Ids(6), m.external_tokens).has_value());
+  StepMetadata meta = l.BuildStepMetadata();
+  size_t loads = 0, promotions = 0;
+  for (const TransferOp& op : meta.ops) {
+    if (op.kind == OpKind::kLoadDisk) loads += op.blocks.size();
+    if (op.kind == OpKind::kPromoteHost) promotions += op.blocks.size();
+  }
+  EXPECT_EQ(loads, 5u);
+  EXPECT_EQ(promotions, 5u);
+  EXPECT_EQ(l.chain().stats().promote_host_blocks, 5u);
+  EXPECT_EQ(l.host_pool()->stats().registered, 5u);
 }
 
 }  // namespace

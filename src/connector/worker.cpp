@@ -3,7 +3,6 @@
 #include <fmt/format.h>
 
 #include <chrono>
-#include <cstdlib>
 #include <thread>
 
 #include "kvbm/cuda.h"
@@ -19,6 +18,7 @@ TransferPath PathOf(OpKind kind) {
     case OpKind::kOffloadDisk: return TransferPath::kH2D_Disk;
     case OpKind::kLoadHost: return TransferPath::kH2Dev;
     case OpKind::kLoadDisk: return TransferPath::kDisk2Dev;
+    case OpKind::kPromoteHost: return TransferPath::kDisk2H;
   }
   return TransferPath::kD2H;
 }
@@ -35,14 +35,6 @@ void AfterAll(const std::vector<std::shared_ptr<TransferCompletion>>& deps, std:
     d->OnDone([remaining, shared_fn](const TransferResult&) {
       if (remaining->fetch_sub(1) == 1) (*shared_fn)();
     });
-}
-
-// Test hook: KVBM_TEST_LOAD_DELAY_MS holds back the completion of every load by that long, as a
-// slow tier would, so engine tests can abort or preempt requests while their loads are in
-// flight. Read at each load on the engine thread (tests change it between phases).
-std::chrono::milliseconds TestLoadDelay() {
-  const char* v = std::getenv("KVBM_TEST_LOAD_DELAY_MS");
-  return std::chrono::milliseconds(v ? std::strtol(v, nullptr, 10) : 0);
 }
 
 }  // namespace
@@ -142,14 +134,20 @@ Status KvbmWorker::BindStep(const StepMetadata& meta) {
                      fmt::format("rank {}: leader sized G2/G3 as {}/{} blocks, this worker has {}/{}", rank_,
                                  meta.host_blocks, meta.disk_blocks, host_blocks_, disk_blocks_));
   for (const TransferOp& op : meta.ops) {
-    bool needs_host = op.kind == OpKind::kStoreHost || op.kind == OpKind::kLoadHost || op.kind == OpKind::kOffloadDisk;
-    bool needs_disk = op.kind == OpKind::kStoreDisk || op.kind == OpKind::kLoadDisk || op.kind == OpKind::kOffloadDisk;
+    const OpKind k = op.kind;
+    bool needs_host = k == OpKind::kStoreHost || k == OpKind::kLoadHost || k == OpKind::kOffloadDisk ||
+                      k == OpKind::kPromoteHost;
+    bool needs_disk = k == OpKind::kStoreDisk || k == OpKind::kLoadDisk || k == OpKind::kOffloadDisk ||
+                      k == OpKind::kPromoteHost;
     if ((needs_host && !host_) || (needs_disk && !disk_))
       return MakeError(ErrorCode::kFailedPrecondition, fmt::format("op {} needs a tier this worker lacks", OpKindName(op.kind)));
     for (const BlockOp& b : op.blocks) {
-      uint64_t src_n = op.kind == OpKind::kStoreHost || op.kind == OpKind::kStoreDisk ? device_blocks()
-                       : op.kind == OpKind::kLoadDisk ? disk_blocks_ : host_blocks_;
-      uint64_t dst_n = IsLoad(op.kind) ? device_blocks() : op.kind == OpKind::kStoreHost ? host_blocks_ : disk_blocks_;
+      uint64_t src_n = k == OpKind::kStoreHost || k == OpKind::kStoreDisk                ? device_blocks()
+                       : k == OpKind::kLoadDisk || k == OpKind::kPromoteHost ? disk_blocks_
+                                                                             : host_blocks_;
+      uint64_t dst_n = IsLoad(k)                                                   ? device_blocks()
+                       : k == OpKind::kStoreHost || k == OpKind::kPromoteHost ? host_blocks_
+                                                                             : disk_blocks_;
       bool src_ok = b.src < src_n || (IsLoad(op.kind) && b.src == kNoBlock);
       if (!src_ok || b.dst >= dst_n)
         return MakeError(ErrorCode::kInvalidArgument, fmt::format("op {} ({}) block ({} -> {}) out of range", op.id,
@@ -179,48 +177,59 @@ Status KvbmWorker::BindStep(const StepMetadata& meta) {
   }
   for (const TransferOp& op : meta.ops) {
     if (IsLoad(op.kind)) StartLoad(op);
-    else if (op.kind == OpKind::kOffloadDisk) pending_offloads_.push_back(op);
+    else if (op.kind == OpKind::kOffloadDisk || op.kind == OpKind::kPromoteHost) pending_offloads_.push_back(op);
     else pending_stores_.push_back(op);
   }
   return {};
 }
 
 void KvbmWorker::StartLoad(const TransferOp& op) {
+  const bool from_disk = op.kind == OpKind::kLoadDisk;
   std::vector<BlockCopy> copies;
   std::vector<uint32_t> missing;
-  std::vector<uint32_t> dst_of;
   std::vector<uint32_t> src_slots;
-  bool from_disk_op = op.kind == OpKind::kLoadDisk;
   for (const BlockOp& b : op.blocks) {
-    // A host slot whose store failed holds no block: never served (disk slots verify on read).
-    if (b.src == kNoBlock || (!from_disk_op && !HostSlotValid(b.src))) {
+    if (b.src == kNoBlock) {
       missing.push_back(b.dst);
       continue;
     }
     copies.push_back({b.src, b.dst, SequenceHash(b.hash)});
-    dst_of.push_back(b.dst);
     src_slots.push_back(b.src);
   }
-  bool from_disk = op.kind == OpKind::kLoadDisk;
   std::vector<BlockOp> readers;
-  std::vector<std::shared_ptr<TransferCompletion>> deps;
   {
     std::lock_guard lock(mu_);
     ++transfers_in_flight_;
     if (!from_disk)
-      for (const auto& c : copies) ++host_readers_[c.src];
+      for (const auto& c : copies) {
+        ++host_readers_[c.src];
+        readers.push_back({c.src, c.dst, c.hash.value()});
+      }
   }
-  if (from_disk) deps = PendingDiskWrites(src_slots);
-  else
-    for (const auto& c : copies) readers.push_back({c.src, c.dst, c.hash.value()});
+  // A disk slot is read after its last write; a host slot after a promotion writing it.
+  auto deps = from_disk ? PendingWrites(disk_writes_, src_slots) : PendingWrites(host_writes_, src_slots);
   std::string request_id = op.request_id;
   TransferPath path = PathOf(op.kind);
   const TierMemory* src = from_disk ? &disk_mem_ : &host_mem_;
-  auto delay = TestLoadDelay();
-  AfterAll(deps, [this, copies, dst_of, missing, request_id, path, src, readers, delay]() mutable {
+  auto delay = std::chrono::milliseconds(test_load_delay_ms_.load());
+  AfterAll(deps, [this, copies = std::move(copies), missing, request_id, path, src, readers, from_disk, delay]() mutable {
+    // A host slot whose store or promotion failed holds no block: never served (disk slots
+    // verify on read).
+    std::vector<uint32_t> failed_now = missing;
+    if (!from_disk) {
+      std::vector<BlockCopy> valid;
+      std::lock_guard lock(mu_);
+      for (const BlockCopy& c : copies) {
+        if (c.src < host_valid_.size() && host_valid_[c.src]) valid.push_back(c);
+        else failed_now.push_back(c.dst);
+      }
+      copies.swap(valid);
+    }
+    std::vector<uint32_t> dst_of;
+    for (const BlockCopy& c : copies) dst_of.push_back(c.dst);
     auto completion = engine_->Submit(path, *src, device_mem_, copies);
-    completion->OnDone([this, dst_of, missing, request_id, readers, delay](const TransferResult& r) {
-      std::vector<uint32_t> failed = missing;
+    completion->OnDone([this, dst_of, failed_now, request_id, readers, delay](const TransferResult& r) {
+      std::vector<uint32_t> failed = failed_now;
       for (uint32_t i : r.failed) failed.push_back(dst_of[i]);
       if (r.first_error) Log(LogLevel::kWarn, "load for {} failed for {} blocks: {}", request_id, failed.size(), r.first_error->ToString());
       if (delay.count() > 0) {
@@ -234,6 +243,45 @@ void KvbmWorker::StartLoad(const TransferOp& op) {
       }
       ReleaseHostReaders(readers);
       LoadDone(request_id, failed);
+    });
+  });
+}
+
+void KvbmWorker::StartPromotion(const TransferOp& op) {
+  std::vector<BlockCopy> copies;
+  std::vector<uint32_t> src_slots, dst_slots;
+  for (const BlockOp& b : op.blocks) {
+    copies.push_back({b.src, b.dst, SequenceHash(b.hash)});
+    src_slots.push_back(b.src);
+    dst_slots.push_back(b.dst);
+  }
+  WaitHostSlotsFree(op.blocks);
+  auto deps = PendingWrites(disk_writes_, src_slots);
+  auto gate = std::make_shared<TransferCompletion>();
+  {
+    std::lock_guard lock(mu_);
+    for (uint32_t s : dst_slots) {
+      host_valid_[s] = 0;  // until the verified read has landed
+      host_writes_[s] = gate;
+    }
+    ++transfers_in_flight_;
+  }
+  AfterAll(deps, [this, copies, dst_slots, gate, id = op.id]() {
+    auto completion = engine_->Submit(TransferPath::kDisk2H, disk_mem_, host_mem_, copies);
+    completion->OnDone([this, dst_slots, gate, id](const TransferResult& r) {
+      if (!r.ok())
+        Log(LogLevel::kWarn, "promotion op {} (G3 -> G2) failed for {} blocks: {}", id, r.failed.size(),
+            r.first_error ? r.first_error->ToString() : "unknown");
+      std::vector<bool> failed(dst_slots.size(), false);
+      for (uint32_t f : r.failed) failed[f] = true;
+      {
+        std::lock_guard lock(mu_);
+        for (size_t k = 0; k < dst_slots.size(); ++k) host_valid_[dst_slots[k]] = failed[k] ? 0 : 1;
+      }
+      gate->Finish(r);
+      std::lock_guard lock(mu_);
+      --transfers_in_flight_;
+      cv_.notify_all();
     });
   });
 }
@@ -274,13 +322,14 @@ void KvbmWorker::WaitHostSlotsFree(const std::vector<BlockOp>& blocks) {
   });
 }
 
-std::vector<std::shared_ptr<TransferCompletion>> KvbmWorker::PendingDiskWrites(const std::vector<uint32_t>& slots) {
+std::vector<std::shared_ptr<TransferCompletion>> KvbmWorker::PendingWrites(
+    std::unordered_map<uint32_t, std::shared_ptr<TransferCompletion>>& writes, const std::vector<uint32_t>& slots) {
   std::vector<std::shared_ptr<TransferCompletion>> deps;
   std::lock_guard lock(mu_);
   for (uint32_t s : slots) {
-    auto it = disk_writes_.find(s);
-    if (it == disk_writes_.end()) continue;
-    if (it->second->done()) disk_writes_.erase(it);
+    auto it = writes.find(s);
+    if (it == writes.end()) continue;
+    if (it->second->done()) writes.erase(it);
     else deps.push_back(it->second);
   }
   return deps;
@@ -293,7 +342,7 @@ void KvbmWorker::StartDiskWrite(const TransferOp& op, TransferPath path, const T
     copies.push_back({b.src, b.dst, SequenceHash(b.hash)});
     slots.push_back(b.dst);
   }
-  auto deps = PendingDiskWrites(slots);
+  auto deps = PendingWrites(disk_writes_, slots);
   // This write's completion gates later reads and writes of the same slots.
   auto gate = std::make_shared<TransferCompletion>();
   bool reads_host = op.kind == OpKind::kOffloadDisk;
@@ -326,11 +375,6 @@ void KvbmWorker::StartDiskWrite(const TransferOp& op, TransferPath path, const T
   });
 }
 
-bool KvbmWorker::HostSlotValid(uint32_t slot) {
-  std::lock_guard lock(mu_);
-  return slot < host_valid_.size() && host_valid_[slot] != 0;
-}
-
 Status KvbmWorker::ForwardPassDone() {
   std::vector<TransferOp> stores;
   stores.swap(pending_stores_);
@@ -344,6 +388,8 @@ Status KvbmWorker::ForwardPassDone() {
         copies.push_back({b.src, b.dst, SequenceHash(b.hash)});
         slots.push_back(b.dst);
       }
+      // A promotion still writing one of these slots (its block since evicted) lands first.
+      for (auto& w : PendingWrites(host_writes_, slots)) w->Wait();
       {
         std::lock_guard lock(mu_);
         for (uint32_t slot : slots) host_valid_[slot] = 0;  // until the copy has landed
@@ -354,7 +400,7 @@ Status KvbmWorker::ForwardPassDone() {
       StartDiskWrite(op, TransferPath::kD2D, device_mem_);
       std::vector<uint32_t> slots;
       for (const BlockOp& b : op.blocks) slots.push_back(b.dst);
-      for (auto& d : PendingDiskWrites(slots)) waits.push_back(d);
+      for (auto& d : PendingWrites(disk_writes_, slots)) waits.push_back(d);
     }
   }
   // G1 must have been read before the engine may reuse the blocks.
@@ -372,7 +418,10 @@ Status KvbmWorker::ForwardPassDone() {
   for (auto& w : waits) w->Wait();
   std::vector<TransferOp> offloads;
   offloads.swap(pending_offloads_);
-  for (const TransferOp& op : offloads) StartDiskWrite(op, TransferPath::kH2D_Disk, host_mem_);
+  for (const TransferOp& op : offloads) {
+    if (op.kind == OpKind::kPromoteHost) StartPromotion(op);
+    else StartDiskWrite(op, TransferPath::kH2D_Disk, host_mem_);
+  }
   return {};
 }
 

@@ -5,19 +5,20 @@
 
 namespace kvbm {
 
-KvBlockManager::KvBlockManager(const KvbmConfig& config, const LeaderOptions& options,
+KvBlockManager::KvBlockManager(const KvbmConfig& config, const TierChainOptions& tiers, uint32_t page_size,
                                std::shared_ptr<KvbmMetrics> metrics)
-    : metrics_(metrics ? std::move(metrics) : std::make_shared<KvbmMetrics>(config.cache_stats_max_requests)) {
-  leader_ = std::make_unique<ConnectorLeader>(config, options, metrics_);
+    : metrics_(metrics ? std::move(metrics) : std::make_shared<KvbmMetrics>(config.cache_stats_max_requests)),
+      registry_(std::make_shared<BlockRegistry>()),
+      chain_(std::make_shared<TierChain>(config, tiers, metrics_, registry_)) {
   if (!config.events_endpoint.empty()) {
     KvEventPublisher::Options o;
     o.endpoint = config.events_endpoint;
-    o.block_size = options.page_size;
+    o.block_size = page_size;
     o.metrics = metrics_;
     auto publisher = KvEventPublisher::Create(o);
     if (publisher) {
       events_ = std::move(*publisher);
-      events_->Attach(*leader_->registry());
+      events_->Attach(*registry_);
     } else {
       observability_error_ += publisher.error().message() + "; ";
       Log(LogLevel::kError, "kvbm: KV events off: {}", publisher.error().message());
@@ -25,11 +26,12 @@ KvBlockManager::KvBlockManager(const KvbmConfig& config, const LeaderOptions& op
   }
   if (config.metrics) {
     auto o = MetricsServer::OptionsFrom(config);
-    ConnectorLeader* leader = leader_.get();
+    std::weak_ptr<BlockPool> host = chain_->host() ? chain_->host()->weak_from_this() : std::weak_ptr<BlockPool>();
+    std::weak_ptr<BlockPool> disk = chain_->disk() ? chain_->disk()->weak_from_this() : std::weak_ptr<BlockPool>();
     std::shared_ptr<KvbmMetrics> m = metrics_;
-    o.before_scrape = [leader, m] {
-      if (leader->host_pool()) m->pool_used[static_cast<size_t>(TierId::kHost)] = leader->host_pool()->stats().registered;
-      if (leader->disk_pool()) m->pool_used[static_cast<size_t>(TierId::kDisk)] = leader->disk_pool()->stats().registered;
+    o.before_scrape = [host, disk, m] {
+      if (auto p = host.lock()) m->pool_used[static_cast<size_t>(TierId::kHost)] = p->stats().registered;
+      if (auto p = disk.lock()) m->pool_used[static_cast<size_t>(TierId::kDisk)] = p->stats().registered;
     };
     server_ = std::make_unique<MetricsServer>(metrics_, o);
     if (auto s = server_->Start(); !s) {
@@ -44,7 +46,8 @@ KvBlockManager::KvBlockManager(const KvbmConfig& config, const LeaderOptions& op
 KvBlockManager::~KvBlockManager() {
   server_.reset();
   stats_logger_.reset();
-  leader_.reset();  // removes nothing from the registry by itself; pools emit removals
+  // The chain may outlive this manager (a leader shares it); events stop with the publisher.
+  chain_.reset();
   events_.reset();
 }
 

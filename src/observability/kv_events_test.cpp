@@ -378,12 +378,19 @@ TEST(KvEventPublisher, QueueOverflowIsCountedNotSilent) {
 TEST(KvEventPublisher, RegistryOutlivingPublisherOnlyCountsDrops) {
   auto registry = std::make_shared<BlockRegistry>();
   auto pool = BlockPool::Create(TierId::kHost, 4, EvictionPolicy::kLru, registry);
+  auto metrics = std::make_shared<KvbmMetrics>();
   {
-    auto pub = MakePublisher(KvEventEncoding::kArray, nullptr);
+    auto pub = MakePublisher(KvEventEncoding::kArray, metrics);
     ASSERT_TRUE(pub);
     (*pub)->Attach(*registry);
   }
+  Recorder recorder;
+  recorder.Attach(*registry);
   RunWorkload(pool, 1, 2, 2);  // the sink still fires; nothing to crash into
+  ASSERT_GT(recorder.events.size(), 0u);
+  // Every event the registry emitted after the publisher went is counted as dropped, none sent.
+  EXPECT_EQ(metrics->kv_events_dropped.load(), recorder.events.size());
+  EXPECT_EQ(metrics->kv_events_published.load(), 0u);
 }
 
 TEST(KvEventPublisher, BadEndpointNamesTheVariable) {

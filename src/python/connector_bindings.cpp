@@ -50,6 +50,7 @@ nb::dict MetricsDict(const KvbmMetrics& m) {
   d["matched_tokens"] = m.matched_tokens.load();
   d["requested_tokens"] = m.requested_tokens.load();
   d["load_errors"] = m.load_errors.load();
+  d["corrupt_blocks"] = m.corrupt_blocks.load();
   d["disk_writes_avoided"] = m.disk_writes_avoided.load();
   d["host_hit_rate"] = m.host_hit_rate.Rate();
   d["disk_hit_rate"] = m.disk_hit_rate.Rate();
@@ -60,24 +61,29 @@ nb::dict PoolDict(BlockPool* pool) { return pool ? PoolStatsDict(pool->stats()) 
 
 class PyLeader {
  public:
-  PyLeader(uint32_t page_size, uint64_t bytes_per_block, const std::string& policy, std::optional<uint64_t> host_blocks,
-           std::optional<uint64_t> disk_blocks, std::optional<std::map<std::string, std::string>> env, bool shared_metrics) {
+  PyLeader(uint32_t page_size, uint64_t bytes_per_block, std::optional<std::string> policy,
+           std::optional<uint64_t> host_blocks, std::optional<uint64_t> disk_blocks,
+           std::optional<std::map<std::string, std::string>> env, bool shared_metrics) {
     KvbmConfig config = ConfigFrom(env);
-    LeaderOptions o;
-    o.page_size = page_size;
-    o.bytes_per_block = bytes_per_block;
-    o.policy = PolicyFromName(policy);
-    o.host_blocks = host_blocks;
-    o.disk_blocks = disk_blocks;
+    if (page_size == 0) throw ConfigError("kvbm leader: page_size (engine block size) must be > 0");
+    std::optional<EvictionPolicy> p;
+    if (policy) p = PolicyFromName(*policy);
+    auto tiers = TierChainOptions::FromConfig(config, bytes_per_block, host_blocks, disk_blocks, p);
     auto metrics = shared_metrics ? ProcessMetrics(config.cache_stats_max_requests)
                                   : std::make_shared<KvbmMetrics>(config.cache_stats_max_requests);
-    manager_ = std::make_unique<KvBlockManager>(config, o, metrics);
+    manager_ = std::make_unique<KvBlockManager>(config, tiers, page_size, metrics);
+    leader_ = std::make_unique<ConnectorLeader>(manager_->chain(), config, page_size, metrics);
   }
-  ConnectorLeader& leader() { return manager_->leader(); }
+  ~PyLeader() {
+    leader_.reset();  // its pins go before the manager's observability
+    manager_.reset();
+  }
+  ConnectorLeader& leader() { return *leader_; }
   KvBlockManager& manager() { return *manager_; }
 
  private:
   std::unique_ptr<KvBlockManager> manager_;
+  std::unique_ptr<ConnectorLeader> leader_;
 };
 
 class PyWorker {
@@ -102,9 +108,9 @@ void BindConnector(nb::module_& m) {
 
   nb::class_<PyLeader>(m, "Leader",
                        "Leader side of the connector core (scheduler process): pools, policy, per-request slots.")
-      .def(nb::init<uint32_t, uint64_t, const std::string&, std::optional<uint64_t>, std::optional<uint64_t>,
+      .def(nb::init<uint32_t, uint64_t, std::optional<std::string>, std::optional<uint64_t>, std::optional<uint64_t>,
                     std::optional<std::map<std::string, std::string>>, bool>(),
-           "page_size"_a, "bytes_per_block"_a, "policy"_a = "leaf-first", "host_blocks"_a = nb::none(),
+           "page_size"_a, "bytes_per_block"_a, "policy"_a = nb::none(), "host_blocks"_a = nb::none(),
            "disk_blocks"_a = nb::none(), "env"_a = nb::none(), "shared_metrics"_a = true)
       .def_prop_ro("host_blocks", [](PyLeader& l) { return l.leader().host_blocks(); })
       .def_prop_ro("disk_blocks", [](PyLeader& l) { return l.leader().disk_blocks(); })
@@ -158,11 +164,13 @@ void BindConnector(nb::module_& m) {
            })
       .def("stats",
            [](PyLeader& l) {
-             const LeaderStats& s = l.leader().stats();
+             const LeaderStats& r = l.leader().stats();
+             const TierChainStats& s = l.leader().chain().stats();
              nb::dict d;
-             d["requests"] = s.requests;
-             d["matched_tokens"] = s.matched_tokens;
-             d["requested_tokens"] = s.requested_tokens;
+             d["requests"] = r.requests;
+             d["matched_tokens"] = r.matched_tokens;
+             d["requested_tokens"] = r.requested_tokens;
+             d["promote_host_blocks"] = s.promote_host_blocks;
              d["onboard_host_blocks"] = s.onboard_host_blocks;
              d["onboard_disk_blocks"] = s.onboard_disk_blocks;
              d["store_host_blocks"] = s.store_host_blocks;
@@ -223,6 +231,13 @@ void BindConnector(nb::module_& m) {
       .def("get_finished", [](PyWorker& w) { return w.w().GetFinished(); }, "(done_sending, done_recving)")
       .def("take_load_errors", [](PyWorker& w) { return w.w().TakeLoadErrors(); })
       .def("wait_idle", [](PyWorker& w) { w.w().WaitIdle(); }, nb::call_guard<nb::gil_scoped_release>())
+      .def("set_load_delay_for_testing",
+           [](PyWorker& w, int64_t ms) {
+             if (ms < 0) throw ConfigError("set_load_delay_for_testing: the delay must be >= 0 ms");
+             w.w().SetLoadDelayForTesting(std::chrono::milliseconds(ms));
+           },
+           "milliseconds"_a,
+           "Test seam: holds back the completion of every load started from now on, as a slow tier would.")
       .def("metrics", [](PyWorker& w) { return MetricsDict(*w.w().metrics()); });
 
   m.def("size_tiers",

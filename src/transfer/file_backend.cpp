@@ -41,6 +41,7 @@ struct Gather {
       std::lock_guard lock(mu);
       if (!status) {
         result.failed.push_back(index);
+        if (status.error().code() == ErrorCode::kCorrupt) ++result.corrupt;
         if (!result.first_error) result.first_error = status.error();
       }
     }

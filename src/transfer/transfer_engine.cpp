@@ -117,6 +117,7 @@ struct TransferEngine::Impl {
                       stage2->Execute(staging, dst_mem, go,
                                       [r1, go_index, layout, buffer, done](TransferResult r2) mutable {
                                         for (uint32_t f : r2.failed) r1.failed.push_back(go_index[f]);
+                                        r1.corrupt += r2.corrupt;
                                         if (!r1.first_error) r1.first_error = r2.first_error;
                                         done(std::move(r1));
                                       });
@@ -131,6 +132,7 @@ struct TransferEngine::Impl {
       metrics->blocks[p] += ok_blocks;
       metrics->bytes[p] += ok_blocks * b.src.layout->dims().block_bytes();
       metrics->latency[p].Observe(seconds);
+      metrics->corrupt_blocks += r.corrupt;
     }
     std::shared_ptr<TransferCompletion> finish;
     TransferResult total;
@@ -138,6 +140,7 @@ struct TransferEngine::Impl {
       std::lock_guard lock(b.aggregate->mu);
       auto& agg = b.aggregate->result;
       for (uint32_t f : r.failed) agg.failed.push_back(b.first_index + f);
+      agg.corrupt += r.corrupt;
       if (!agg.first_error && r.first_error) agg.first_error = r.first_error;
       if (--b.aggregate->remaining == 0) {
         finish = b.aggregate->completion;

@@ -132,8 +132,19 @@ def test_kv_events_match_the_pools(tmp_path):
     leader, worker, layers = _pair(tmp_path, DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="4",
                                    DYN_KVBM_EVENTS_ENDPOINT=endpoint)
     assert leader.events_endpoint == endpoint
+    # PUB/SUB drops what is published before the subscriber is connected: wait for the
+    # ZeroMQ handshake with the publisher (a condition, with a deadline), then start.
+    from zmq.utils.monitor import recv_monitor_message
+
+    monitor = sub.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
     sub.connect(endpoint)
-    time.sleep(0.3)  # PUB/SUB: let the subscription reach the publisher
+    connected = time.monotonic() + 10
+    while True:
+        assert time.monotonic() < connected, "the subscriber never completed its handshake with kvbm"
+        if monitor.poll(200) and recv_monitor_message(monitor)["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            break
+    sub.disable_monitor()
+    monitor.close(0)
     for i in range(4):  # 4 prompts of 3 full blocks into a 4-block G2: evictions
         _run(leader, worker, layers, f"r{i}", list(range(100 * i, 100 * i + 3 * BLOCK + 1)), list(range(4)))
     worker.wait_idle()

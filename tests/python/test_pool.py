@@ -397,6 +397,8 @@ def test_each_error_code_raises_its_class(code):
 
 def test_bench_core_runs_natively():
     r = _core.bench_core(num_tokens=4096, passes=3, pool_cycles=200, match_blocks=128)
-    for k in ("hash_tokens_per_s", "xxh3_raw_tokens_per_s", "hash_vs_raw", "pool_cycles_per_s", "match_8192_blocks_us"):
+    assert (r["blocks_matched"], r["blocks_stored"], r["blocks_loaded"]) == (128, 128, 127)
+    for k in ("hash_tokens_per_s", "hash_request_us", "pool_cycles_per_s", "match_8192_blocks_us",
+              "leader_request_miss_us", "leader_request_hit_us"):
         assert r[k] > 0, k
     assert r["options"]["match_blocks"] == 128

@@ -177,6 +177,16 @@ def test_corrupt_g3_is_detected_and_recomputed(reference, first_pass, kvbm_engin
     # every failed load was verified and counted by the worker, too (the worker's metrics object
     # is shared with the leader in a single-process engine, so it may hold both counts)
     assert w["load_errors"] >= stats["load_errors"], (stats, w)
+    assert w["corrupt_blocks"] >= stats["load_errors"], (stats, w)
+    # The leader invalidated every bad block, and the recomputed blocks were stored again: the
+    # same conversation now loads without a single error and still gives the same tokens.
+    before_l = dict(leader.leader.stats())
+    again = vr.run_sequential(kvbm_engine["llm"], chat_prompts())
+    worker.worker.wait_idle()
+    stats = _delta(dict(leader.leader.stats()), before_l)
+    assert again.tokens == reference["chat"]
+    assert stats["load_errors"] == 0, stats
+    assert stats["onboard_host_blocks"] + stats["onboard_disk_blocks"] > 0, stats
 
 
 def _drain(llm, steps: int = 6) -> None:
@@ -201,12 +211,13 @@ def test_aborts_and_preemptions_leak_nothing(reference, first_pass, kvbm_engine)
     before = dict(leader.leader.stats())
 
     # Aborts right after the step that started the loads (requests wait for their KV).
-    # Loads are held back 300 ms (KVBM_TEST_LOAD_DELAY_MS, a slow tier), so they span steps.
+    # Loads are held back 300 ms (the worker's test seam: a slow tier), so they span steps.
     prompts = chat_prompts()
     sp = SamplingParams(temperature=0, max_tokens=4, detokenize=False, ignore_eos=True)
     ids = [f"abort-{i}" for i in range(len(prompts))]
     loading: set[str] = set()
-    with vr.kvbm_env(KVBM_TEST_LOAD_DELAY_MS=300):
+    worker.worker.set_load_delay_for_testing(300)
+    try:
         for rid, p in zip(ids, prompts):
             engine.add_request(rid, {"prompt_token_ids": p}, sp)
         deadline = time.monotonic() + 120
@@ -218,6 +229,8 @@ def test_aborts_and_preemptions_leak_nothing(reference, first_pass, kvbm_engine)
             if now - loading:
                 engine.abort_request([r.rsplit("-", 1)[0] for r in now - loading][::2])
                 loading |= now
+    finally:
+        worker.worker.set_load_delay_for_testing(0)
     stats = _delta(dict(leader.leader.stats()), before)
     assert stats["onboard_host_blocks"] + stats["onboard_disk_blocks"] > 0, stats
     assert loading, "no request was loading when the aborts came"

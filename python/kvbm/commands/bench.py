@@ -16,7 +16,7 @@ import kvbm.bench
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("bench", help="run a benchmark (core, transfer, vllm, distributed, ...)")
+    p = subparsers.add_parser("bench", help="run a benchmark (core, transfer, vllm, ...)")
     benches = p.add_subparsers(dest="bench", metavar="BENCHMARK")
     for info in sorted(pkgutil.iter_modules(kvbm.bench.__path__), key=lambda i: i.name):
         if info.name.startswith("_"):

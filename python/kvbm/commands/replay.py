@@ -1,6 +1,6 @@
 """``kvbm replay [TRACE]``: replay a Mooncake request trace through kvbm's real connector core.
 
-The event loop runs in C++ (src/manager/replay.cpp, ``kvbm._core.run_replay``); this module
+The event loop runs in C++ (src/tools/replay.cpp, ``kvbm._core.run_replay``); this module
 parses the arguments, draws the progress bar, and for ``--sweep`` writes the table and the
 plot. docs/REPLAY.md describes the engine and time model and every figure printed.
 """

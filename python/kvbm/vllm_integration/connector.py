@@ -107,7 +107,7 @@ class DynamoConnector(KVConnectorBase_V1):
                 raise ValueError("kvbm: vLLM gave the scheduler-side connector no kv_cache_config")
             per_rank = bytes_per_block_from_config(kv_cache_config)
             self.bytes_per_block = per_rank * self._world_size
-            self.leader = _core.Leader(self._block_size, self.bytes_per_block, policy=extra.get("policy", "leaf-first"))
+            self.leader = _core.Leader(self._block_size, self.bytes_per_block, policy=extra.get("policy"))
             # Request objects by id: their token lists grow in place as the engine decodes.
             self._requests: dict[str, Request] = {}
             self._block_ids: dict[str, list[int]] = {}

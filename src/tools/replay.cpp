@@ -15,6 +15,7 @@
 #include <unordered_map>
 #include <unordered_set>
 
+#include "kvbm/leader.h"
 #include "kvbm/manager.h"
 #include "kvbm/sim_engine.h"
 #include "kvbm/worker.h"
@@ -49,14 +50,10 @@ class ReplayRun {
     result_.g3_blocks = g3;
     g1_ = BlockPool::Create(TierId::kDevice, g1, EvictionPolicy::kLru);
 
-    LeaderOptions lo;
-    lo.page_size = page_;
-    lo.bytes_per_block = uint64_t{page_} * std::max<uint32_t>(o.bytes_per_token, 1);
-    lo.policy = o.policy;
-    lo.host_blocks = g2;
-    lo.disk_blocks = g3;
-    manager_ = std::make_unique<KvBlockManager>(o.config, lo);
-    leader_ = &manager_->leader();
+    TierChainOptions tiers = TierChainOptions::FromConfig(
+        o.config, uint64_t{page_} * std::max<uint32_t>(o.bytes_per_token, 1), g2, g3, o.policy);
+    manager_ = std::make_unique<KvBlockManager>(o.config, tiers, page_);
+    leader_ = std::make_unique<ConnectorLeader>(manager_->chain(), o.config, page_, manager_->metrics());
     result_.metrics_port = manager_->metrics_port();
     if (o.move_bytes) SetUpBytes(g1);
   }
@@ -64,6 +61,8 @@ class ReplayRun {
   ~ReplayRun() {
     if (worker_) worker_->WaitIdle();
     running_.clear();
+    worker_.reset();
+    leader_.reset();
   }
 
   Result<ReplayResult> Run() {
@@ -90,7 +89,7 @@ class ReplayRun {
     result_.trace_seconds = now_;
     if (o_.linger_seconds > 0)
       std::this_thread::sleep_for(std::chrono::duration<double>(o_.linger_seconds));
-    const LeaderStats& st = leader_->stats();
+    const TierChainStats& st = leader_->chain().stats();
     result_.store_g1_g2 = st.store_host_blocks;
     result_.store_g1_g3 = st.store_disk_blocks;
     result_.offload_g2_g3 = st.offload_disk_blocks;
@@ -173,11 +172,19 @@ class ReplayRun {
   // worker reports comes back. Without a worker, loads are finished at once.
   Status Step(const std::string* loading_request) {
     StepMetadata meta = leader_->BuildStepMetadata();
+    ++step_no_;
     if (!worker_) {
+      std::vector<std::string> done;
       if (loading_request) {
-        std::string id = *loading_request;
-        leader_->OnWorkerOutput(std::span<const std::string>(&id, 1), {}, {});
+        if (o_.load_steps == 0) done.push_back(*loading_request);
+        else slow_loads_.emplace_back(step_no_ + o_.load_steps, *loading_request);
       }
+      // Loads that span steps finish in order of their start.
+      while (!slow_loads_.empty() && slow_loads_.front().first <= step_no_) {
+        done.push_back(std::move(slow_loads_.front().second));
+        slow_loads_.pop_front();
+      }
+      if (!done.empty()) leader_->OnWorkerOutput(done, {}, {});
       return {};
     }
     if (auto s = worker_->BindStep(meta); !s) return s;
@@ -242,7 +249,9 @@ class ReplayRun {
       std::vector<BlockKey> keys;
       keys.reserve(cap);
       for (size_t k = 0; k < cap; ++k) keys.push_back(KeyOf(run.blocks[k]));
-      run.g1_cached = g1_->MatchPrefix(keys);
+      BlockRun hit = g1_->MatchPrefix(keys);
+      run.g1_cached.reserve(hit.size());
+      for (size_t k = 0; k < hit.size(); ++k) run.g1_cached.push_back(hit.Share(k));
     }
     auto owned = g1_->Allocate(pages - run.g1_cached.size());
     if (!owned) return false;  // releases the G1 prefix; retried when a request finishes
@@ -289,8 +298,18 @@ class ReplayRun {
     return true;
   }
 
+  // The request's compute needs its KV: a load still in flight finishes now.
+  void FinishSlowLoad(const std::string& id) {
+    auto it = std::find_if(slow_loads_.begin(), slow_loads_.end(), [&](const auto& l) { return l.second == id; });
+    if (it == slow_loads_.end()) return;
+    slow_loads_.erase(it);
+    std::string done = id;
+    leader_->OnWorkerOutput(std::span<const std::string>(&done, 1), {}, {});
+  }
+
   Status PrefillDone(uint32_t i) {
     Running& run = running_.at(i);
+    FinishSlowLoad(run.id);
     const TraceRequest& req = trace_.requests[i];
     uint64_t scheduled =
         req.input_length > run.computed_tokens ? req.input_length - run.computed_tokens : 0;
@@ -345,7 +364,7 @@ class ReplayRun {
   bool g1_cache_ = true;
   std::shared_ptr<BlockPool> g1_;
   std::unique_ptr<KvBlockManager> manager_;
-  ConnectorLeader* leader_ = nullptr;
+  std::unique_ptr<ConnectorLeader> leader_;  // after manager_: destroyed first
   std::vector<uint8_t> g1_tensor_;  // declared before worker_: outlives it
   std::unique_ptr<KvbmWorker> worker_;
   std::vector<uint8_t> expect_;
@@ -354,6 +373,8 @@ class ReplayRun {
   std::deque<uint32_t> waiting_;
   std::unordered_map<uint32_t, Running> running_;
   std::vector<Token> tokens_;
+  std::deque<std::pair<uint64_t, std::string>> slow_loads_;  // (step it finishes at, request)
+  uint64_t step_no_ = 0;
   uint64_t seq_ = 0, finished_ = 0;
   double now_ = 0;
   ReplayResult result_;

@@ -79,8 +79,8 @@ TEST(SimEngine, DiskOnlyBypass) {
     disk += r->disk_blocks;
   }
   EXPECT_GT(disk, 0u);
-  EXPECT_EQ(engine.leader().stats().store_host_blocks, 0u);
-  EXPECT_GT(engine.leader().stats().store_disk_blocks, 0u);
+  EXPECT_EQ(engine.leader().chain().stats().store_host_blocks, 0u);
+  EXPECT_GT(engine.leader().chain().stats().store_disk_blocks, 0u);
 }
 
 TEST(SimEngine, OverwrittenDiskBlockIsDetectedNotServed) {
@@ -107,8 +107,16 @@ TEST(SimEngine, OverwrittenDiskBlockIsDetectedNotServed) {
   EXPECT_EQ(r->mismatched_blocks, 0u);
   EXPECT_EQ(r->load_errors, r->disk_blocks);
   EXPECT_GT(r->load_errors, 0u);
-  // The bad blocks are gone from G3: the next identical request recomputes or matches fresh data.
-  EXPECT_GT(engine.leader().stats().load_errors, 0u);
+  EXPECT_EQ(engine.leader().chain().stats().load_errors, r->load_errors);
+  EXPECT_EQ(engine.worker().metrics()->corrupt_blocks.load(), r->load_errors);  // each failed its checksum
+  // The bad blocks were dropped from G3 and "b" stored its recomputed blocks again: the next
+  // identical request loads fresh, verified data.
+  engine.worker().WaitIdle();
+  auto c = engine.RunRequest("c", prompt);
+  ASSERT_TRUE(c.has_value());
+  EXPECT_EQ(c->load_errors, 0u);
+  EXPECT_EQ(c->mismatched_blocks, 0u);
+  EXPECT_EQ(c->disk_blocks, r->disk_blocks);
 }
 
 TEST(SimEngine, InjectedIoErrorFailsExactlyTheAffectedBlocks) {
@@ -125,8 +133,8 @@ TEST(SimEngine, InjectedIoErrorFailsExactlyTheAffectedBlocks) {
   ASSERT_EQ(held.size(), 1u);
   uint64_t stride = engine.worker().disk_memory().layout->block_stride();
   engine.worker().transfer_engine().io_queue().InjectFailure(engine.worker().disk_memory().fd,
-                                                             held[0].id().value() * stride, stride);
-  held.clear();
+                                                             held.id(0).value() * stride, stride);
+  held.Release();
   auto r = engine.RunRequest("b", prompt);
   ASSERT_TRUE(r.has_value());
   EXPECT_EQ(r->load_errors, 1u);

@@ -6,12 +6,8 @@
 
 #include <fmt/format.h>
 
-// Same inlining as src/tokens/sequence_hash.cpp, so the baseline is not handicapped by a call
-// into the shared library that the hash itself avoids.
-#define XXH_INLINE_ALL
-#include <xxhash.h>
-
 #include "kvbm/block_pool.h"
+#include "kvbm/leader.h"
 #include "kvbm/error.h"
 #include "kvbm/tokens.h"
 
@@ -69,7 +65,7 @@ double PoolCyclesPerSecond(const CoreBenchOptions& o) {
   return Median(rates);
 }
 
-double MatchMicros(const CoreBenchOptions& o) {
+double MatchMicros(const CoreBenchOptions& o, uint64_t& matched_blocks) {
   std::vector<Token> tokens = MakeTokens(o.match_blocks * o.block_size);
   auto hashed = HashTokenBlocks(tokens, o.block_size, o.salt_hash);
   Check(hashed.has_value(), "core bench: hashing failed");
@@ -79,22 +75,15 @@ double MatchMicros(const CoreBenchOptions& o) {
 
   auto pool = BlockPool::Create(TierId::kHost, o.match_blocks, EvictionPolicy::kLeafFirst);
   {
-    auto blocks = pool->Allocate(keys.size());
-    Check(blocks.has_value(), "core bench: allocate for the match chain failed");
-    std::vector<ImmutableBlock> held;
-    held.reserve(keys.size());
-    for (size_t i = 0; i < keys.size(); ++i) {
-      Check((*blocks)[i].Complete(keys[i]).has_value(), "core bench: complete failed");
-      auto h = pool->Register(std::move((*blocks)[i]));
-      Check(h.has_value(), "core bench: register failed");
-      held.push_back(std::move(*h));
-    }
-  }  // every handle drops: the chain is inactive, matchable and evictable, as in a warm cache
+    auto stored = pool->StoreRun(keys, 0);
+    Check(stored.run.size() == keys.size(), "core bench: storing the match chain failed");
+  }  // released: the chain is inactive, matchable and evictable, as in a warm cache
   std::vector<double> micros;
   for (uint32_t p = 0; p < o.passes; ++p) {
     auto start = Clock::now();
     {
-      auto matched = pool->MatchPrefix(keys);
+      BlockRun matched = pool->MatchPrefix(keys);
+      matched_blocks = matched.size();
       Check(matched.size() == keys.size(),
             fmt::format("core bench: matched {} of {} blocks", matched.size(), keys.size()));
     }
@@ -103,19 +92,63 @@ double MatchMicros(const CoreBenchOptions& o) {
   return Median(micros);
 }
 
+// One request of o.match_blocks blocks through the leader, as an engine drives it, first on an
+// empty G2 (every block stored), then again (every block but the last loaded).
+void LeaderMicros(const CoreBenchOptions& o, CoreBenchResult& r) {
+  std::vector<Token> tokens = MakeTokens(o.match_blocks * o.block_size);
+  std::vector<uint32_t> device(o.match_blocks);
+  for (uint32_t i = 0; i < device.size(); ++i) device[i] = i;
+  std::vector<double> miss, hit;
+  for (uint32_t p = 0; p < o.passes; ++p) {
+    KvbmConfig config;
+    LeaderOptions lo;
+    lo.page_size = o.block_size;
+    lo.bytes_per_block = 1;
+    lo.host_blocks = o.match_blocks;
+    lo.disk_blocks = 0;
+    ConnectorLeader leader(config, lo);
+    auto start = Clock::now();
+    leader.AddRequest("a", tokens);
+    auto m = leader.GetNumNewMatchedTokens("a", 0);
+    Check(m.has_value() && m->external_tokens == 0, "core bench: an empty G2 matched");
+    Check(leader.UpdateStateAfterAlloc("a", device, 0).has_value(), "core bench: alloc failed");
+    Check(leader.OnScheduled("a", device, 0, tokens.size()).has_value(), "core bench: schedule failed");
+    StepMetadata meta = leader.BuildStepMetadata();
+    leader.RequestFinished("a");
+    miss.push_back(SecondsSince(start) * 1e6);
+    r.blocks_stored = meta.ops.empty() ? 0 : meta.ops[0].blocks.size();
+    Check(r.blocks_stored == o.match_blocks, "core bench: the leader did not store every block");
+    for (int k = 0; k < 4; ++k) leader.BuildStepMetadata();  // store pins age out
+
+    start = Clock::now();
+    leader.AddRequest("b", tokens);
+    m = leader.GetNumNewMatchedTokens("b", 0);
+    Check(m.has_value(), "core bench: match failed");
+    Check(leader.UpdateStateAfterAlloc("b", device, m->external_tokens).has_value(), "core bench: alloc failed");
+    meta = leader.BuildStepMetadata();
+    std::string id = "b";
+    leader.OnWorkerOutput(std::span<const std::string>(&id, 1), {}, {});
+    leader.RequestFinished("b");
+    hit.push_back(SecondsSince(start) * 1e6);
+    r.blocks_loaded = meta.ops.empty() ? 0 : meta.ops[0].blocks.size();
+    Check(r.blocks_loaded + 1 == o.match_blocks, "core bench: the leader did not load the prompt");
+  }
+  r.leader_request_miss_us = Median(miss);
+  r.leader_request_hit_us = Median(hit);
+}
+
 }  // namespace
 
 CoreBenchResult RunCoreBench(const CoreBenchOptions& o) {
   Check(o.block_size > 0 && o.num_tokens >= o.block_size && o.passes > 0 && o.pool_blocks > 0 &&
-            o.pool_cycles > 0 && o.match_blocks > 0,
-        "core bench: every option must be positive and num_tokens >= block_size");
+            o.pool_cycles > 0 && o.match_blocks > 1,
+        "core bench: every option must be positive, num_tokens >= block_size and match_blocks > 1");
   CoreBenchResult r;
   r.options = o;
 
   std::vector<Token> tokens = MakeTokens(o.num_tokens);
   const uint64_t full_tokens = o.num_tokens / o.block_size * o.block_size;
-  const size_t chunk_bytes = size_t{o.block_size} * sizeof(Token);
-  std::vector<double> hash_rates, raw_rates;
+  std::vector<double> hash_rates;
   // The output vector is reused across passes, as a TokenBlockSequence reuses its own: the
   // figure is hashing, not first-touch page faults of a fresh result list.
   std::vector<TokenBlock> blocks;
@@ -125,22 +158,25 @@ CoreBenchResult RunCoreBench(const CoreBenchOptions& o) {
     double hash_s = SecondsSince(start);
     Check(status.has_value() && blocks.size() == full_tokens / o.block_size, "core bench: hashing failed");
     KeepAlive(blocks.back().sequence_hash);
-
-    start = Clock::now();
-    uint64_t acc = 0;
-    for (uint64_t i = 0; i + o.block_size <= o.num_tokens; i += o.block_size)
-      acc ^= XXH3_64bits_withSeed(tokens.data() + i, chunk_bytes, o.salt_hash);
-    double raw_s = SecondsSince(start);
-    KeepAlive(acc);
     if (p == 0) continue;  // warm-up pass: page faults, caches
     hash_rates.push_back(static_cast<double>(full_tokens) / hash_s);
-    raw_rates.push_back(static_cast<double>(full_tokens) / raw_s);
   }
   r.hash_tokens_per_s = Median(hash_rates);
-  r.xxh3_raw_tokens_per_s = Median(raw_rates);
-  r.hash_vs_raw = r.hash_tokens_per_s / r.xxh3_raw_tokens_per_s;
+
+  std::vector<Token> request = MakeTokens(o.match_blocks * o.block_size);
+  std::vector<double> seq_us;
+  for (uint32_t p = 0; p < o.passes; ++p) {
+    auto start = Clock::now();
+    TokenBlockSequence seq(o.block_size, o.salt_hash);
+    seq.Extend(request);
+    Check(seq.blocks().size() == o.match_blocks, "core bench: the sequence hashed the wrong number of blocks");
+    KeepAlive(seq.blocks().back().sequence_hash);
+    seq_us.push_back(SecondsSince(start) * 1e6);
+  }
+  r.hash_request_us = Median(seq_us);
   r.pool_cycles_per_s = PoolCyclesPerSecond(o);
-  r.match_8192_blocks_us = MatchMicros(o);
+  r.match_8192_blocks_us = MatchMicros(o, r.blocks_matched);
+  LeaderMicros(o, r);
   return r;
 }
 

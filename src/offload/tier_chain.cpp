@@ -1,0 +1,219 @@
+#include "kvbm/tier_chain.h"
+
+#include <fmt/format.h>
+
+#include "kvbm/log.h"
+
+namespace kvbm {
+
+TierChainOptions TierChainOptions::FromConfig(const KvbmConfig& config, uint64_t bytes_per_block,
+                                              std::optional<uint64_t> host_blocks,
+                                              std::optional<uint64_t> disk_blocks,
+                                              std::optional<EvictionPolicy> policy) {
+  TierChainOptions o;
+  if (!host_blocks || !disk_blocks) {
+    config.Validate();
+    if (bytes_per_block == 0) throw ConfigError("kvbm: bytes per block must be > 0 to size tiers in GB");
+  }
+  o.host_blocks = host_blocks ? *host_blocks : config.HostBlocks(bytes_per_block);
+  o.disk_blocks = disk_blocks ? *disk_blocks : config.DiskBlocks(bytes_per_block);
+  if (o.host_blocks == 0 && o.disk_blocks == 0)
+    throw ConfigError(fmt::format("kvbm: the configured sizes give 0 blocks of {} bytes in G2 and G3 "
+                                  "(DYN_KVBM_CPU_CACHE_GB / DYN_KVBM_DISK_CACHE_GB too small)",
+                                  bytes_per_block));
+  auto pick = [&](const char* name, const std::string& setting) {
+    if (policy) return *policy;
+    if (setting.empty()) return EvictionPolicy::kLeafFirst;
+    auto p = ParseEvictionPolicy(setting);
+    if (!p) throw ConfigError(fmt::format("{}={}: unknown eviction policy (expected leaf-first or lru)", name, setting));
+    return *p;
+  };
+  o.host_policy = pick("DYN_KVBM_HOST_EVICTION_POLICY", config.host_eviction_policy);
+  o.disk_policy = pick("DYN_KVBM_DISK_EVICTION_POLICY", config.disk_eviction_policy);
+  o.promote_disk_hits = config.promote_disk_hits;
+  return o;
+}
+
+TierChain::TierChain(const KvbmConfig& config, const TierChainOptions& options, std::shared_ptr<KvbmMetrics> metrics,
+                     std::shared_ptr<BlockRegistry> registry)
+    : config_(config), options_(options),
+      metrics_(metrics ? std::move(metrics) : std::make_shared<KvbmMetrics>(config.cache_stats_max_requests)),
+      registry_(std::move(registry)), disk_queue_(options.offload_queue_capacity) {
+  if (options.host_blocks == 0 && options.disk_blocks == 0)
+    throw ConfigError("kvbm: no tier below G1 is sized (set DYN_KVBM_CPU_CACHE_GB or DYN_KVBM_DISK_CACHE_GB)");
+  if (options.pin_steps == 0) throw ConfigError("kvbm tier chain: pin_steps must be >= 1");
+  if (options.host_blocks > 0) host_ = BlockPool::Create(TierId::kHost, options.host_blocks, options.host_policy, registry_);
+  if (options.disk_blocks > 0) disk_ = BlockPool::Create(TierId::kDisk, options.disk_blocks, options.disk_policy, registry_);
+  metrics_->pool_capacity[static_cast<size_t>(TierId::kHost)] = options.host_blocks;
+  metrics_->pool_capacity[static_cast<size_t>(TierId::kDisk)] = options.disk_blocks;
+}
+
+TierChain::~TierChain() {
+  // Every handle goes before the pools it references (members die in reverse order).
+  step_pins_.clear();
+  current_pins_.clear();
+  current_single_pins_.clear();
+  while (disk_queue_.Pop()) {
+  }
+}
+
+BlockPool* TierChain::pool(TierId tier) const {
+  switch (tier) {
+    case TierId::kHost: return host_.get();
+    case TierId::kDisk: return disk_.get();
+    default: return nullptr;
+  }
+}
+
+ChainMatch TierChain::Count(std::span<const BlockKey> keys) const {
+  ChainMatch m;
+  if (host_) m.host = static_cast<uint32_t>(host_->CountPrefix(keys));
+  if (disk_ && m.host < keys.size()) m.disk = static_cast<uint32_t>(disk_->CountPrefix(keys.subspan(m.host)));
+  return m;
+}
+
+void TierChain::CountDropped(uint64_t blocks) {
+  if (blocks == 0) return;
+  stats_.dropped_full += blocks;
+  metrics_->dropped_offloads[static_cast<size_t>(DropReason::kTargetFull)] += blocks;
+}
+
+void TierChain::SeeForDisk(const BlockRun& host_run, size_t index, const BlockKey& key, uint32_t priority) {
+  if (!disk_) return;
+  bool admit = config_.disable_disk_offload_filter || filter_.SeeAndAdmit(key.sequence_hash);
+  if (!admit) {
+    ++stats_.dropped_filter;
+    metrics_->disk_writes_avoided++;
+    return;
+  }
+  if (disk_->Contains(key)) return;
+  if (!disk_queue_.Push(priority, DiskOffload{host_run.Share(index), key})) {
+    ++stats_.dropped_queue;
+    metrics_->dropped_offloads[static_cast<size_t>(DropReason::kQueueFull)]++;
+  }
+}
+
+OnboardPins TierChain::Onboard(const std::string& request_id, std::span<const BlockKey> keys,
+                               const ChainMatch& expected, std::span<const uint32_t> device_blocks, uint32_t priority,
+                               std::vector<TransferOp>& ops, uint64_t& next_op_id) {
+  OnboardPins pins;
+  const size_t n = std::min<size_t>({expected.total(), keys.size(), device_blocks.size()});
+  BlockRun host_hits, disk_hits;
+  if (host_) host_hits = host_->MatchPrefix(keys.first(std::min<size_t>(expected.host, n)));
+  if (disk_ && host_hits.size() < n) disk_hits = disk_->MatchPrefix(keys.subspan(host_hits.size(), n - host_hits.size()));
+  TransferOp host_op{next_op_id++, OpKind::kLoadHost, request_id, {}};
+  TransferOp disk_op{next_op_id++, OpKind::kLoadDisk, request_id, {}};
+  for (size_t i = 0; i < n; ++i) {
+    uint32_t dev = device_blocks[i];
+    uint64_t hash = keys[i].sequence_hash.value();
+    if (i < host_hits.size()) {
+      host_op.blocks.push_back({host_hits.id(i).value(), dev, hash});
+    } else if (i - host_hits.size() < disk_hits.size()) {
+      disk_op.blocks.push_back({disk_hits.id(i - host_hits.size()).value(), dev, hash});
+    } else {
+      host_op.blocks.push_back({kNoBlock, dev, hash});
+      ++pins.missing;
+    }
+  }
+  pins.host = static_cast<uint32_t>(host_hits.size());
+  pins.disk = static_cast<uint32_t>(disk_hits.size());
+  stats_.onboard_host_blocks += pins.host;
+  stats_.onboard_disk_blocks += pins.disk;
+  // A G2 hit is a reuse: it counts toward disk admission, so reused prefixes reach G3.
+  for (size_t i = 0; i < host_hits.size(); ++i) SeeForDisk(host_hits, i, keys[i], priority);
+  if (options_.promote_disk_hits && host_ && !disk_hits.empty()) {
+    auto disk_keys = keys.subspan(host_hits.size(), disk_hits.size());
+    StoreRunResult up = host_->StoreRun(disk_keys, priority);
+    for (size_t k = 0; k < up.run.size(); ++k) {
+      if (!up.fresh[k]) continue;
+      step_promote_host_.push_back({disk_hits.id(k).value(), up.run.id(k).value(), disk_keys[k].sequence_hash.value()});
+      ++stats_.promote_host_blocks;
+    }
+    CountDropped(disk_keys.size() - up.run.size());
+    current_pins_.push_back(std::move(up.run));
+  }
+  if (!host_op.blocks.empty()) ops.push_back(std::move(host_op));
+  if (!disk_op.blocks.empty()) ops.push_back(std::move(disk_op));
+  if (!host_hits.empty()) pins.runs.push_back(std::move(host_hits));
+  if (!disk_hits.empty()) pins.runs.push_back(std::move(disk_hits));
+  return pins;
+}
+
+void TierChain::Store(std::span<const BlockKey> keys, std::span<const std::span<const Token>> tokens,
+                      std::span<const uint32_t> device_blocks, uint32_t priority) {
+  if (keys.empty()) return;
+  Check(device_blocks.size() >= keys.size() && (tokens.empty() || tokens.size() == keys.size()),
+        "TierChain::Store: one device block (and token list) per key");
+  // With G2 sized blocks go G1 -> G2 (and later G2 -> G3); with only G3, G1 -> G3 directly.
+  BlockPool& target = host_ ? *host_ : *disk_;
+  StoreRunResult stored = target.StoreRun(keys, priority, tokens);
+  for (size_t i = 0; i < stored.run.size(); ++i) {
+    const BlockKey& key = keys[i];
+    if (!stored.fresh[i]) {
+      ++stats_.skipped_cached_blocks;
+      // A repeat sight counts toward disk admission.
+      if (host_ && disk_ && !disk_->Contains(key)) SeeForDisk(stored.run, i, key, priority);
+      continue;
+    }
+    BlockOp op{device_blocks[i], stored.run.id(i).value(), key.sequence_hash.value()};
+    if (host_) {
+      step_store_host_.push_back(op);
+      ++stats_.store_host_blocks;
+      SeeForDisk(stored.run, i, key, priority);
+    } else {
+      step_store_disk_.push_back(op);
+      ++stats_.store_disk_blocks;
+    }
+  }
+  CountDropped(keys.size() - stored.run.size());
+  current_pins_.push_back(std::move(stored.run));
+}
+
+void TierChain::LoadFailed(TierId tier, const BlockKey& key) {
+  if (BlockPool* p = pool(tier)) p->Invalidate(key);
+  ++stats_.load_errors;
+  metrics_->load_errors++;
+}
+
+void TierChain::DrainDiskQueue() {
+  size_t budget = options_.disk_offloads_per_step;
+  while (budget-- > 0) {
+    auto item = disk_queue_.Pop();
+    if (!item) break;
+    if (disk_->Contains(item->key)) continue;
+    StoreRunResult r = disk_->StoreRun(std::span<const BlockKey>(&item->key, 1), item->host_block.priority());
+    if (r.run.empty()) {
+      CountDropped(1);
+      continue;
+    }
+    if (r.fresh[0]) {
+      step_offload_disk_.push_back({item->host_block.id().value(), r.run.id(0).value(), item->key.sequence_hash.value()});
+      ++stats_.offload_disk_blocks;
+    }
+    current_pins_.push_back(std::move(r.run));
+    current_single_pins_.push_back(std::move(item->host_block));
+  }
+}
+
+void TierChain::EndStep(std::vector<TransferOp>& ops, uint64_t& next_op_id) {
+  if (disk_) DrainDiskQueue();
+  // Order matters to the worker only per kind: loads start now, stores run after the forward
+  // pass, offloads and promotions after the stores.
+  auto emit = [&](OpKind kind, std::vector<BlockOp>& blocks) {
+    if (blocks.empty()) return;
+    ops.push_back({next_op_id++, kind, "", std::move(blocks)});
+    blocks.clear();
+  };
+  emit(OpKind::kStoreHost, step_store_host_);
+  emit(OpKind::kStoreDisk, step_store_disk_);
+  emit(OpKind::kOffloadDisk, step_offload_disk_);
+  emit(OpKind::kPromoteHost, step_promote_host_);
+  step_pins_.emplace_back(std::move(current_pins_), std::move(current_single_pins_));
+  current_pins_.clear();
+  current_single_pins_.clear();
+  while (step_pins_.size() > options_.pin_steps) step_pins_.pop_front();
+  if (host_) metrics_->pool_used[static_cast<size_t>(TierId::kHost)] = host_->stats().registered;
+  if (disk_) metrics_->pool_used[static_cast<size_t>(TierId::kDisk)] = disk_->stats().registered;
+}
+
+}  // namespace kvbm
