@@ -30,6 +30,7 @@ struct KvbmConfig {
   std::string disk_cache_dir = "/tmp/";
   bool disk_zerofill_fallback = false;
   bool disk_disable_o_direct = false;
+  bool disk_persistent = false;  // DYN_KVBM_DISK_PERSISTENT: keep G3 across restarts (stable, locked file)
   DiskAllocatorType disk_allocator = DiskAllocatorType::kDefault;
   bool disable_disk_offload_filter = false;
   uint32_t host_offload_prefix_min_priority = 0;
@@ -49,6 +50,13 @@ struct KvbmConfig {
   // DYN_KVBM_HOST_EVICTION_POLICY / DYN_KVBM_DISK_EVICTION_POLICY (lower-cased; checked against
   // the known policies, eviction.h, when the tier chain is built). Empty: the default policy.
   std::string host_eviction_policy, disk_eviction_policy;
+  // The remote tier (G4) on a Redis Cluster. Empty url: no G4.
+  std::string remote_url;                 // DYN_KVBM_REMOTE_URL, redis://host:port,host:port
+  std::string remote_namespace = "kvbm";  // DYN_KVBM_REMOTE_NAMESPACE, first part of every key
+  uint32_t remote_timeout_ms = 1000;      // DYN_KVBM_REMOTE_TIMEOUT_MS, a worker's batch call
+  uint32_t remote_match_budget_ms = 20;   // DYN_KVBM_REMOTE_MATCH_BUDGET_MS, the scheduler's lookup
+  std::string remote_admission = "store"; // DYN_KVBM_REMOTE_ADMISSION: store | reuse | off
+  bool remote_required = false;           // DYN_KVBM_REMOTE_REQUIRED: unreachable G4 is an error
 
   // Reads the environment through `getenv` (injectable for tests).
   static KvbmConfig FromEnvironment(

@@ -54,6 +54,7 @@ struct MatchResult {
   bool async = false;            // the load is asynchronous (true whenever tokens > 0)
   uint32_t host_blocks = 0;      // of which from G2
   uint32_t disk_blocks = 0;      // of which from G3
+  uint32_t remote_blocks = 0;    // of which from G4 (through G2)
 };
 
 struct LeaderStats {

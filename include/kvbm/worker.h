@@ -19,6 +19,9 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <deque>
+#include <functional>
+#include <thread>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -31,6 +34,7 @@
 #include "kvbm/connector_ops.h"
 #include "kvbm/layout.h"
 #include "kvbm/metrics.h"
+#include "kvbm/remote_tier.h"
 #include "kvbm/storage.h"
 #include "kvbm/transfer.h"
 
@@ -65,6 +69,12 @@ class KvbmWorker {
   uint64_t host_blocks() const { return host_blocks_; }
   uint64_t disk_blocks() const { return disk_blocks_; }
 
+  // Connects this rank to the remote tier (G4). Unreachable: an error when options.required,
+  // else a warning and no G4 (its fetches fail as load errors, its offloads are skipped).
+  // REQUIRES: AllocateTiers with a host tier.
+  Status ConnectRemote(const RemoteTierOptions& options);
+  bool has_remote() const { return remote_ != nullptr; }
+
   // Binds one step's metadata (msgpack from the leader): loads start now.
   Status BindStep(std::span<const uint8_t> metadata);
   Status BindStep(const StepMetadata& meta);
@@ -96,6 +106,10 @@ class KvbmWorker {
  private:
   void StartLoad(const TransferOp& op);
   void StartPromotion(const TransferOp& op);
+  void StartFetch(const TransferOp& op);
+  void StartRemotePut(const TransferOp& op);
+  void RunRemote(std::function<void()> task);  // on the G4 thread, in order
+  void RemoteLoop();
   void StartDiskWrite(const TransferOp& op, TransferPath path, const TierMemory& src);
   void LoadDone(const std::string& request_id, const std::vector<uint32_t>& failed_device_blocks);
   void WaitHostSlotsFree(const std::vector<BlockOp>& blocks);
@@ -132,6 +146,16 @@ class KvbmWorker {
   uint32_t transfers_in_flight_ = 0;                                             // GUARDED_BY(mu_)
   std::vector<uint8_t> host_valid_;  // GUARDED_BY(mu_) 1 = the slot holds the block last stored
   std::atomic<int64_t> test_load_delay_ms_{0};
+
+  // G4: calls run on one thread of their own, never the engine's (remote_mu_ guards the queue).
+  std::unique_ptr<RedisCluster> remote_;
+  std::optional<RemoteTierOptions> remote_options_;
+  uint64_t remote_fingerprint_ = 0;
+  std::mutex remote_mu_;
+  std::condition_variable remote_cv_;
+  std::deque<std::function<void()>> remote_tasks_;  // GUARDED_BY(remote_mu_)
+  bool remote_stop_ = false;                         // GUARDED_BY(remote_mu_)
+  std::thread remote_thread_;
 };
 
 }  // namespace kvbm

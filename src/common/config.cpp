@@ -120,6 +120,7 @@ KvbmConfig KvbmConfig::FromEnvironment(const std::function<const char*(const cha
   }
   if (auto v = get("DYN_KVBM_DISK_ZEROFILL_FALLBACK")) c.disk_zerofill_fallback = ParseBool("DYN_KVBM_DISK_ZEROFILL_FALLBACK", *v);
   if (auto v = get("DYN_KVBM_DISK_DISABLE_O_DIRECT")) c.disk_disable_o_direct = ParseBool("DYN_KVBM_DISK_DISABLE_O_DIRECT", *v);
+  if (auto v = get("DYN_KVBM_DISK_PERSISTENT")) c.disk_persistent = ParseBool("DYN_KVBM_DISK_PERSISTENT", *v);
   if (auto v = get("DYN_KVBM_DISK_ALLOCATOR_TYPE")) {
     std::string t = Lower(Trim(*v));
     if (t == "default" || t.empty()) c.disk_allocator = DiskAllocatorType::kDefault;
@@ -159,6 +160,24 @@ KvbmConfig KvbmConfig::FromEnvironment(const std::function<const char*(const cha
   if (auto v = get("DYN_KVBM_CACHE_STATS_LOG_INTERVAL_SECS"))
     c.cache_stats_log_interval_secs = ParseUnsigned("DYN_KVBM_CACHE_STATS_LOG_INTERVAL_SECS", *v, 1, 86400);
   if (auto v = get("DYN_KVBM_EVENTS_ENDPOINT")) c.events_endpoint = Trim(*v);
+  if (auto v = get("DYN_KVBM_REMOTE_URL")) c.remote_url = Trim(*v);
+  if (auto v = get("DYN_KVBM_REMOTE_NAMESPACE")) {
+    std::string t = Trim(*v);
+    if (t.empty() || t.size() > 128 || t.find_first_of(" {}:\t\r\n") != std::string::npos)
+      Bad("DYN_KVBM_REMOTE_NAMESPACE", *v, "must be 1..128 characters without spaces, ':', '{' or '}'");
+    c.remote_namespace = t;
+  }
+  if (auto v = get("DYN_KVBM_REMOTE_TIMEOUT_MS"))
+    c.remote_timeout_ms = ParseUnsigned("DYN_KVBM_REMOTE_TIMEOUT_MS", *v, 1, 600000);
+  if (auto v = get("DYN_KVBM_REMOTE_MATCH_BUDGET_MS"))
+    c.remote_match_budget_ms = ParseUnsigned("DYN_KVBM_REMOTE_MATCH_BUDGET_MS", *v, 1, 60000);
+  if (auto v = get("DYN_KVBM_REMOTE_ADMISSION")) {
+    std::string t = Lower(Trim(*v));
+    if (t != "store" && t != "reuse" && t != "off")
+      Bad("DYN_KVBM_REMOTE_ADMISSION", *v, "expected 'store' (every block G2 stores), 'reuse' (second sight) or 'off'");
+    c.remote_admission = t;
+  }
+  if (auto v = get("DYN_KVBM_REMOTE_REQUIRED")) c.remote_required = ParseBool("DYN_KVBM_REMOTE_REQUIRED", *v);
   if (auto v = get("DYN_KVBM_PROMOTE_DISK_HITS")) c.promote_disk_hits = ParseBool("DYN_KVBM_PROMOTE_DISK_HITS", *v);
   for (auto [name, field] : {std::pair{"DYN_KVBM_HOST_EVICTION_POLICY", &c.host_eviction_policy},
                              std::pair{"DYN_KVBM_DISK_EVICTION_POLICY", &c.disk_eviction_policy}}) {

@@ -14,7 +14,10 @@ TEST(Config, DefaultsAndParsing) {
   EXPECT_TRUE(c.metrics);
   EXPECT_EQ(c.metrics_port, 6880);
   EXPECT_EQ(c.max_transfer_batch_size, 16u);
+  EXPECT_FALSE(c.disk_persistent) << "the reference's unlinked temp file is the default";
   EXPECT_EQ(c.HostBlocks(1'000'000), 4000u);
+  EXPECT_TRUE(KvbmConfig::FromMap({{"DYN_KVBM_DISK_PERSISTENT", "true"}}).disk_persistent);
+  EXPECT_FALSE(KvbmConfig::FromMap({{"DYN_KVBM_DISK_PERSISTENT", "0"}}).disk_persistent);
   c.Validate();
 }
 
@@ -38,9 +41,28 @@ TEST(Config, ErrorsNameVariableAndValue) {
   expect_error({{"DYN_KVBM_HOST_OFFLOAD_PREFIX_MIN_PRIORITY", "101"}}, "DYN_KVBM_HOST_OFFLOAD_PREFIX_MIN_PRIORITY");
   expect_error({{"DYN_KVBM_DISK_ALLOCATOR_TYPE", "fast"}}, "DYN_KVBM_DISK_ALLOCATOR_TYPE");
   expect_error({{"DYN_KVBM_METRICS", "maybe"}}, "DYN_KVBM_METRICS");
+  expect_error({{"DYN_KVBM_DISK_PERSISTENT", "sometimes"}}, "DYN_KVBM_DISK_PERSISTENT=\"sometimes\"");
   expect_error({{"DYN_KVBM_MAX_CONCURRENT_TRANSFERS", "0"}}, "DYN_KVBM_MAX_CONCURRENT_TRANSFERS");
   expect_error({{"DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS", "99999999999999999999999"}}, "overflow");
   expect_error({}, "no cache tier is sized");
+  expect_error({{"DYN_KVBM_REMOTE_ADMISSION", "sometimes"}}, "DYN_KVBM_REMOTE_ADMISSION=\"sometimes\"");
+  expect_error({{"DYN_KVBM_REMOTE_NAMESPACE", "a{b}"}}, "DYN_KVBM_REMOTE_NAMESPACE");
+  expect_error({{"DYN_KVBM_REMOTE_TIMEOUT_MS", "0"}}, "DYN_KVBM_REMOTE_TIMEOUT_MS");
+  expect_error({{"DYN_KVBM_HOST_EVICTION_POLICY", ""}}, "DYN_KVBM_HOST_EVICTION_POLICY");
+  expect_error({{"DYN_KVBM_PROMOTE_DISK_HITS", "often"}}, "DYN_KVBM_PROMOTE_DISK_HITS");
+}
+
+TEST(Config, TierSettings) {
+  auto c = KvbmConfig::FromMap({{"DYN_KVBM_CPU_CACHE_GB", "1"},
+                                {"DYN_KVBM_REMOTE_URL", " redis://127.0.0.1:7000 "},
+                                {"DYN_KVBM_REMOTE_ADMISSION", "Reuse"},
+                                {"DYN_KVBM_PROMOTE_DISK_HITS", "yes"},
+                                {"DYN_KVBM_DISK_EVICTION_POLICY", " LRU "}});
+  EXPECT_EQ(c.remote_url, "redis://127.0.0.1:7000");
+  EXPECT_EQ(c.remote_admission, "reuse");
+  EXPECT_EQ(c.remote_namespace, "kvbm");
+  EXPECT_TRUE(c.promote_disk_hits);
+  EXPECT_EQ(c.disk_eviction_policy, "lru");
 }
 
 // Issue 17: huge sizes were accepted, then overflowed a double -> uint64_t conversion and were

@@ -10,6 +10,8 @@ const char* TransferPathLabel(TransferPath path) {
     case TransferPath::kH2Dev: return "h2d";
     case TransferPath::kDisk2Dev: return "disk2d";
     case TransferPath::kDisk2H: return "disk2h";
+    case TransferPath::kH2Remote: return "h2remote";
+    case TransferPath::kRemote2H: return "remote2h";
     case TransferPath::kCount: break;
   }
   return "unknown";

@@ -101,6 +101,30 @@ std::string RenderPrometheusText(const KvbmMetrics& m) {
          "Blocks the disk admission filter kept off disk.");
   Sample(out, "kvbm_disk_writes_avoided", Load(m.disk_writes_avoided));
 
+  Header(out, "kvbm_remote_hit_blocks", "counter", "Blocks the scheduler found in the remote tier (G4).");
+  Sample(out, "kvbm_remote_hit_blocks", Load(m.remote_hit_blocks));
+  Header(out, "kvbm_remote_miss_blocks", "counter",
+         "Blocks the scheduler looked up in the remote tier (G4) that it did not hold.");
+  Sample(out, "kvbm_remote_miss_blocks", Load(m.remote_miss_blocks));
+  Header(out, "kvbm_remote_verify_failures", "counter",
+         "Remote (G4) values rejected on read: gone, another layout or rank, torn or corrupt.");
+  Sample(out, "kvbm_remote_verify_failures", Load(m.remote_verify_failures));
+  Header(out, "kvbm_remote_errors", "counter", "Remote (G4) calls that failed (unreachable, timeout).");
+  Sample(out, "kvbm_remote_errors", Load(m.remote_errors));
+  {
+    const LatencyHistogram::Snapshot s = m.remote_lookup_latency.Read();
+    Header(out, "kvbm_remote_lookup_seconds", "histogram", "Latency of the scheduler's G4 existence checks.");
+    uint64_t cumulative = 0;
+    for (size_t b = 0; b < LatencyHistogram::kBounds.size(); ++b) {
+      cumulative += s.counts[b];
+      fmt::format_to(std::back_inserter(out), "kvbm_remote_lookup_seconds_bucket{{le=\"{}\"}} {}\n",
+                     LatencyHistogram::kBounds[b], cumulative);
+    }
+    fmt::format_to(std::back_inserter(out), "kvbm_remote_lookup_seconds_bucket{{le=\"+Inf\"}} {}\n", s.count);
+    fmt::format_to(std::back_inserter(out), "kvbm_remote_lookup_seconds_sum {}\n", s.sum);
+    fmt::format_to(std::back_inserter(out), "kvbm_remote_lookup_seconds_count {}\n", s.count);
+  }
+
   Header(out, "kvbm_transfer_bytes", "counter", "Bytes moved, by transfer path.");
   for (size_t p = 0; p < kNumTransferPaths; ++p) {
     fmt::format_to(std::back_inserter(out), "kvbm_transfer_bytes{{path=\"{}\"}} {}\n",

@@ -101,6 +101,9 @@ inline const char* StateName(BlockState s) {
 }
 
 
+// True once the interpreter is shutting down (defined below; PythonSink needs it first).
+inline bool InterpreterFinalizing();
+
 // An event sink held by the C++ registry. The callable is a strong reference that is dropped
 // under the GIL whichever thread destroys the last copy of the sink.
 class PythonSink {
