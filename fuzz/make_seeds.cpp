@@ -25,7 +25,7 @@ int main(int argc, char** argv) {
         .id = 100u + k, .kind = static_cast<OpKind>(k), .request_id = "req-" + std::to_string(k)};
     for (uint32_t b = 0; b < 3; ++b)
       op.blocks.push_back({b, 10 + b, 0x9E3779B97F4A7C15ull * (b + 1)});
-    write(std::string("op_") + OpKindName(op.kind) + ".bin",
+    write("op_kind_" + std::to_string(k) + ".bin",
           StepMetadata{.step = 1, .host_blocks = 8, .disk_blocks = 8, .ops = {op}});
     all.ops.push_back(op);
   }
