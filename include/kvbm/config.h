@@ -16,6 +16,12 @@
 
 namespace kvbm {
 
+// The most blocks one tier may have (the *_OVERRIDE_NUM_BLOCKS bound and the bound of the
+// blocks a *_CACHE_GB size converts to).
+inline constexpr uint64_t kMaxCacheBlocks = uint64_t{1} << 40;
+// The largest *_CACHE_GB accepted: an exabyte. Beyond it the value is a typo, not a size.
+inline constexpr double kMaxCacheGb = 1e9;
+
 enum class DiskAllocatorType { kDefault, kOpenDirect };
 
 // DYN_KVBM_KV_EVENTS_CONSOLIDATOR_MODE: how the reference merges the engine's and KVBM's KV
@@ -93,7 +99,9 @@ struct KvbmConfig {
   // workers and the sizing call all read the configuration). Thread-safe.
   void LogNoticesOnce() const;
 
-  // Blocks for a tier: the override wins; else floor(gb * 1e9 / bytes_per_block).
+  // Blocks for a tier: the override wins; else floor(gb * 1e9 / bytes_per_block). Throws
+  // ConfigError naming DYN_KVBM_CPU_CACHE_GB / DYN_KVBM_DISK_CACHE_GB when that is more than
+  // kMaxCacheBlocks blocks (checked before the conversion to an integer).
   uint64_t HostBlocks(uint64_t bytes_per_block) const;
   uint64_t DiskBlocks(uint64_t bytes_per_block) const;
 };
@@ -101,6 +109,7 @@ struct KvbmConfig {
 // Parsers shared by the config and the command line; each throws ConfigError naming `name`.
 bool ParseBool(const char* name, const std::string& value);
 uint64_t ParseUnsigned(const char* name, const std::string& value, uint64_t min, uint64_t max);
+// Decimal only ("12", "0.5", "1e3"): hexadecimal ("0x10"), "inf" and "nan" are refused.
 double ParseNonNegativeDouble(const char* name, const std::string& value);
 
 }  // namespace kvbm

@@ -52,8 +52,31 @@ uint64_t ParseUnsigned(const char* name, const std::string& raw, uint64_t min, u
   return parsed;
 }
 
+// A decimal number as people write sizes: optional sign, digits with at most one '.', an
+// optional exponent. What strtod accepts beyond that (hex floats, inf, nan) is refused.
+bool IsDecimalNumber(const std::string& v) {
+  size_t i = 0;
+  if (i < v.size() && (v[i] == '+' || v[i] == '-')) ++i;
+  size_t digits = 0;
+  while (i < v.size() && std::isdigit(static_cast<unsigned char>(v[i]))) ++i, ++digits;
+  if (i < v.size() && v[i] == '.') {
+    ++i;
+    while (i < v.size() && std::isdigit(static_cast<unsigned char>(v[i]))) ++i, ++digits;
+  }
+  if (digits == 0) return false;
+  if (i < v.size() && (v[i] == 'e' || v[i] == 'E')) {
+    ++i;
+    if (i < v.size() && (v[i] == '+' || v[i] == '-')) ++i;
+    size_t exp_digits = 0;
+    while (i < v.size() && std::isdigit(static_cast<unsigned char>(v[i]))) ++i, ++exp_digits;
+    if (exp_digits == 0) return false;
+  }
+  return i == v.size();
+}
+
 double ParseNonNegativeDouble(const char* name, const std::string& raw) {
   std::string v = Trim(raw);
+  if (!IsDecimalNumber(v)) Bad(name, raw, "expected a decimal number");
   char* end = nullptr;
   errno = 0;
   double parsed = std::strtod(v.c_str(), &end);
@@ -62,6 +85,17 @@ double ParseNonNegativeDouble(const char* name, const std::string& raw) {
   if (parsed < 0) Bad(name, raw, "must not be negative");
   return parsed;
 }
+
+namespace {
+
+double ParseCacheGb(const char* name, const std::string& raw) {
+  const double gb = ParseNonNegativeDouble(name, raw);
+  if (gb > kMaxCacheGb)
+    Bad(name, raw, fmt::format("too large: at most {:g} GB (an exabyte)", kMaxCacheGb));
+  return gb;
+}
+
+}  // namespace
 
 KvbmConfig KvbmConfig::FromMap(const std::map<std::string, std::string>& env) {
   return FromEnvironment([&env](const char* name) -> const char* {
@@ -77,12 +111,12 @@ KvbmConfig KvbmConfig::FromEnvironment(const std::function<const char*(const cha
     return std::string(v);
   };
   KvbmConfig c;
-  if (auto v = get("DYN_KVBM_CPU_CACHE_GB")) c.cpu_cache_gb = ParseNonNegativeDouble("DYN_KVBM_CPU_CACHE_GB", *v);
+  if (auto v = get("DYN_KVBM_CPU_CACHE_GB")) c.cpu_cache_gb = ParseCacheGb("DYN_KVBM_CPU_CACHE_GB", *v);
   if (auto v = get("DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS"))
-    c.cpu_cache_num_blocks = ParseUnsigned("DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS", *v, 0, 1ull << 40);
-  if (auto v = get("DYN_KVBM_DISK_CACHE_GB")) c.disk_cache_gb = ParseNonNegativeDouble("DYN_KVBM_DISK_CACHE_GB", *v);
+    c.cpu_cache_num_blocks = ParseUnsigned("DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS", *v, 0, kMaxCacheBlocks);
+  if (auto v = get("DYN_KVBM_DISK_CACHE_GB")) c.disk_cache_gb = ParseCacheGb("DYN_KVBM_DISK_CACHE_GB", *v);
   if (auto v = get("DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS"))
-    c.disk_cache_num_blocks = ParseUnsigned("DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS", *v, 0, 1ull << 40);
+    c.disk_cache_num_blocks = ParseUnsigned("DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS", *v, 0, kMaxCacheBlocks);
   if (auto v = get("DYN_KVBM_DISK_CACHE_DIR")) {
     if (Trim(*v).empty()) Bad("DYN_KVBM_DISK_CACHE_DIR", *v, "must name a directory");
     c.disk_cache_dir = *v;
@@ -240,17 +274,25 @@ void KvbmConfig::Validate() const {
         "and/or DYN_KVBM_DISK_CACHE_GB (or DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS)");
 }
 
-static uint64_t BlocksFor(double gb, std::optional<uint64_t> override_blocks, uint64_t bytes_per_block) {
+// The conversion is range-checked first: a double beyond uint64_t's range (or NaN) converted
+// to an integer is undefined behaviour, and a size that large is a mistake to report.
+static uint64_t BlocksFor(const char* name, double gb, std::optional<uint64_t> override_blocks,
+                          uint64_t bytes_per_block) {
   if (override_blocks) return *override_blocks;
   if (bytes_per_block == 0) return 0;
-  return static_cast<uint64_t>(std::floor(gb * 1e9 / static_cast<double>(bytes_per_block)));
+  const double blocks = std::floor(gb * 1e9 / static_cast<double>(bytes_per_block));
+  if (!(blocks >= 0) || blocks > static_cast<double>(kMaxCacheBlocks))
+    throw ConfigError(fmt::format(
+        "{}=\"{:g}\": too large: {:g} blocks of {} bytes, more than the {} blocks a tier may have",
+        name, gb, blocks, bytes_per_block, kMaxCacheBlocks));
+  return static_cast<uint64_t>(blocks);
 }
 
 uint64_t KvbmConfig::HostBlocks(uint64_t bytes_per_block) const {
-  return BlocksFor(cpu_cache_gb, cpu_cache_num_blocks, bytes_per_block);
+  return BlocksFor("DYN_KVBM_CPU_CACHE_GB", cpu_cache_gb, cpu_cache_num_blocks, bytes_per_block);
 }
 uint64_t KvbmConfig::DiskBlocks(uint64_t bytes_per_block) const {
-  return BlocksFor(disk_cache_gb, disk_cache_num_blocks, bytes_per_block);
+  return BlocksFor("DYN_KVBM_DISK_CACHE_GB", disk_cache_gb, disk_cache_num_blocks, bytes_per_block);
 }
 
 }  // namespace kvbm

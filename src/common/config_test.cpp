@@ -126,6 +126,59 @@ TEST(Config, NoticesNameEverySettingWithoutEffect) {
   }
   // Recording is implemented, so it is no notice.
   EXPECT_TRUE(KvbmConfig::FromMap({{"DYN_KVBM_ENABLE_RECORD", "1"}}).Notices().empty());
+// Issue 17: huge sizes were accepted, then overflowed a double -> uint64_t conversion and were
+// reported as "too small". Now each is refused, naming the variable and saying "too large".
+TEST(Config, HugeCacheSizesAreTooLargeNotUndefined) {
+  for (const char* var : {"DYN_KVBM_CPU_CACHE_GB", "DYN_KVBM_DISK_CACHE_GB"}) {
+    for (const char* value : {"1e30", "1e300", "2000000000"}) {
+      try {
+        KvbmConfig::FromMap({{var, value}});
+        ADD_FAILURE() << var << "=" << value << " accepted";
+      } catch (const ConfigError& e) {
+        const std::string msg = e.what();
+        EXPECT_NE(msg.find(std::string(var) + "=\"" + value + "\""), std::string::npos) << msg;
+        EXPECT_NE(msg.find("too large"), std::string::npos) << msg;
+      }
+    }
+  }
+  // Within the parser's bound but too many blocks of this size: the conversion is checked.
+  const KvbmConfig c =
+      KvbmConfig::FromMap({{"DYN_KVBM_CPU_CACHE_GB", "1e9"}, {"DYN_KVBM_DISK_CACHE_GB", "1e9"}});
+  for (bool host : {true, false}) {
+    try {
+      host ? c.HostBlocks(1) : c.DiskBlocks(1);
+      ADD_FAILURE() << "1e18 blocks accepted";
+    } catch (const ConfigError& e) {
+      const std::string msg = e.what();
+      EXPECT_NE(msg.find(host ? "DYN_KVBM_CPU_CACHE_GB" : "DYN_KVBM_DISK_CACHE_GB"),
+                std::string::npos)
+          << msg;
+      EXPECT_NE(msg.find("too large"), std::string::npos) << msg;
+    }
+  }
+  // Just under the bound converts exactly; just over it is refused.
+  EXPECT_EQ(KvbmConfig::FromMap({{"DYN_KVBM_CPU_CACHE_GB", "1000"}}).HostBlocks(1),
+            uint64_t{1'000'000'000'000});
+  EXPECT_THROW(KvbmConfig::FromMap({{"DYN_KVBM_CPU_CACHE_GB", "1100"}}).HostBlocks(1), ConfigError);
+}
+
+TEST(Config, SizesAreDecimalOnly) {
+  for (const char* var : {"DYN_KVBM_CPU_CACHE_GB", "DYN_KVBM_DISK_CACHE_GB",
+                          "DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS", "DYN_KVBM_METRICS_PORT"}) {
+    for (const char* value : {"0x10", "0X1p4", "inf", "nan", "1e", ".", "1_000", "--1"}) {
+      try {
+        KvbmConfig::FromMap({{var, value}});
+        ADD_FAILURE() << var << "=" << value << " accepted";
+      } catch (const ConfigError& e) {
+        EXPECT_NE(std::string(e.what()).find(std::string(var) + "=\"" + value + "\""),
+                  std::string::npos)
+            << e.what();
+      }
+    }
+  }
+  EXPECT_DOUBLE_EQ(KvbmConfig::FromMap({{"DYN_KVBM_CPU_CACHE_GB", "0.5"}}).cpu_cache_gb, 0.5);
+  EXPECT_DOUBLE_EQ(KvbmConfig::FromMap({{"DYN_KVBM_CPU_CACHE_GB", "2e1"}}).cpu_cache_gb, 20);
+  EXPECT_DOUBLE_EQ(KvbmConfig::FromMap({{"DYN_KVBM_CPU_CACHE_GB", " 3. "}}).cpu_cache_gb, 3);
 }
 
 }  // namespace

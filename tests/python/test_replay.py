@@ -189,12 +189,12 @@ def test_malformed_line_names_the_line(tmp_path, run_kvbm):
     with pytest.raises(InvalidArgumentError, match="line 3"):
         _core.read_mooncake_trace(str(path))
     p = run_kvbm("replay", str(path))
-    assert p.returncode == 1
-    assert "line 3" in p.stderr
+    assert p.returncode == 2
+    assert "line 3" in p.stderr and "kvbm: error:" in p.stderr
     wrong_count = tmp_path / "w.jsonl"
     wrong_count.write_text(json.dumps({**good, "hash_ids": [0]}) + "\n")
     p = run_kvbm("replay", str(wrong_count))
-    assert p.returncode == 1 and "line 1" in p.stderr and "hash_ids" in p.stderr
+    assert p.returncode == 2 and "line 1" in p.stderr and "hash_ids" in p.stderr
 
 
 def test_bytes_mode_moves_and_verifies_real_bytes(run_kvbm, tmp_path, monkeypatch):

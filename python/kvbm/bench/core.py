@@ -38,6 +38,8 @@ _KVBM_FIGURES = (
     "leader_request_hit_us",
 )
 
+from kvbm.commands._args import decimal
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(

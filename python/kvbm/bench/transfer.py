@@ -30,6 +30,8 @@ from kvbm.bench import _pairs
 QUICK_TOTAL_MIB = 32
 QUICK_BLOCK_SIZES = "256K"
 
+from kvbm.commands._args import decimal
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("transfer", help="G1<->G2<->G3 throughput against memcpy and fio, interleaved pairs")

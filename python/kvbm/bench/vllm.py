@@ -36,6 +36,8 @@ from kvbm.bench import _pairs
 QUICK = {"tokens": 1024, "batch": 2, "batch_tokens": 256, "max_tokens": 4}
 DEFAULT = {"tokens": 6144, "batch": 8, "batch_tokens": 1024, "max_tokens": 16}
 
+from kvbm.commands._args import decimal
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("vllm", help="TTFT from G2/G3 vs recompute and vs the hardware limit, "

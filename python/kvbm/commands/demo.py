@@ -23,6 +23,8 @@ import tempfile
 import time
 import warnings
 
+from kvbm.commands._args import decimal
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("demo", help="vLLM + kvbm on a tiny model: per-tier hits, TTFT, identical outputs")
