@@ -4,6 +4,9 @@
 #include <fcntl.h>
 #include <fmt/format.h>
 #include <gtest/gtest.h>
+
+#include <chrono>
+#include <thread>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -153,7 +156,16 @@ TEST(DiskPersistent, SigkillMidOffloadThenRestartServesOnlyVerifiedBlocks) {
       << "the child stopped early: " << (WIFEXITED(status) ? WEXITSTATUS(status) : -1);
   ASSERT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL);
 
+  // The killed process's io_uring is torn down asynchronously by the kernel after the process
+  // is reaped, and holds the file (and so its lock) until then: a restart waits for it, as a
+  // restarted worker would, within a deadline.
   auto storage = Open(dir.path());
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (!storage && storage.error().code() == ErrorCode::kFailedPrecondition &&
+         std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    storage = Open(dir.path());
+  }
   ASSERT_TRUE(storage) << storage.error().ToString();
   const DiskRecovery& rec = (*storage)->recovery();
   EXPECT_FALSE(rec.reset) << rec.reset_reason;

@@ -101,7 +101,7 @@ def _without_vllm_env(tmp_path: Path) -> dict:
     raises, standing in for a machine where vLLM is not installed."""
 
     pkg = tmp_path / "vllm"
-    pkg.mkdir()
+    pkg.mkdir(exist_ok=True)
     (pkg / "__init__.py").write_text('raise ImportError("vllm hidden by test_bench_core")\n')
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(tmp_path), env.get("PYTHONPATH")) if p)
