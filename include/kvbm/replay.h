@@ -88,7 +88,7 @@ struct ReplayOptions {
   std::optional<uint64_t> g1_blocks;       // nullopt: unlimited (TotalPages); 0: no G1 prefix cache
   std::optional<uint64_t> g2_blocks;       // nullopt: unlimited (DistinctFullPages); 0: off
   std::optional<uint64_t> g3_blocks = 0;   // likewise
-  std::optional<EvictionPolicy> policy;  // G2 and G3; unset: the settings' (reuse by default)
+  std::optional<EvictionPolicy> policy;  // G2 and G3; unset: the settings' (leaf-first by default)
   std::optional<EvictionPolicy> disk_policy;  // G3 only; unset: as `policy`
   // Belady's MIN in G2 / G3 (wins over the policies): the replay knows the trace, so the pool
   // is told each block's next use (NextUseOracle over the requests' full pages; "now" is the

@@ -71,13 +71,13 @@ class RecencyEvictor final : public Evictor {
 };
 
 // Reuse-interval prediction (see eviction.h). Per hash a history {last use, last interval}
-// outlives the block by a bounded ghost FIFO (num_slots entries), so a block that comes back
+// outlives the block by a bounded ghost FIFO (4 per slot), so a block that comes back
 // after an eviction keeps its interval. Keys: predicted next use = last + interval, or kFar
 // for a block with no interval yet.
 class ReuseEvictor final : public Evictor {
  public:
   explicit ReuseEvictor(uint32_t num_slots)
-      : where_(num_slots), hit_pending_(num_slots, false), ghost_cap_(num_slots) {
+      : where_(num_slots), hit_pending_(num_slots, false), ghost_cap_(GhostCap(num_slots)) {
     history_.reserve(2 * size_t{num_slots});
   }
 
@@ -187,6 +187,10 @@ class ReuseEvictor final : public Evictor {
     uint32_t priority = 0;
     Key key;
   };
+  // Ghost histories kept per slot. Measured on the embedded conversation trace at 5,859 blocks
+  // (G1 0): 1 per slot 0.164, 4 per slot 0.178, 30 per slot 0.164 token hit rate.
+  static constexpr size_t kGhostsPerSlot = 4;
+  static size_t GhostCap(uint32_t num_slots) { return size_t{num_slots} * kGhostsPerSlot; }
   static uint64_t Predict(const History& h) {
     if (h.interval == 0 || h.last > kFar - 1 - h.interval) return kFar;
     return h.last + h.interval;

@@ -13,6 +13,7 @@
 #include <mutex>
 
 #include "bindings.h"
+#include "kvbm/leader.h"
 #include "kvbm/manager.h"
 #include "kvbm/observability.h"
 #include "kvbm/worker.h"

@@ -169,7 +169,7 @@ void BindReplay(nanobind::module_& m) {
         return ResultDict(ThrowIfError(std::move(r)), block_size);
       },
       "trace"_a, "block_size"_a = kTraceBlockTokens, "g1_blocks"_a.none() = nb::none(),
-      "g2_blocks"_a.none() = nb::none(), "g3_blocks"_a.none() = 0, "policy"_a = "reuse",
+      "g2_blocks"_a.none() = nb::none(), "g3_blocks"_a.none() = 0, "policy"_a = "leaf-first",
       "disk_policy"_a.none() = nb::none(),
       "prefill_tokens_per_s"_a = 10000.0, "decode_tokens_per_s"_a = 50.0, "move_bytes"_a = false,
       "bytes_per_token"_a = 8, "progress"_a.none() = nb::none(), "progress_every"_a = 256,
