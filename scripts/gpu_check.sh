@@ -8,7 +8,8 @@
 # Writes gpu_check.json (and the build and run logs) to $OUT when set, else to the build dir.
 # Exit status: 0 pass, 1 a round trip failed, 2 no CUDA device, 3 build failed.
 # Optional: if build-gpu/kvbm_gpu_tests (the gtest binary of a full build) was carried along and
-# its libraries resolve here, it runs too.
+# its libraries resolve here, it runs too; so does scripts/trtllm_check.sh (trtllm-serve with
+# kvbm) when TensorRT-LLM, kvbm and a local model (KVBM_TRTLLM_MODEL) are there.
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -93,5 +94,11 @@ if [ "$rc" != 2 ] && [ -x "$GT" ]; then
     timeout 300 "$GT" --gtest_output="json:$RESULTS/kvbm_gpu_tests.json" 2>&1 | tail -20
     [ "${PIPESTATUS[0]}" = 0 ] || rc=1
   fi
+fi
+
+# Optional: a real trtllm-serve with kvbm's connector when TensorRT-LLM is installed here
+# (scripts/trtllm_check.sh skips, saying why, otherwise).
+if [ "$rc" != 2 ]; then
+  timeout "${KVBM_TRTLLM_CHECK_TIMEOUT:-300}" bash "$ROOT/scripts/trtllm_check.sh" "$RESULTS" || rc=1
 fi
 exit "$rc"

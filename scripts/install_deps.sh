@@ -7,7 +7,9 @@ export DEBIAN_FRONTEND=noninteractive
 # Every Debian package the project needs; append here.
 APT_PACKAGES="cmake ninja-build g++ pkg-config libfmt-dev libxxhash-dev liburing-dev libzmq3-dev cppzmq-dev
   libgtest-dev libgmock-dev libbenchmark-dev libhiredis-dev libcpp-httplib-dev libmsgpack-cxx-dev libnuma-dev
-  clang-format prometheus fio redis-server e2fsprogs util-linux"
+  clang-format prometheus fio redis-server e2fsprogs util-linux
+  libmicrohttpd-dev
+  clang-16 libclang-rt-16-dev"
 
 SUDO=""
 if [[ $(id -u) -ne 0 ]]; then SUDO="sudo"; fi

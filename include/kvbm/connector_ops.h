@@ -16,7 +16,7 @@
 
 namespace kvbm {
 
-inline constexpr uint32_t kProtocolVersion = 2;  // 2: kPromoteHost
+inline constexpr uint32_t kProtocolVersion = 3;  // 2: kPromoteHost; 3: G4 ops
 
 struct StepMetadata {
   uint64_t step = 0;

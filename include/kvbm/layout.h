@@ -116,4 +116,11 @@ struct TensorShape {
 Result<std::unique_ptr<LayerSeparateLayout>> LayoutFromTensorShapes(
     std::span<const TensorShape> layers, uint64_t num_blocks, uint64_t page_size);
 
+// Builds the device-tier layout from ONE tensor that holds every layer, blocks first:
+// [num_blocks, num_layers, outer (1 or 2), chunk...] dense row-major (TensorRT-LLM's primary
+// pool: [blocks, layers, kv_factor, heads * tokens_per_block * head_dim]). The result is
+// FullyContiguous with no padding, so a block moves as one range. Errors name the dimension.
+Result<std::unique_ptr<FullyContiguousLayout>> LayoutFromPoolTensor(const TensorShape& pool, uint64_t num_blocks,
+                                                                    uint64_t page_size);
+
 }  // namespace kvbm

@@ -47,6 +47,10 @@ struct LeaderOptions {
   std::optional<EvictionPolicy> policy;  // G2 and G3; unset: the settings' (leaf-first by default)
   // Sizes in blocks; when unset they come from the config (GB / bytes_per_block, or overrides).
   std::optional<uint64_t> host_blocks, disk_blocks;
+  // G4 key descriptor (model, dtype, block size) and tensor-parallel size; needed when
+  // DYN_KVBM_REMOTE_URL is set (remote_tier.h).
+  std::string remote_descriptor;
+  uint32_t world_size = 1;
 };
 
 struct MatchResult {
@@ -54,6 +58,7 @@ struct MatchResult {
   bool async = false;            // the load is asynchronous (true whenever tokens > 0)
   uint32_t host_blocks = 0;      // of which from G2
   uint32_t disk_blocks = 0;      // of which from G3
+  uint32_t remote_blocks = 0;    // of which from G4 (through G2)
 };
 
 struct LeaderStats {

@@ -23,6 +23,8 @@ enum class TransferPath : uint8_t {
   kH2Dev,  // G2 -> G1 onboard (host to device): `onboard_blocks_h2d`
   kDisk2Dev,  // G3 -> G1 onboard (disk to device): `onboard_blocks_d2d`
   kDisk2H,  // G3 -> G2 (bounce or promotion)
+  kH2Remote,  // G2 -> G4 (remote offload)
+  kRemote2H,  // G4 -> G2 (remote onboard, verified)
   kCount,
 };
 inline constexpr size_t kNumTransferPaths = static_cast<size_t>(TransferPath::kCount);
@@ -40,6 +42,9 @@ class LatencyHistogram {
     double sum = 0;
   };
   Snapshot Read() const;
+  // Adds another process's observations (its snapshot, or the difference of two of them), so
+  // that a worker's histogram can be folded into the leader's (see src/python/stats_bindings).
+  void Add(const Snapshot& other);
 
  private:
   mutable std::mutex mu_;
@@ -79,6 +84,12 @@ struct KvbmMetrics {
   std::atomic<uint64_t> disk_writes_avoided{0};  // blocks the admission filter kept off disk
   std::atomic<uint64_t> kv_events_published{0};  // KV events sent on the ZeroMQ PUB socket
   std::atomic<uint64_t> kv_events_dropped{0};    // KV events lost (publisher queue overflow, send error)
+  // The remote tier (G4). Bytes and blocks moved are in blocks/bytes[kH2Remote / kRemote2H].
+  std::atomic<uint64_t> remote_hit_blocks{0};       // blocks the scheduler found in G4
+  std::atomic<uint64_t> remote_miss_blocks{0};      // blocks it asked for and G4 did not hold
+  std::atomic<uint64_t> remote_verify_failures{0};  // G4 values rejected (gone, other layout, torn, corrupt)
+  std::atomic<uint64_t> remote_errors{0};           // G4 calls that failed (unreachable, timeout)
+  LatencyHistogram remote_lookup_latency;           // the scheduler's existence checks
   WindowedHitRate host_hit_rate;
   WindowedHitRate disk_hit_rate;
   // Pool occupancy per tier, refreshed by the manager when metrics are read.

@@ -2,7 +2,9 @@
 // the KV-event publisher (ARCHITECTURE.md, "Metrics"; docs/METRICS.md lists every name).
 //
 //   MetricsServer     serves GET /metrics (Prometheus text format 0.0.4) from a KvbmMetrics on
-//                     a thread of its own (cpp-httplib).
+//                     one event-loop thread of its own (libmicrohttpd, epoll), with bounded
+//                     connections, request size and idle time: idle or hostile local clients
+//                     cannot delay a scrape or grow the process.
 //   CacheStatsLogger  logs host/disk hit rates and matched/requested tokens every interval.
 //   KvEventPublisher  turns BlockRegistry events into vLLM's KV-event batches (msgpack) on a
 //                     ZeroMQ PUB socket, from a thread of its own.
@@ -39,6 +41,13 @@ class MetricsServer {
     // Called before each scrape is rendered (the manager refreshes pool occupancy here).
     // Runs on the server thread; must not block for long.
     std::function<void()> before_scrape;
+    // Limits that keep a slow or hostile client from costing more than itself. Connections
+    // beyond `max_connections` are closed on accept; a connection that sends nothing for
+    // `idle_timeout` is closed; the request line plus headers must fit in `max_request_bytes`
+    // (else 431/414), and a request with a body is answered 413 without reading the body.
+    size_t max_connections = 512;
+    std::chrono::seconds idle_timeout{10};
+    size_t max_request_bytes = 16 * 1024;
   };
   static Options OptionsFrom(const KvbmConfig& config);
 

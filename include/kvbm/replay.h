@@ -2,10 +2,7 @@
 // `move_bytes` a real KvbmWorker) with a recorded request trace, the way an engine would, and
 // measures what the tiers hit. It backs `kvbm replay` (docs/REPLAY.md).
 //
-// Trace format (Mooncake, FAST'25): one JSON object per line with exactly the keys
-// `timestamp` (ms), `input_length`, `output_length` (tokens) and `hash_ids` (one id per
-// 512-token block of the prompt, chained prefix ids: equal ids mean equal prefixes).
-// Tokens are synthesised per id (SynthesizeTokens), so equal ids give equal sequence hashes.
+// The trace and its parser are in kvbm/trace.h.
 //
 // The engine model (RunReplay):
 //   - G1 is a BlockPool (TierId::kDevice) of `g1_blocks` standing for the engine's own prefix
@@ -43,44 +40,15 @@
 #include "kvbm/config.h"
 #include "kvbm/error.h"
 #include "kvbm/tokens.h"
+#include "kvbm/trace.h"
 
 namespace kvbm {
-
-// Tokens per trace block (one hash id); fixed by the Mooncake format.
-inline constexpr uint32_t kTraceBlockTokens = 512;
-
-struct TraceRequest {
-  double timestamp_ms = 0;
-  uint64_t input_length = 0;
-  uint64_t output_length = 0;
-  std::vector<uint64_t> hash_ids;
-};
-
-struct Trace {
-  std::vector<TraceRequest> requests;  // sorted by timestamp (stable)
-  uint64_t block_refs = 0;             // sum of len(hash_ids)
-  uint64_t input_tokens = 0;
-  // Distinct full pages of `page_size` tokens over all prompts (what "unlimited" must hold).
-  uint64_t DistinctFullPages(uint32_t page_size) const;
-  // Sum over requests of ceil((input + output) / page_size): G1 never evicts at this size.
-  uint64_t TotalPages(uint32_t page_size) const;
-};
-
-// Parses JSONL text. Blank lines are skipped; `limit` > 0 keeps the first `limit` requests.
-// InvalidArgument naming the 1-based line for malformed JSON, a missing, repeated or unknown
-// key, a negative or non-integer length, or len(hash_ids) != ceil(input_length / 512).
-Result<Trace> ParseMooncakeTrace(std::string_view text, size_t limit = 0);
-// Reads and parses a file (IoError naming the path when it cannot be read).
-Result<Trace> ReadMooncakeTrace(const std::string& path, size_t limit = 0);
-
-// The prompt tokens of `request`: block id h contributes tokens derived from (h, position)
-// only, the last block cut to input_length. Pure; `out` is overwritten.
-void SynthesizeTokens(const TraceRequest& request, std::vector<Token>& out);
 
 struct ReplayProgress {
   uint64_t finished = 0, total = 0;
   double trace_seconds = 0;   // simulated time reached
   double token_hit_rate = 0;  // so far
+  uint16_t metrics_port = 0;  // the metrics endpoint's bound port; 0 when off or not bound
 };
 
 struct ReplayOptions {

@@ -26,12 +26,13 @@ struct SimEngineOptions {
   uint32_t dtype_bytes = 2;
   uint32_t device_blocks = 64;
   bool outer_first = false;  // FlashAttention-like (2, num_blocks, ...) instead of blocks first
+  std::string remote_descriptor = "sim-engine";  // G4 keys, when DYN_KVBM_REMOTE_URL is set
 };
 
 struct SimRequestOutcome {
   uint64_t prompt_tokens = 0;
   uint64_t loaded_tokens = 0;
-  uint32_t host_blocks = 0, disk_blocks = 0;
+  uint32_t host_blocks = 0, disk_blocks = 0, remote_blocks = 0;
   uint32_t load_errors = 0;        // blocks the worker reported as failed (then recomputed)
   uint32_t mismatched_blocks = 0;  // loaded blocks whose bytes were wrong (must stay 0)
 };

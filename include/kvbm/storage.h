@@ -49,13 +49,86 @@ struct DiskStorageOptions {
   bool disable_o_direct = false;
   DiskAllocatorType allocator = DiskAllocatorType::kDefault;
   bool zerofill_fallback = false;
+  bool persistent = false;  // DYN_KVBM_DISK_PERSISTENT: open through DiskStorage::OpenPersistent
 
   static DiskStorageOptions FromConfig(const KvbmConfig& config);
 };
 
+// The checksum of a disk block's bytes, as persisted in its slot record and checked on every
+// read: XXH3-64 seeded with the block's sequence hash (a block moved to another hash fails too).
+uint64_t DiskBlockChecksum(uint64_t sequence_hash, const uint8_t* bytes, uint64_t length);
+
+// How the persistent disk file is cut into slots: slot i holds `block_bytes` bytes at offset
+// i * block_stride (a FullyContiguous layout; block_stride a multiple of kDiskAlignment).
+struct DiskSlotGeometry {
+  uint64_t num_slots = 0;
+  uint64_t block_bytes = 0;
+  uint64_t block_stride = 0;
+};
+
+// The persistent side data of a disk tier: one 32-byte record per slot in
+// `<dir>/kvbm-disk-cache-<fingerprint>.idx` {state, record check, sequence hash, checksum,
+// layout fingerprint}. The write protocol that makes a crash safe: MarkWriting(slot) before the
+// slot's data write is submitted, MarkValid(...) after it completed; a record left in the
+// writing state by a crash is a torn block. Records are written with pwrite on a buffered
+// descriptor, so they survive the death of the process (SIGKILL) at once; after a power loss
+// the checksum check at open still refuses any block whose bytes did not reach the disk.
+//
+// Thread safety: the Mark* calls may run concurrently for distinct slots (one pwrite each);
+// calls for the same slot must be ordered by the caller (the transfer layer orders conflicting
+// accesses to a slot). Owned by its DiskStorage.
+class DiskSlotRecords {
+ public:
+  ~DiskSlotRecords();
+  DiskSlotRecords(const DiskSlotRecords&) = delete;
+  DiskSlotRecords& operator=(const DiskSlotRecords&) = delete;
+
+  // IoError naming the file on a failed write; InvalidArgument for a slot out of range.
+  Status MarkWriting(uint32_t slot);
+  Status MarkValid(uint32_t slot, uint64_t sequence_hash, uint64_t checksum);
+  Status MarkEmpty(uint32_t slot);
+
+  uint64_t num_slots() const { return geometry_.num_slots; }
+  uint64_t layout_fingerprint() const { return fingerprint_; }
+  const std::string& path() const { return path_; }
+
+ private:
+  friend class DiskStorage;
+  DiskSlotRecords(int fd, std::string path, const DiskSlotGeometry& geometry, uint64_t fingerprint)
+      : fd_(fd), path_(std::move(path)), geometry_(geometry), fingerprint_(fingerprint) {}
+  Status Write(uint32_t slot, uint32_t state, uint64_t sequence_hash, uint64_t checksum);
+  int fd_;
+  std::string path_;
+  DiskSlotGeometry geometry_;
+  uint64_t fingerprint_;
+};
+
+// A block found intact when a persistent disk tier was opened.
+struct RecoveredDiskBlock {
+  uint32_t slot = 0;
+  uint64_t sequence_hash = 0;
+  uint64_t checksum = 0;
+};
+
+// What opening a persistent disk tier found. Every block in `blocks` was read back and its
+// checksum matched; everything else was dropped (its record reset to empty) and counted.
+struct DiskRecovery {
+  std::vector<RecoveredDiskBlock> blocks;  // ascending slot
+  uint64_t torn =
+      0;  // a write cut off by a crash (writing state, or a record that does not verify)
+  uint64_t corrupt = 0;       // a committed block whose bytes no longer match its checksum
+  uint64_t other_layout = 0;  // a record carrying another layout fingerprint
+  uint64_t duplicates = 0;    // a second valid slot for a sequence hash already recovered
+  bool reset = false;  // the side file was missing or described another geometry: started empty
+  std::string reset_reason;
+  double seconds = 0;  // time spent verifying
+};
+
 // One pre-allocated file per worker: `<dir>/dynamo-kvbm-disk-cache-XXXXXX`, mode 0600,
-// unlinked once open so it cannot outlive the process. O_DIRECT (set by fcntl after open for
-// the `default` allocator, passed to open for `open-direct`) unless disabled; sized with
+// unlinked once open so it cannot outlive the process (the reference's behaviour); or, in
+// persistent mode (OpenPersistent), `<dir>/kvbm-disk-cache-<fingerprint>.bin`, never unlinked,
+// locked against a second process, with its slot records beside it. O_DIRECT (set by fcntl after
+// open for the `default` allocator, passed to open for `open-direct`) unless disabled; sized with
 // fallocate, or zero-filled with 4096-aligned writes when fallocate is unsupported and the
 // fallback is on. Every I/O through it must be 4096-aligned in offset, length and address.
 class DiskStorage {
@@ -63,7 +136,20 @@ class DiskStorage {
   // Errors name the directory and the reason: O_DIRECT refused (e.g. tmpfs) with a hint to set
   // DYN_KVBM_DISK_DISABLE_O_DIRECT, fallocate unsupported without the fallback
   // (DYN_KVBM_DISK_ZEROFILL_FALLBACK), ENOSPC, permissions.
-  static Result<std::unique_ptr<DiskStorage>> Create(const DiskStorageOptions& options, uint64_t bytes);
+  // REQUIRES: !options.persistent (InvalidArgument naming DYN_KVBM_DISK_PERSISTENT otherwise).
+  static Result<std::unique_ptr<DiskStorage>> Create(const DiskStorageOptions& options,
+                                                     uint64_t bytes);
+
+  // Persistent mode. Opens (or creates) `<dir>/kvbm-disk-cache-<fingerprint as 16 hex>.bin`
+  // and its `.idx` side file, takes an exclusive flock on the data file (FailedPrecondition
+  // naming the file when another process holds it), sizes it to num_slots * block_stride, then
+  // rebuilds the index: every valid record's block is read back and checked against its
+  // checksum (see recovery()). `layout_fingerprint` must change whenever the bytes of a block
+  // would mean something else (model, layout, dtype, rank): another fingerprint is another file.
+  // Same errors as Create for the directory, O_DIRECT and space.
+  static Result<std::unique_ptr<DiskStorage>> OpenPersistent(const DiskStorageOptions& options,
+                                                             const DiskSlotGeometry& geometry,
+                                                             uint64_t layout_fingerprint);
   ~DiskStorage();
   DiskStorage(const DiskStorage&) = delete;
   DiskStorage& operator=(const DiskStorage&) = delete;
@@ -72,6 +158,11 @@ class DiskStorage {
   uint64_t size() const { return size_; }  // the bytes asked for, rounded up to kDiskAlignment
   bool o_direct() const { return o_direct_; }
   const std::string& path() const { return path_; }  // the name it had before unlinking
+  bool persistent() const { return records_ != nullptr; }
+  // Persistent mode: the slot records to keep up to date (nullptr otherwise).
+  DiskSlotRecords* slot_records() const { return records_.get(); }
+  // Persistent mode: what was found at open (empty otherwise).
+  const DiskRecovery& recovery() const { return recovery_; }
 
  private:
   DiskStorage(int fd, uint64_t size, bool o_direct, std::string path)
@@ -80,6 +171,8 @@ class DiskStorage {
   uint64_t size_;
   bool o_direct_;
   std::string path_;
+  std::unique_ptr<DiskSlotRecords> records_;
+  DiskRecovery recovery_;
 };
 
 // 4096-aligned heap memory for bounce buffers and tests (RAII).

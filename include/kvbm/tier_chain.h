@@ -33,6 +33,7 @@
 #include "kvbm/config.h"
 #include "kvbm/metrics.h"
 #include "kvbm/offload.h"
+#include "kvbm/remote_tier.h"
 #include "kvbm/tier_ops.h"
 
 namespace kvbm {
@@ -49,6 +50,7 @@ struct TierChainOptions {
   size_t disk_offloads_per_step = 1024;
   uint32_t pin_steps = 3;          // steps a written block stays referenced (this one + 2)
   bool promote_disk_hits = false;  // copy onboarded G3 blocks up to G2 (DYN_KVBM_PROMOTE_DISK_HITS)
+  std::optional<RemoteTierOptions> remote;  // G4 (DYN_KVBM_REMOTE_*); needs G2
 
   // From the settings: sizes from the GB settings (or their block overrides) over
   // `bytes_per_block` (one block over every rank), eviction policies from
@@ -58,7 +60,8 @@ struct TierChainOptions {
   static TierChainOptions FromConfig(const KvbmConfig& config, uint64_t bytes_per_block,
                                      std::optional<uint64_t> host_blocks = std::nullopt,
                                      std::optional<uint64_t> disk_blocks = std::nullopt,
-                                     std::optional<EvictionPolicy> policy = std::nullopt);
+                                     std::optional<EvictionPolicy> policy = std::nullopt,
+                                     const std::string& remote_descriptor = "", uint32_t world_size = 1);
 };
 
 // Runs of a key list held along the chain: blocks[tier] consecutive keys from `host` then
@@ -66,18 +69,20 @@ struct TierChainOptions {
 struct ChainMatch {
   uint32_t host = 0;
   uint32_t disk = 0;
-  uint32_t total() const { return host + disk; }
+  uint32_t remote = 0;
+  uint32_t total() const { return host + disk + remote; }
 };
 
 // Blocks pinned for one request's load, and which tier each device block loads from.
 struct OnboardPins {
   std::vector<BlockRun> runs;  // dropped when the load is reported finished
-  uint32_t host = 0, disk = 0, missing = 0;
+  uint32_t host = 0, disk = 0, remote = 0, missing = 0;
 };
 
 struct TierChainStats {
   uint64_t store_host_blocks = 0, store_disk_blocks = 0, offload_disk_blocks = 0, promote_host_blocks = 0;
-  uint64_t onboard_host_blocks = 0, onboard_disk_blocks = 0;
+  uint64_t onboard_host_blocks = 0, onboard_disk_blocks = 0, onboard_remote_blocks = 0;
+  uint64_t offload_remote_blocks = 0;
   uint64_t skipped_cached_blocks = 0;
   uint64_t dropped_full = 0, dropped_filter = 0, dropped_queue = 0;
   uint64_t load_errors = 0;
@@ -97,6 +102,8 @@ class TierChain {
   BlockPool* pool(TierId tier) const;
   uint64_t host_blocks() const { return host_ ? host_->num_blocks() : 0; }
   uint64_t disk_blocks() const { return disk_ ? disk_->num_blocks() : 0; }
+  // The G4 index, when G4 is configured and was reachable at start.
+  RemoteIndex* remote() const { return remote_.get(); }
   const TierChainOptions& options() const { return options_; }
 
   // The run of `keys` held along the chain: G2's longest prefix, then G3's continuing after it.
@@ -143,7 +150,11 @@ class TierChain {
   std::shared_ptr<BlockPool> host_, disk_;
   DiskAdmissionFilter filter_;
   OffloadQueue<DiskOffload> disk_queue_;
-  std::vector<BlockOp> step_store_host_, step_store_disk_, step_offload_disk_, step_promote_host_;
+  void SeeForRemote(const BlockRun& host_run, size_t index, const BlockKey& key);
+  std::unique_ptr<RemoteIndex> remote_;
+  DiskAdmissionFilter remote_filter_;
+  std::vector<BlockOp> step_store_host_, step_store_disk_, step_offload_disk_, step_promote_host_,
+      step_offload_remote_;
   std::vector<BlockRun> current_pins_;
   std::vector<ImmutableBlock> current_single_pins_;
   std::deque<std::pair<std::vector<BlockRun>, std::vector<ImmutableBlock>>> step_pins_;

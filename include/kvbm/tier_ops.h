@@ -19,9 +19,11 @@ enum class OpKind : uint8_t {
   kOffloadDisk = 2,  // G2 -> G3 (asynchronous)
   kLoadHost = 3,     // G2 -> G1 (onboard)
   kLoadDisk = 4,     // G3 -> G1 (onboard, verified)
-  kPromoteHost = 5,  // G3 -> G2 (a disk hit copied up, verified; asynchronous)
+  kPromoteHost = 5,    // G3 -> G2 (a disk hit copied up, verified; asynchronous)
+  kFetchRemote = 6,    // G4 -> G2 (dst: host slot; verified), before the G2 -> G1 load it feeds
+  kOffloadRemote = 7,  // G2 -> G4 (src: host slot; asynchronous, after the step's stores)
 };
-inline constexpr uint8_t kMaxOpKind = 5;
+inline constexpr uint8_t kMaxOpKind = 7;
 const char* OpKindName(OpKind kind);
 inline bool IsLoad(OpKind k) { return k == OpKind::kLoadHost || k == OpKind::kLoadDisk; }
 

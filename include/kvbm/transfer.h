@@ -35,10 +35,18 @@ namespace kvbm {
 
 enum class MemoryKind : uint8_t { kHost, kDevice, kDisk };
 
+class DiskSlotRecords;
+struct DiskRecovery;
+
 // Per-slot side data of a disk tier, written with each block and checked on each read.
+// With `records` (a persistent disk tier, DiskStorage::slot_records()) every Invalidate and Set
+// is also written through to the slot's record, and the entries start from the blocks that
+// `recovery` verified at open; both must outlive this object.
 class DiskSideData {
  public:
   explicit DiskSideData(uint64_t num_blocks) : entries_(num_blocks) {}
+  DiskSideData(uint64_t num_blocks, DiskSlotRecords* records, const DiskRecovery& recovery);
+  // Invalidate runs before a slot's data write is submitted, Set after it completed.
   void Set(uint32_t slot, SequenceHash hash, uint64_t checksum);
   void Invalidate(uint32_t slot);
   // kCorrupt when the slot holds another hash, nothing valid, or bytes whose checksum differs.
@@ -53,6 +61,8 @@ class DiskSideData {
   };
   mutable std::mutex mu_;
   std::vector<Entry> entries_;  // GUARDED_BY(mu_)
+  DiskSlotRecords* records_ = nullptr;
+  std::atomic<uint64_t> record_errors_{0};
 };
 
 // A tier's memory as the transfer engine sees it.

@@ -19,6 +19,9 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <deque>
+#include <functional>
+#include <thread>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -31,12 +34,14 @@
 #include "kvbm/connector_ops.h"
 #include "kvbm/layout.h"
 #include "kvbm/metrics.h"
+#include "kvbm/remote_tier.h"
 #include "kvbm/storage.h"
 #include "kvbm/transfer.h"
 
 namespace kvbm {
 
-// The engine's KV tensors, one per layer (vLLM: kv_caches dict in layer order).
+// The engine's KV tensors, one per layer (vLLM: kv_caches dict in layer order), or, with
+// `pool`, one tensor holding every layer blocks-first (TensorRT-LLM's primary pool).
 struct DeviceTensors {
   std::vector<uintptr_t> layer_pointers;
   std::vector<TensorShape> layer_shapes;
@@ -44,6 +49,11 @@ struct DeviceTensors {
   uint64_t page_size = 0;  // tokens per block
   MemoryKind kind = MemoryKind::kHost;  // kHost for a CPU engine, kDevice for CUDA tensors
   int device_index = -1;
+  bool pool = false;  // one [num_blocks, num_layers, kv_factor, ...] tensor (LayoutFromPoolTensor)
+  // How the elements inside one chunk are ordered, as the engine adapter knows it (e.g.
+  // "token,head,dim" or "head,token,dim"); kvbm sees chunks as bytes, so this is what tells two
+  // engines with equal sizes but different orders apart. Part of block_format().
+  std::string element_order;
 };
 
 class KvbmWorker {
@@ -53,7 +63,15 @@ class KvbmWorker {
   ~KvbmWorker();  // waits for transfers in flight
 
   // Reads the engine tensors' shapes and strides into the G1 layout. Errors name the layer.
+  // Registering again (another engine attaching to the same tiers) waits for transfers in
+  // flight and is refused when its block_format() differs from the format of the blocks the
+  // tiers hold: those bytes would be misread, so they are never served to it.
   Status RegisterKvCaches(const DeviceTensors& tensors);
+  // The layout fingerprint of one block as G2/G3 store it: layers, K/V split, page size,
+  // elements per token, element size and element order. Empty before registration.
+  std::string block_format() const;
+  // The fingerprint of the blocks the tiers hold (set by AllocateTiers); empty before.
+  const std::string& tier_block_format() const { return tier_format_; }
   bool registered() const { return device_layout_ != nullptr; }
   uint64_t bytes_per_block() const;  // this rank's bytes of one block (all layers)
   uint64_t device_blocks() const;
@@ -64,6 +82,12 @@ class KvbmWorker {
   Status AllocateTiers(uint64_t host_blocks, uint64_t disk_blocks);
   uint64_t host_blocks() const { return host_blocks_; }
   uint64_t disk_blocks() const { return disk_blocks_; }
+
+  // Connects this rank to the remote tier (G4). Unreachable: an error when options.required,
+  // else a warning and no G4 (its fetches fail as load errors, its offloads are skipped).
+  // REQUIRES: AllocateTiers with a host tier.
+  Status ConnectRemote(const RemoteTierOptions& options);
+  bool has_remote() const { return remote_ != nullptr; }
 
   // Binds one step's metadata (msgpack from the leader): loads start now.
   Status BindStep(std::span<const uint8_t> metadata);
@@ -81,6 +105,9 @@ class KvbmWorker {
   std::vector<uint32_t> TakeLoadErrors();
   // Waits until no transfer is in flight (tests, shutdown).
   void WaitIdle();
+  // Waits until every load started so far has finished (its request is then reported by
+  // GetFinished): for engines that load synchronously, before the forward pass reads the blocks.
+  void WaitForLoads();
   // Test seam: holds back the completion of every load started from now on by `delay`, as a
   // slow tier would, so engine tests can abort or preempt requests while loads are in flight.
   void SetLoadDelayForTesting(std::chrono::milliseconds delay) { test_load_delay_ms_ = delay.count(); }
@@ -96,6 +123,10 @@ class KvbmWorker {
  private:
   void StartLoad(const TransferOp& op);
   void StartPromotion(const TransferOp& op);
+  void StartFetch(const TransferOp& op);
+  void StartRemotePut(const TransferOp& op);
+  void RunRemote(std::function<void()> task);  // on the G4 thread, in order
+  void RemoteLoop();
   void StartDiskWrite(const TransferOp& op, TransferPath path, const TierMemory& src);
   void LoadDone(const std::string& request_id, const std::vector<uint32_t>& failed_device_blocks);
   void WaitHostSlotsFree(const std::vector<BlockOp>& blocks);
@@ -108,6 +139,8 @@ class KvbmWorker {
   const uint32_t rank_, world_size_;
   std::shared_ptr<KvbmMetrics> metrics_;
   std::unique_ptr<Layout> device_layout_;
+  std::string element_order_;  // of the registered G1 tensors
+  std::string tier_format_;    // block_format() when the tiers were allocated
   std::unique_ptr<FullyContiguousLayout> host_layout_, disk_layout_;
   std::unique_ptr<HostStorage> host_;
   std::unique_ptr<DiskStorage> disk_;
@@ -132,6 +165,16 @@ class KvbmWorker {
   uint32_t transfers_in_flight_ = 0;                                             // GUARDED_BY(mu_)
   std::vector<uint8_t> host_valid_;  // GUARDED_BY(mu_) 1 = the slot holds the block last stored
   std::atomic<int64_t> test_load_delay_ms_{0};
+
+  // G4: calls run on one thread of their own, never the engine's (remote_mu_ guards the queue).
+  std::unique_ptr<RedisCluster> remote_;
+  std::optional<RemoteTierOptions> remote_options_;
+  uint64_t remote_fingerprint_ = 0;
+  std::mutex remote_mu_;
+  std::condition_variable remote_cv_;
+  std::deque<std::function<void()>> remote_tasks_;  // GUARDED_BY(remote_mu_)
+  bool remote_stop_ = false;                         // GUARDED_BY(remote_mu_)
+  std::thread remote_thread_;
 };
 
 }  // namespace kvbm

@@ -72,14 +72,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from kvbm.errors import KvbmError
 
+    # Every error a user's input or environment can cause ends here as one line and exit 2 (as
+    # argparse's own usage errors): kvbm's errors (bad settings, unreadable or malformed input)
+    # and the OS's (a file that cannot be opened). A traceback means a bug in kvbm.
     try:
         status = args._run(args)
-    except KvbmError as e:
-        print(f"kvbm {args.command}: error: {e}", file=sys.stderr)
-        return 1
+    except (KvbmError, OSError) as e:
+        print(f"kvbm: error: {args.command}: {_one_line(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
     return 0 if status is None else int(status)
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error) or type(error).__name__
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

@@ -6,8 +6,11 @@
 #include <cmath>
 #include <cstdlib>
 #include <fmt/format.h>
+#include <mutex>
+#include <set>
 
 #include "kvbm/error.h"
+#include "kvbm/log.h"
 
 namespace kvbm {
 namespace {
@@ -49,8 +52,31 @@ uint64_t ParseUnsigned(const char* name, const std::string& raw, uint64_t min, u
   return parsed;
 }
 
+// A decimal number as people write sizes: optional sign, digits with at most one '.', an
+// optional exponent. What strtod accepts beyond that (hex floats, inf, nan) is refused.
+bool IsDecimalNumber(const std::string& v) {
+  size_t i = 0;
+  if (i < v.size() && (v[i] == '+' || v[i] == '-')) ++i;
+  size_t digits = 0;
+  while (i < v.size() && std::isdigit(static_cast<unsigned char>(v[i]))) ++i, ++digits;
+  if (i < v.size() && v[i] == '.') {
+    ++i;
+    while (i < v.size() && std::isdigit(static_cast<unsigned char>(v[i]))) ++i, ++digits;
+  }
+  if (digits == 0) return false;
+  if (i < v.size() && (v[i] == 'e' || v[i] == 'E')) {
+    ++i;
+    if (i < v.size() && (v[i] == '+' || v[i] == '-')) ++i;
+    size_t exp_digits = 0;
+    while (i < v.size() && std::isdigit(static_cast<unsigned char>(v[i]))) ++i, ++exp_digits;
+    if (exp_digits == 0) return false;
+  }
+  return i == v.size();
+}
+
 double ParseNonNegativeDouble(const char* name, const std::string& raw) {
   std::string v = Trim(raw);
+  if (!IsDecimalNumber(v)) Bad(name, raw, "expected a decimal number");
   char* end = nullptr;
   errno = 0;
   double parsed = std::strtod(v.c_str(), &end);
@@ -59,6 +85,17 @@ double ParseNonNegativeDouble(const char* name, const std::string& raw) {
   if (parsed < 0) Bad(name, raw, "must not be negative");
   return parsed;
 }
+
+namespace {
+
+double ParseCacheGb(const char* name, const std::string& raw) {
+  const double gb = ParseNonNegativeDouble(name, raw);
+  if (gb > kMaxCacheGb)
+    Bad(name, raw, fmt::format("too large: at most {:g} GB (an exabyte)", kMaxCacheGb));
+  return gb;
+}
+
+}  // namespace
 
 KvbmConfig KvbmConfig::FromMap(const std::map<std::string, std::string>& env) {
   return FromEnvironment([&env](const char* name) -> const char* {
@@ -74,18 +111,19 @@ KvbmConfig KvbmConfig::FromEnvironment(const std::function<const char*(const cha
     return std::string(v);
   };
   KvbmConfig c;
-  if (auto v = get("DYN_KVBM_CPU_CACHE_GB")) c.cpu_cache_gb = ParseNonNegativeDouble("DYN_KVBM_CPU_CACHE_GB", *v);
+  if (auto v = get("DYN_KVBM_CPU_CACHE_GB")) c.cpu_cache_gb = ParseCacheGb("DYN_KVBM_CPU_CACHE_GB", *v);
   if (auto v = get("DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS"))
-    c.cpu_cache_num_blocks = ParseUnsigned("DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS", *v, 0, 1ull << 40);
-  if (auto v = get("DYN_KVBM_DISK_CACHE_GB")) c.disk_cache_gb = ParseNonNegativeDouble("DYN_KVBM_DISK_CACHE_GB", *v);
+    c.cpu_cache_num_blocks = ParseUnsigned("DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS", *v, 0, kMaxCacheBlocks);
+  if (auto v = get("DYN_KVBM_DISK_CACHE_GB")) c.disk_cache_gb = ParseCacheGb("DYN_KVBM_DISK_CACHE_GB", *v);
   if (auto v = get("DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS"))
-    c.disk_cache_num_blocks = ParseUnsigned("DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS", *v, 0, 1ull << 40);
+    c.disk_cache_num_blocks = ParseUnsigned("DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS", *v, 0, kMaxCacheBlocks);
   if (auto v = get("DYN_KVBM_DISK_CACHE_DIR")) {
     if (Trim(*v).empty()) Bad("DYN_KVBM_DISK_CACHE_DIR", *v, "must name a directory");
     c.disk_cache_dir = *v;
   }
   if (auto v = get("DYN_KVBM_DISK_ZEROFILL_FALLBACK")) c.disk_zerofill_fallback = ParseBool("DYN_KVBM_DISK_ZEROFILL_FALLBACK", *v);
   if (auto v = get("DYN_KVBM_DISK_DISABLE_O_DIRECT")) c.disk_disable_o_direct = ParseBool("DYN_KVBM_DISK_DISABLE_O_DIRECT", *v);
+  if (auto v = get("DYN_KVBM_DISK_PERSISTENT")) c.disk_persistent = ParseBool("DYN_KVBM_DISK_PERSISTENT", *v);
   if (auto v = get("DYN_KVBM_DISK_ALLOCATOR_TYPE")) {
     std::string t = Lower(Trim(*v));
     if (t == "default" || t.empty()) c.disk_allocator = DiskAllocatorType::kDefault;
@@ -125,6 +163,49 @@ KvbmConfig KvbmConfig::FromEnvironment(const std::function<const char*(const cha
   if (auto v = get("DYN_KVBM_CACHE_STATS_LOG_INTERVAL_SECS"))
     c.cache_stats_log_interval_secs = ParseUnsigned("DYN_KVBM_CACHE_STATS_LOG_INTERVAL_SECS", *v, 1, 86400);
   if (auto v = get("DYN_KVBM_EVENTS_ENDPOINT")) c.events_endpoint = Trim(*v);
+  for (const char* name : {"DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS", "DYN_KVBM_LEADER_ZMQ_HOST",
+                           "DYN_KVBM_LEADER_ZMQ_PUB_PORT", "DYN_KVBM_LEADER_ZMQ_ACK_PORT"})
+    if (auto v = get(name)) c.leader_settings_set.emplace_back(name, *v);
+
+  if (auto v = get("DYN_KVBM_ENABLE_RECORD")) c.enable_record = ParseBool("DYN_KVBM_ENABLE_RECORD", *v);
+  if (auto v = get("DYN_KVBM_RECORD_PATH")) {
+    if (Trim(*v).empty()) Bad("DYN_KVBM_RECORD_PATH", *v, "must name a file");
+    c.record_path = *v;
+  }
+  if (auto v = get("DYN_KVBM_DISABLE_WRITE_COMBINED"))
+    c.disable_write_combined = ParseBool("DYN_KVBM_DISABLE_WRITE_COMBINED", *v);
+  if (auto v = get("DYN_KVBM_ENABLE_NUMA")) c.enable_numa = ParseBool("DYN_KVBM_ENABLE_NUMA", *v);
+  if (auto v = get("DYN_KVBM_KV_EVENTS_ENABLE_CONSOLIDATOR"))
+    c.kv_events_enable_consolidator = ParseBool("DYN_KVBM_KV_EVENTS_ENABLE_CONSOLIDATOR", *v);
+  if (auto v = get("DYN_KVBM_KV_EVENTS_CONSOLIDATOR_MODE")) {
+    std::string m = Lower(Trim(*v));
+    if (m == "dedup") c.kv_events_consolidator_mode = ConsolidatorMode::kDedup;
+    else if (m == "passthrough") c.kv_events_consolidator_mode = ConsolidatorMode::kPassthrough;
+    else Bad("DYN_KVBM_KV_EVENTS_CONSOLIDATOR_MODE", *v, "expected 'dedup' or 'passthrough'");
+  }
+  if (auto v = get("DYN_KVBM_NCCL_MLA_MODE")) c.nccl_mla_mode = ParseBool("DYN_KVBM_NCCL_MLA_MODE", *v);
+  if (auto v = get("DYN_KVBM_NCCL_MAX_CTAS"))
+    c.nccl_max_ctas = static_cast<uint32_t>(ParseUnsigned("DYN_KVBM_NCCL_MAX_CTAS", *v, 1, 1024));
+  if (auto v = get("DYN_KVBM_TRTLLM_ZMQ_PORT"))
+    c.trtllm_zmq_port = static_cast<uint16_t>(ParseUnsigned("DYN_KVBM_TRTLLM_ZMQ_PORT", *v, 1, 65535));
+  if (auto v = get("DYN_KVBM_REMOTE_URL")) c.remote_url = Trim(*v);
+  if (auto v = get("DYN_KVBM_REMOTE_NAMESPACE")) {
+    std::string t = Trim(*v);
+    if (t.empty() || t.size() > 128 || t.find_first_of(" {}:\t\r\n") != std::string::npos)
+      Bad("DYN_KVBM_REMOTE_NAMESPACE", *v, "must be 1..128 characters without spaces, ':', '{' or '}'");
+    c.remote_namespace = t;
+  }
+  if (auto v = get("DYN_KVBM_REMOTE_TIMEOUT_MS"))
+    c.remote_timeout_ms = ParseUnsigned("DYN_KVBM_REMOTE_TIMEOUT_MS", *v, 1, 600000);
+  if (auto v = get("DYN_KVBM_REMOTE_MATCH_BUDGET_MS"))
+    c.remote_match_budget_ms = ParseUnsigned("DYN_KVBM_REMOTE_MATCH_BUDGET_MS", *v, 1, 60000);
+  if (auto v = get("DYN_KVBM_REMOTE_ADMISSION")) {
+    std::string t = Lower(Trim(*v));
+    if (t != "store" && t != "reuse" && t != "off")
+      Bad("DYN_KVBM_REMOTE_ADMISSION", *v, "expected 'store' (every block G2 stores), 'reuse' (second sight) or 'off'");
+    c.remote_admission = t;
+  }
+  if (auto v = get("DYN_KVBM_REMOTE_REQUIRED")) c.remote_required = ParseBool("DYN_KVBM_REMOTE_REQUIRED", *v);
   if (auto v = get("DYN_KVBM_PROMOTE_DISK_HITS")) c.promote_disk_hits = ParseBool("DYN_KVBM_PROMOTE_DISK_HITS", *v);
   for (auto [name, field] : {std::pair{"DYN_KVBM_HOST_EVICTION_POLICY", &c.host_eviction_policy},
                              std::pair{"DYN_KVBM_DISK_EVICTION_POLICY", &c.disk_eviction_policy}}) {
@@ -137,6 +218,53 @@ KvbmConfig KvbmConfig::FromEnvironment(const std::function<const char*(const cha
   return c;
 }
 
+std::vector<std::string> KvbmConfig::Notices() const {
+  std::vector<std::string> out;
+  auto note = [&out](const std::string& name, const std::string& value, const char* why) {
+    out.push_back(fmt::format("{}={} is accepted but has no effect in kvbm: {}", name, value, why));
+  };
+  auto b = [](bool v) { return std::string(v ? "true" : "false"); };
+  if (disable_write_combined)
+    note("DYN_KVBM_DISABLE_WRITE_COMBINED", b(*disable_write_combined),
+         "kvbm never allocates write-combined host memory (G2 is mapped with mmap and page-locked with "
+         "cuMemHostRegister, which has no write-combined mode), so there is nothing to disable");
+  if (enable_numa)
+    note("DYN_KVBM_ENABLE_NUMA", b(*enable_numa),
+         "the worker's G2 memory follows the kernel's first-touch placement (the node of the worker thread "
+         "that allocates it); kvbm does not bind it to the GPU's node on request");
+  if (kv_events_enable_consolidator)
+    note("DYN_KVBM_KV_EVENTS_ENABLE_CONSOLIDATOR", b(*kv_events_enable_consolidator),
+         "kvbm has no event consolidator; it publishes its own G2/G3 events on DYN_KVBM_EVENTS_ENDPOINT "
+         "and the engine publishes G1's on its own socket");
+  if (kv_events_consolidator_mode)
+    note("DYN_KVBM_KV_EVENTS_CONSOLIDATOR_MODE",
+         *kv_events_consolidator_mode == ConsolidatorMode::kDedup ? "dedup" : "passthrough",
+         "kvbm has no event consolidator (see DYN_KVBM_KV_EVENTS_ENABLE_CONSOLIDATOR)");
+  if (nccl_mla_mode)
+    note("DYN_KVBM_NCCL_MLA_MODE", b(*nccl_mla_mode),
+         "kvbm has no NCCL path; every tensor-parallel rank loads its own shard from its own G2/G3");
+  if (nccl_max_ctas)
+    note("DYN_KVBM_NCCL_MAX_CTAS", std::to_string(*nccl_max_ctas),
+         "kvbm has no NCCL path (see DYN_KVBM_NCCL_MLA_MODE)");
+  if (trtllm_zmq_port)
+    note("DYN_KVBM_TRTLLM_ZMQ_PORT", std::to_string(*trtllm_zmq_port),
+         "it is the port of the reference's TensorRT-LLM event consolidator, which kvbm does not have");
+  for (const auto& [name, value] : leader_settings_set)
+    note(name, value,
+         "kvbm has no ZeroMQ leader/worker channel; the leader's operations travel in the engine's own "
+         "per-step connector metadata");
+  return out;
+}
+
+void KvbmConfig::LogNoticesOnce() const {
+  static std::mutex mu;
+  static std::set<std::string> logged;  // GUARDED_BY(mu)
+  for (const std::string& line : Notices()) {
+    std::lock_guard lock(mu);
+    if (logged.insert(line).second) Log(LogLevel::kWarn, "{}", line);
+  }
+}
+
 void KvbmConfig::Validate() const {
   bool host = cpu_cache_num_blocks ? *cpu_cache_num_blocks > 0 : cpu_cache_gb > 0;
   bool disk = disk_cache_num_blocks ? *disk_cache_num_blocks > 0 : disk_cache_gb > 0;
@@ -146,17 +274,25 @@ void KvbmConfig::Validate() const {
         "and/or DYN_KVBM_DISK_CACHE_GB (or DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS)");
 }
 
-static uint64_t BlocksFor(double gb, std::optional<uint64_t> override_blocks, uint64_t bytes_per_block) {
+// The conversion is range-checked first: a double beyond uint64_t's range (or NaN) converted
+// to an integer is undefined behaviour, and a size that large is a mistake to report.
+static uint64_t BlocksFor(const char* name, double gb, std::optional<uint64_t> override_blocks,
+                          uint64_t bytes_per_block) {
   if (override_blocks) return *override_blocks;
   if (bytes_per_block == 0) return 0;
-  return static_cast<uint64_t>(std::floor(gb * 1e9 / static_cast<double>(bytes_per_block)));
+  const double blocks = std::floor(gb * 1e9 / static_cast<double>(bytes_per_block));
+  if (!(blocks >= 0) || blocks > static_cast<double>(kMaxCacheBlocks))
+    throw ConfigError(fmt::format(
+        "{}=\"{:g}\": too large: {:g} blocks of {} bytes, more than the {} blocks a tier may have",
+        name, gb, blocks, bytes_per_block, kMaxCacheBlocks));
+  return static_cast<uint64_t>(blocks);
 }
 
 uint64_t KvbmConfig::HostBlocks(uint64_t bytes_per_block) const {
-  return BlocksFor(cpu_cache_gb, cpu_cache_num_blocks, bytes_per_block);
+  return BlocksFor("DYN_KVBM_CPU_CACHE_GB", cpu_cache_gb, cpu_cache_num_blocks, bytes_per_block);
 }
 uint64_t KvbmConfig::DiskBlocks(uint64_t bytes_per_block) const {
-  return BlocksFor(disk_cache_gb, disk_cache_num_blocks, bytes_per_block);
+  return BlocksFor("DYN_KVBM_DISK_CACHE_GB", disk_cache_gb, disk_cache_num_blocks, bytes_per_block);
 }
 
 }  // namespace kvbm

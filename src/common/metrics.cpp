@@ -10,6 +10,8 @@ const char* TransferPathLabel(TransferPath path) {
     case TransferPath::kH2Dev: return "h2d";
     case TransferPath::kDisk2Dev: return "disk2d";
     case TransferPath::kDisk2H: return "disk2h";
+    case TransferPath::kH2Remote: return "h2remote";
+    case TransferPath::kRemote2H: return "remote2h";
     case TransferPath::kCount: break;
   }
   return "unknown";
@@ -34,6 +36,13 @@ void LatencyHistogram::Observe(double seconds) {
   ++data_.counts[i];
   ++data_.count;
   data_.sum += seconds;
+}
+
+void LatencyHistogram::Add(const Snapshot& other) {
+  std::lock_guard lock(mu_);
+  for (size_t i = 0; i < data_.counts.size(); ++i) data_.counts[i] += other.counts[i];
+  data_.count += other.count;
+  data_.sum += other.sum;
 }
 
 LatencyHistogram::Snapshot LatencyHistogram::Read() const {

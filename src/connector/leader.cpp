@@ -21,7 +21,8 @@ ConnectorLeader::ConnectorLeader(const KvbmConfig& config, const LeaderOptions& 
       metrics_(metrics ? std::move(metrics) : std::make_shared<KvbmMetrics>(config.cache_stats_max_requests)) {
   if (options.page_size == 0) throw ConfigError("kvbm leader: page_size (engine block size) must be > 0");
   auto chain_options = TierChainOptions::FromConfig(config, options.bytes_per_block, options.host_blocks,
-                                                     options.disk_blocks, options.policy);
+                                                     options.disk_blocks, options.policy, options.remote_descriptor,
+                                                     options.world_size);
   chain_ = std::make_shared<TierChain>(config, chain_options, metrics_,
                                        registry ? std::move(registry) : std::make_shared<BlockRegistry>());
   Log(LogLevel::kInfo, "kvbm leader: G2 {} blocks, G3 {} blocks of {} bytes, page {} tokens",
@@ -94,6 +95,7 @@ Result<MatchResult> ConnectorLeader::GetNumNewMatchedTokens(const std::string& r
   ChainMatch m = chain_->Count(keys_);
   r.host_blocks = m.host;
   r.disk_blocks = m.disk;
+  r.remote_blocks = m.remote;
   r.external_tokens = uint64_t{m.total()} * bs;
   r.async = r.external_tokens > 0;
   slot->pending_match = r;
@@ -127,16 +129,28 @@ Status ConnectorLeader::UpdateStateAfterAlloc(const std::string& request_id, std
                      fmt::format("update_state_after_alloc({}): {} external tokens do not fit {} device blocks from block {}",
                                  request_id, num_external_tokens, slot->device_blocks.size(), start));
   KeysFrom(*slot, start, start + n, keys_);
-  ChainMatch expected{slot->pending_match->host_blocks, slot->pending_match->disk_blocks};
-  // The engine may take fewer tokens than offered: the run shrinks from the end.
-  if (expected.host > n) expected = {static_cast<uint32_t>(n), 0};
-  else if (expected.total() > n) expected.disk = static_cast<uint32_t>(n - expected.host);
-  else if (expected.total() < n) expected.disk += static_cast<uint32_t>(n - expected.total());  // becomes kNoBlock
+  ChainMatch expected{slot->pending_match->host_blocks, slot->pending_match->disk_blocks,
+                      slot->pending_match->remote_blocks};
+  // The engine may take fewer tokens than offered: the run shrinks from its end.
+  auto take = [&](uint32_t& part, uint64_t& left) {
+    part = static_cast<uint32_t>(std::min<uint64_t>(part, left));
+    left -= part;
+  };
+  uint64_t left = n;
+  take(expected.host, left);
+  take(expected.disk, left);
+  take(expected.remote, left);
+  // More than offered cannot be served: the rest is planned as loads from nothing (load errors).
+  expected.remote += static_cast<uint32_t>(left);
   std::span<const uint32_t> devices(slot->device_blocks.data() + start, n);
   slot->pins = chain_->Onboard(request_id, keys_, expected, devices, slot->priority, ops_, next_op_id_);
+  // Which tier each device block loads from (G4 blocks arrive through G2): a failed load
+  // invalidates the block there.
+  const OnboardPins& p = slot->pins;
   for (size_t i = 0; i < n; ++i) {
-    TierId tier = i < slot->pins.host ? TierId::kHost : TierId::kDisk;
-    if (i < size_t{slot->pins.host} + slot->pins.disk) slot->loading_into[devices[i]] = {tier, keys_[i]};
+    if (i < p.host) slot->loading_into[devices[i]] = {TierId::kHost, keys_[i]};
+    else if (i < size_t{p.host} + p.disk) slot->loading_into[devices[i]] = {TierId::kDisk, keys_[i]};
+    else if (i < size_t{p.host} + p.disk + p.remote) slot->loading_into[devices[i]] = {TierId::kHost, keys_[i]};
   }
   stats_.matched_tokens += n * bs;
   metrics_->matched_tokens += n * bs;

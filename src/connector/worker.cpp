@@ -3,10 +3,12 @@
 #include <fmt/format.h>
 
 #include <chrono>
+#include <cstring>
 #include <thread>
 
 #include "kvbm/cuda.h"
 #include "kvbm/log.h"
+#include "kvbm/remote_block.h"
 
 namespace kvbm {
 namespace {
@@ -19,6 +21,8 @@ TransferPath PathOf(OpKind kind) {
     case OpKind::kLoadHost: return TransferPath::kH2Dev;
     case OpKind::kLoadDisk: return TransferPath::kDisk2Dev;
     case OpKind::kPromoteHost: return TransferPath::kDisk2H;
+    case OpKind::kFetchRemote: return TransferPath::kRemote2H;
+    case OpKind::kOffloadRemote: return TransferPath::kH2Remote;
   }
   return TransferPath::kD2H;
 }
@@ -51,16 +55,53 @@ KvbmWorker::KvbmWorker(const KvbmConfig& config, uint32_t rank, uint32_t world_s
 
 KvbmWorker::~KvbmWorker() {
   WaitIdle();
+  if (remote_thread_.joinable()) {
+    {
+      std::lock_guard lock(remote_mu_);
+      remote_stop_ = true;
+    }
+    remote_cv_.notify_all();
+    remote_thread_.join();
+  }
   // The engine's destructor returns once every batch (and its completion callback, which
   // touches this worker) has finished: it must go before the members those callbacks use.
   engine_.reset();
 }
 
+namespace {
+
+std::string FormatOf(const LayoutDims& d, const std::string& element_order) {
+  return fmt::format("layers={} outer={} page={} inner={} dtype_bytes={} order={}", d.num_layers, d.outer_dim,
+                     d.page_size, d.inner_dim, d.dtype_bytes, element_order.empty() ? "?" : element_order);
+}
+
+}  // namespace
+
 Status KvbmWorker::RegisterKvCaches(const DeviceTensors& t) {
   if (t.layer_pointers.size() != t.layer_shapes.size())
     return MakeError(ErrorCode::kInvalidArgument, "register_kv_caches: one pointer per layer shape is required");
-  auto layout = LayoutFromTensorShapes(t.layer_shapes, t.num_blocks, t.page_size);
-  if (!layout) return std::unexpected(layout.error());
+  std::unique_ptr<Layout> layout;
+  if (t.pool) {
+    if (t.layer_shapes.size() != 1)
+      return MakeError(ErrorCode::kInvalidArgument,
+                       fmt::format("register_kv_caches: a pool is one tensor, got {}", t.layer_shapes.size()));
+    auto pool = LayoutFromPoolTensor(t.layer_shapes[0], t.num_blocks, t.page_size);
+    if (!pool) return std::unexpected(pool.error());
+    layout = std::move(*pool);
+  } else {
+    auto layers = LayoutFromTensorShapes(t.layer_shapes, t.num_blocks, t.page_size);
+    if (!layers) return std::unexpected(layers.error());
+    layout = std::move(*layers);
+  }
+  if (!tier_format_.empty()) {
+    std::string format = FormatOf(layout->dims(), t.element_order);
+    if (format != tier_format_)
+      return MakeError(ErrorCode::kFailedPrecondition,
+                       fmt::format("rank {}: layout fingerprint differs: this engine's blocks are [{}], the blocks "
+                                   "kvbm's tiers hold are [{}]; refusing, they would be misread",
+                                   rank_, format, tier_format_));
+    WaitIdle();  // nothing in flight may still address the previous G1 tensors
+  }
   if (t.kind == MemoryKind::kDevice) {
     // GPU tensors need the CUDA backend; without it every copy would fail, so refuse now with
     // the reason rather than run an engine whose offloads all fail.
@@ -71,14 +112,21 @@ Status KvbmWorker::RegisterKvCaches(const DeviceTensors& t) {
                                    t.device_index, cuda.error().message()));
     engine_->AddBackend(std::move(*cuda));
   }
-  device_layout_ = std::move(*layout);
-  device_mem_ = TierMemory{TierId::kDevice, t.kind, device_layout_.get(), {}, -1, nullptr, t.device_index};
+  std::vector<uint8_t*> bases;
   for (uintptr_t p : t.layer_pointers) {
     if (p == 0) return MakeError(ErrorCode::kInvalidArgument, "register_kv_caches: null tensor pointer");
-    device_mem_.bases.push_back(reinterpret_cast<uint8_t*>(p));
+    bases.push_back(reinterpret_cast<uint8_t*>(p));
   }
+  device_layout_ = std::move(layout);
+  element_order_ = t.element_order;
+  device_mem_ = TierMemory{TierId::kDevice, t.kind, device_layout_.get(), {}, -1, nullptr, t.device_index};
+  device_mem_.bases = std::move(bases);
   Log(LogLevel::kInfo, "rank {}: G1 layout {}", rank_, device_layout_->Describe());
   return {};
+}
+
+std::string KvbmWorker::block_format() const {
+  return device_layout_ ? FormatOf(device_layout_->dims(), element_order_) : std::string();
 }
 
 uint64_t KvbmWorker::bytes_per_block() const { return device_layout_ ? device_layout_->dims().block_bytes() : 0; }
@@ -86,6 +134,7 @@ uint64_t KvbmWorker::device_blocks() const { return device_layout_ ? device_layo
 
 Status KvbmWorker::AllocateTiers(uint64_t host_blocks, uint64_t disk_blocks) {
   if (!device_layout_) return MakeError(ErrorCode::kFailedPrecondition, "AllocateTiers before RegisterKvCaches");
+  if (host_ || disk_) return MakeError(ErrorCode::kFailedPrecondition, "AllocateTiers called twice");
   LayoutDims dims = device_layout_->dims();
   if (host_blocks > 0) {
     dims.num_blocks = host_blocks;
@@ -119,6 +168,7 @@ Status KvbmWorker::AllocateTiers(uint64_t host_blocks, uint64_t disk_blocks) {
     disk_mem_ = TierMemory{TierId::kDisk, MemoryKind::kDisk, disk_layout_.get(), {}, disk_->fd(), side_.get()};
     disk_blocks_ = disk_blocks;
   }
+  if (host_blocks > 0 || disk_blocks > 0) tier_format_ = block_format();
   return {};
 }
 
@@ -136,12 +186,19 @@ Status KvbmWorker::BindStep(const StepMetadata& meta) {
   for (const TransferOp& op : meta.ops) {
     const OpKind k = op.kind;
     bool needs_host = k == OpKind::kStoreHost || k == OpKind::kLoadHost || k == OpKind::kOffloadDisk ||
-                      k == OpKind::kPromoteHost;
+                      k == OpKind::kPromoteHost || k == OpKind::kFetchRemote || k == OpKind::kOffloadRemote;
     bool needs_disk = k == OpKind::kStoreDisk || k == OpKind::kLoadDisk || k == OpKind::kOffloadDisk ||
                       k == OpKind::kPromoteHost;
     if ((needs_host && !host_) || (needs_disk && !disk_))
       return MakeError(ErrorCode::kFailedPrecondition, fmt::format("op {} needs a tier this worker lacks", OpKindName(op.kind)));
     for (const BlockOp& b : op.blocks) {
+      if (k == OpKind::kFetchRemote || k == OpKind::kOffloadRemote) {
+        uint32_t slot = k == OpKind::kFetchRemote ? b.dst : b.src;
+        if (slot >= host_blocks_)
+          return MakeError(ErrorCode::kInvalidArgument,
+                           fmt::format("op {} ({}) host slot {} out of range", op.id, OpKindName(k), slot));
+        continue;
+      }
       uint64_t src_n = k == OpKind::kStoreHost || k == OpKind::kStoreDisk                ? device_blocks()
                        : k == OpKind::kLoadDisk || k == OpKind::kPromoteHost ? disk_blocks_
                                                                              : host_blocks_;
@@ -177,7 +234,9 @@ Status KvbmWorker::BindStep(const StepMetadata& meta) {
   }
   for (const TransferOp& op : meta.ops) {
     if (IsLoad(op.kind)) StartLoad(op);
-    else if (op.kind == OpKind::kOffloadDisk || op.kind == OpKind::kPromoteHost) pending_offloads_.push_back(op);
+    else if (op.kind == OpKind::kFetchRemote) StartFetch(op);  // before the loads that read its slots
+    else if (op.kind == OpKind::kOffloadDisk || op.kind == OpKind::kPromoteHost || op.kind == OpKind::kOffloadRemote)
+      pending_offloads_.push_back(op);
     else pending_stores_.push_back(op);
   }
   return {};
@@ -420,9 +479,168 @@ Status KvbmWorker::ForwardPassDone() {
   offloads.swap(pending_offloads_);
   for (const TransferOp& op : offloads) {
     if (op.kind == OpKind::kPromoteHost) StartPromotion(op);
+    else if (op.kind == OpKind::kOffloadRemote) StartRemotePut(op);
     else StartDiskWrite(op, TransferPath::kH2D_Disk, host_mem_);
   }
   return {};
+}
+
+Status KvbmWorker::ConnectRemote(const RemoteTierOptions& options) {
+  if (!host_) return MakeError(ErrorCode::kFailedPrecondition, "ConnectRemote: G4 needs a host tier (G2)");
+  remote_options_ = options;
+  remote_fingerprint_ = options.Fingerprint(rank_);
+  RedisClusterOptions ro;
+  ro.seeds = options.seeds;
+  ro.connect_timeout = ro.command_timeout = ro.call_timeout = options.timeout;
+  auto client = RedisCluster::Connect(ro);
+  if (!client) {
+    metrics_->remote_errors++;
+    if (options.required)
+      return MakeError(client.error().code(),
+                       fmt::format("rank {}: G4 (DYN_KVBM_REMOTE_URL) unreachable and DYN_KVBM_REMOTE_REQUIRED is set: {}",
+                                   rank_, client.error().message()));
+    Log(LogLevel::kWarn, "rank {}: G4 unreachable, running without it: {}", rank_, client.error().message());
+    return {};
+  }
+  remote_ = std::move(*client);
+  if (!remote_thread_.joinable()) remote_thread_ = std::thread([this] { RemoteLoop(); });
+  return {};
+}
+
+void KvbmWorker::RemoteLoop() {
+  while (true) {
+    std::function<void()> task;
+    {
+      std::unique_lock lock(remote_mu_);
+      remote_cv_.wait(lock, [&] { return remote_stop_ || !remote_tasks_.empty(); });
+      if (remote_tasks_.empty()) return;  // stopping, and nothing left
+      task = std::move(remote_tasks_.front());
+      remote_tasks_.pop_front();
+    }
+    task();
+  }
+}
+
+void KvbmWorker::RunRemote(std::function<void()> task) {
+  {
+    std::lock_guard lock(remote_mu_);
+    remote_tasks_.push_back(std::move(task));
+  }
+  remote_cv_.notify_one();
+}
+
+void KvbmWorker::StartFetch(const TransferOp& op) {
+  std::vector<uint32_t> slots;
+  for (const BlockOp& b : op.blocks) slots.push_back(b.dst);
+  WaitHostSlotsFree(op.blocks);
+  auto gate = std::make_shared<TransferCompletion>();
+  {
+    std::lock_guard lock(mu_);
+    for (uint32_t s : slots) {
+      host_valid_[s] = 0;  // until the verified bytes have landed
+      host_writes_[s] = gate;
+    }
+    ++transfers_in_flight_;
+  }
+  auto finish = [this, slots, gate](std::vector<uint8_t> ok, std::optional<Error> error) {
+    TransferResult r;
+    r.first_error = std::move(error);
+    {
+      std::lock_guard lock(mu_);
+      for (size_t k = 0; k < slots.size(); ++k) {
+        host_valid_[slots[k]] = ok[k];
+        if (!ok[k]) r.failed.push_back(static_cast<uint32_t>(k));
+      }
+    }
+    gate->Finish(r);
+    std::lock_guard lock(mu_);
+    --transfers_in_flight_;
+    cv_.notify_all();
+  };
+  if (!remote_) {
+    finish(std::vector<uint8_t>(slots.size(), 0), Error(ErrorCode::kUnavailable, "G4 is not connected"));
+    return;
+  }
+  RunRemote([this, blocks = op.blocks, finish]() {
+    const auto start = std::chrono::steady_clock::now();
+    std::vector<std::string> keys;
+    for (const BlockOp& b : blocks) keys.push_back(RemoteBlockKey(remote_options_->name_space, remote_fingerprint_, b.hash));
+    std::vector<uint8_t> ok(blocks.size(), 0);
+    auto values = remote_->Get(keys);
+    if (!values) {
+      metrics_->remote_errors++;
+      Log(LogLevel::kWarn, "rank {}: G4 fetch of {} blocks failed: {}", rank_, blocks.size(), values.error().ToString());
+      finish(std::move(ok), values.error());
+      return;
+    }
+    const uint64_t bytes = host_layout_->dims().block_bytes();
+    uint64_t landed = 0;
+    for (size_t k = 0; k < blocks.size(); ++k) {
+      const auto& v = (*values)[k];
+      if (!v) {
+        metrics_->remote_verify_failures++;  // gone (evicted or lost) since the scheduler saw it
+        continue;
+      }
+      auto decoded = DecodeRemoteBlock(*v, remote_fingerprint_, blocks[k].hash, bytes);
+      if (!decoded) {
+        metrics_->remote_verify_failures++;
+        Log(LogLevel::kWarn, "rank {}: G4 block {:016x}: {}", rank_, blocks[k].hash, decoded.error().message());
+        continue;
+      }
+      std::memcpy(host_mem_.ChunkAddress(blocks[k].dst, 0, 0), decoded->data(), bytes);
+      ok[k] = 1;
+      ++landed;
+    }
+    auto p = static_cast<size_t>(TransferPath::kRemote2H);
+    metrics_->blocks[p] += landed;
+    metrics_->bytes[p] += landed * bytes;
+    metrics_->latency[p].Observe(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+    finish(std::move(ok), std::nullopt);
+  });
+}
+
+void KvbmWorker::StartRemotePut(const TransferOp& op) {
+  if (!remote_) return;  // no G4: nothing to offload to
+  std::vector<BlockOp> readers = op.blocks;
+  {
+    std::lock_guard lock(mu_);
+    for (const BlockOp& b : readers) ++host_readers_[b.src];
+    ++transfers_in_flight_;
+  }
+  RunRemote([this, readers]() {
+    const auto start = std::chrono::steady_clock::now();
+    const uint64_t bytes = host_layout_->dims().block_bytes();
+    std::vector<BlockOp> valid;
+    {
+      // Only slots whose store landed hold the block (the reader count keeps them so).
+      std::lock_guard lock(mu_);
+      for (const BlockOp& b : readers)
+        if (host_valid_[b.src]) valid.push_back(b);
+    }
+    std::vector<std::string> keys, values;
+    for (const BlockOp& b : valid) {
+      keys.push_back(RemoteBlockKey(remote_options_->name_space, remote_fingerprint_, b.hash));
+      values.push_back(EncodeRemoteBlock(remote_fingerprint_, b.hash,
+                                         std::span<const uint8_t>(host_mem_.ChunkAddress(b.src, 0, 0), bytes)));
+    }
+    std::vector<std::pair<std::string, std::string_view>> items;
+    for (size_t k = 0; k < keys.size(); ++k) items.emplace_back(keys[k], values[k]);
+    Status s = items.empty() ? Status{} : remote_->Set(items);
+    auto p = static_cast<size_t>(TransferPath::kH2Remote);
+    if (s) {
+      metrics_->blocks[p] += items.size();
+      metrics_->bytes[p] += items.size() * bytes;
+    } else {
+      metrics_->remote_errors++;
+      metrics_->dropped_offloads[static_cast<size_t>(DropReason::kIoError)] += items.size();
+      Log(LogLevel::kWarn, "rank {}: G4 offload of {} blocks failed: {}", rank_, items.size(), s.error().ToString());
+    }
+    metrics_->latency[p].Observe(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+    ReleaseHostReaders(readers);
+    std::lock_guard lock(mu_);
+    --transfers_in_flight_;
+    cv_.notify_all();
+  });
 }
 
 std::pair<std::vector<std::string>, std::vector<std::string>> KvbmWorker::GetFinished() {
@@ -443,6 +661,11 @@ std::vector<uint32_t> KvbmWorker::TakeLoadErrors() {
 void KvbmWorker::WaitIdle() {
   std::unique_lock lock(mu_);
   cv_.wait(lock, [&] { return transfers_in_flight_ == 0; });
+}
+
+void KvbmWorker::WaitForLoads() {
+  std::unique_lock lock(mu_);
+  cv_.wait(lock, [&] { return loads_in_flight_.empty(); });
 }
 
 }  // namespace kvbm

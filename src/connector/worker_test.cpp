@@ -66,3 +66,56 @@ TEST(Worker, FinishedWhileLoadingIsReportedAsSent) {
 
 }  // namespace
 }  // namespace kvbm
+
+namespace kvbm {
+namespace {
+
+TensorShape DenseShape(std::vector<int64_t> shape) {
+  TensorShape t{shape, std::vector<int64_t>(shape.size()), 2};
+  int64_t s = 1;
+  for (size_t i = shape.size(); i-- > 0;) {
+    t.strides[i] = s;
+    s *= shape[i];
+  }
+  return t;
+}
+
+TEST(Worker, SecondEngineWithAnotherLayoutFingerprintIsRefused) {
+  constexpr int64_t kBlocks = 8, kPage = 4, kHeads = 2, kDim = 8, kLayers = 2;
+  std::vector<std::vector<uint16_t>> layers(kLayers, std::vector<uint16_t>(kBlocks * 2 * kPage * kHeads * kDim));
+  DeviceTensors per_layer;
+  for (auto& l : layers) {
+    per_layer.layer_pointers.push_back(reinterpret_cast<uintptr_t>(l.data()));
+    per_layer.layer_shapes.push_back(DenseShape({kBlocks, 2, kPage, kHeads, kDim}));
+  }
+  per_layer.num_blocks = kBlocks;
+  per_layer.page_size = kPage;
+  per_layer.element_order = "token,head,dim";
+  KvbmWorker w(HostOnly(4), 0, 1);
+  ASSERT_TRUE(w.RegisterKvCaches(per_layer).has_value());
+  ASSERT_TRUE(w.AllocateTiers(4, 0).has_value());
+  EXPECT_EQ(w.tier_block_format(), w.block_format());
+
+  // The same blocks as one pool [blocks, layers, 2, heads * page * dim]: same fingerprint.
+  std::vector<uint16_t> pool_mem(kBlocks * kLayers * 2 * kPage * kHeads * kDim);
+  DeviceTensors pool;
+  pool.pool = true;
+  pool.layer_pointers = {reinterpret_cast<uintptr_t>(pool_mem.data())};
+  pool.layer_shapes = {DenseShape({kBlocks, kLayers, 2, kHeads * kPage * kDim})};
+  pool.num_blocks = kBlocks;
+  pool.page_size = kPage;
+  pool.element_order = "token,head,dim";
+  ASSERT_TRUE(w.RegisterKvCaches(pool).has_value());
+  EXPECT_TRUE(w.device_layout()->block_is_contiguous());
+
+  pool.element_order = "head,token,dim";  // same sizes, other element order
+  auto st = w.RegisterKvCaches(pool);
+  ASSERT_FALSE(st.has_value());
+  EXPECT_EQ(st.error().code(), ErrorCode::kFailedPrecondition);
+  EXPECT_NE(st.error().message().find("layout fingerprint differs"), std::string::npos);
+  EXPECT_NE(w.block_format().find("order=token,head,dim"), std::string::npos);  // unchanged
+  EXPECT_FALSE(w.AllocateTiers(4, 0).has_value());  // once only
+}
+
+}  // namespace
+}  // namespace kvbm

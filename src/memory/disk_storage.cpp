@@ -1,9 +1,15 @@
 #include <fcntl.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#include <xxhash.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cstring>
+#include <thread>
+#include <unordered_set>
 #include <utility>
 
 #include "kvbm/log.h"
@@ -100,6 +106,7 @@ DiskStorageOptions DiskStorageOptions::FromConfig(const KvbmConfig& config) {
   o.disable_o_direct = config.disk_disable_o_direct;
   o.allocator = config.disk_allocator;
   o.zerofill_fallback = config.disk_zerofill_fallback;
+  o.persistent = config.disk_persistent;
   return o;
 }
 
@@ -107,6 +114,11 @@ Result<std::unique_ptr<DiskStorage>> DiskStorage::Create(const DiskStorageOption
                                                          uint64_t bytes) {
   if (bytes == 0)
     return MakeError(ErrorCode::kInvalidArgument, "disk storage of 0 bytes requested");
+  if (options.persistent)
+    return MakeError(
+        ErrorCode::kInvalidArgument,
+        "DYN_KVBM_DISK_PERSISTENT=true needs the slot geometry and a layout fingerprint: "
+        "open the disk tier with DiskStorage::OpenPersistent");
   if (options.directory.empty())
     return MakeError(ErrorCode::kInvalidArgument,
                      "the disk cache directory (DYN_KVBM_DISK_CACHE_DIR) is empty");
@@ -156,5 +168,306 @@ Result<std::unique_ptr<DiskStorage>> DiskStorage::Create(const DiskStorageOption
 }
 
 DiskStorage::~DiskStorage() { close(fd_); }
+
+// ---- Persistent mode -------------------------------------------------------------------------
+//
+// Side file layout (`.idx`, little-endian as the host writes it; kvbm runs on x86-64/aarch64):
+//   [0, 64)      header {magic, version, record bytes, num_slots, block_bytes, block_stride,
+//                layout fingerprint, XXH3 of the preceding 56 bytes}
+//   [4096, ...)  one SlotRecord per slot
+namespace {
+
+constexpr const char* kPersistentPrefix = "kvbm-disk-cache-";
+constexpr uint64_t kIndexMagic = 0x58493347'4d42564bull;  // "KVBMG3IX"
+constexpr uint32_t kIndexVersion = 1;
+constexpr uint64_t kRecordsOffset = 4096;
+
+enum SlotState : uint32_t { kSlotEmpty = 0, kSlotWriting = 1, kSlotValid = 2 };
+
+struct IndexHeader {
+  uint64_t magic;
+  uint32_t version;
+  uint32_t record_bytes;
+  uint64_t num_slots;
+  uint64_t block_bytes;
+  uint64_t block_stride;
+  uint64_t layout_fingerprint;
+  uint64_t reserved;
+  uint64_t check;  // XXH3 of the 56 bytes before it
+};
+static_assert(sizeof(IndexHeader) == 64);
+
+struct SlotRecord {
+  uint32_t state;
+  uint32_t
+      check;  // low 32 bits of XXH3 over {slot, state, hashes}: a torn or misplaced record fails
+  uint64_t sequence_hash;
+  uint64_t checksum;
+  uint64_t layout_fingerprint;
+};
+static_assert(sizeof(SlotRecord) == 32);
+
+uint32_t RecordCheck(uint32_t slot, const SlotRecord& r) {
+  const uint64_t words[5] = {slot, r.state, r.sequence_hash, r.checksum, r.layout_fingerprint};
+  return static_cast<uint32_t>(XXH3_64bits(words, sizeof(words)));
+}
+
+uint64_t HeaderCheck(const IndexHeader& h) { return XXH3_64bits(&h, offsetof(IndexHeader, check)); }
+
+Status WriteAll(int fd, const void* data, uint64_t length, uint64_t offset,
+                const std::string& path) {
+  const auto* p = static_cast<const uint8_t*>(data);
+  while (length > 0) {
+    const ssize_t n = pwrite(fd, p, length, static_cast<off_t>(offset));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0)
+      return MakeError(ErrorCode::kIoError,
+                       fmt::format("writing {} bytes at offset {} of '{}' failed: {}", length,
+                                   offset, path, n < 0 ? std::strerror(errno) : "no progress"));
+    p += n;
+    length -= static_cast<uint64_t>(n);
+    offset += static_cast<uint64_t>(n);
+  }
+  return {};
+}
+
+// Bytes read (short only at end of file), or -errno.
+int64_t ReadAll(int fd, void* data, uint64_t length, uint64_t offset) {
+  auto* p = static_cast<uint8_t*>(data);
+  uint64_t done = 0;
+  while (done < length) {
+    const ssize_t n = pread(fd, p + done, length - done, static_cast<off_t>(offset + done));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return -errno;
+    if (n == 0) break;
+    done += static_cast<uint64_t>(n);
+  }
+  return static_cast<int64_t>(done);
+}
+
+}  // namespace
+
+uint64_t DiskBlockChecksum(uint64_t sequence_hash, const uint8_t* bytes, uint64_t length) {
+  return XXH3_64bits_withSeed(bytes, length, sequence_hash);
+}
+
+DiskSlotRecords::~DiskSlotRecords() { close(fd_); }
+
+Status DiskSlotRecords::Write(uint32_t slot, uint32_t state, uint64_t sequence_hash,
+                              uint64_t checksum) {
+  if (slot >= geometry_.num_slots)
+    return MakeError(
+        ErrorCode::kInvalidArgument,
+        fmt::format("disk slot {} out of range ({} slots)", slot, geometry_.num_slots));
+  SlotRecord r{state, 0, sequence_hash, checksum, state == kSlotEmpty ? 0 : fingerprint_};
+  if (state == kSlotEmpty)
+    r = SlotRecord{};
+  else
+    r.check = RecordCheck(slot, r);
+  return WriteAll(fd_, &r, sizeof(r), kRecordsOffset + uint64_t{slot} * sizeof(SlotRecord), path_);
+}
+
+Status DiskSlotRecords::MarkWriting(uint32_t slot) { return Write(slot, kSlotWriting, 0, 0); }
+Status DiskSlotRecords::MarkValid(uint32_t slot, uint64_t sequence_hash, uint64_t checksum) {
+  return Write(slot, kSlotValid, sequence_hash, checksum);
+}
+Status DiskSlotRecords::MarkEmpty(uint32_t slot) { return Write(slot, kSlotEmpty, 0, 0); }
+
+Result<std::unique_ptr<DiskStorage>> DiskStorage::OpenPersistent(const DiskStorageOptions& options,
+                                                                 const DiskSlotGeometry& geometry,
+                                                                 uint64_t layout_fingerprint) {
+  if (geometry.num_slots == 0 || geometry.block_bytes == 0 ||
+      geometry.block_stride < geometry.block_bytes || geometry.block_stride % kDiskAlignment != 0 ||
+      geometry.num_slots > (1ull << 32))
+    return MakeError(
+        ErrorCode::kInvalidArgument,
+        fmt::format("persistent disk tier: bad slot geometry ({} slots of {} bytes, stride {}; the "
+                    "stride must be a multiple of {} and at least the block size)",
+                    geometry.num_slots, geometry.block_bytes, geometry.block_stride,
+                    kDiskAlignment));
+  if (options.directory.empty())
+    return MakeError(ErrorCode::kInvalidArgument,
+                     "the disk cache directory (DYN_KVBM_DISK_CACHE_DIR) is empty");
+  const auto t0 = std::chrono::steady_clock::now();
+  const std::string& dir = options.directory;
+  const std::string stem = fmt::format("{}{}{}{:016x}", dir, dir.back() == '/' ? "" : "/",
+                                       kPersistentPrefix, layout_fingerprint);
+  const std::string data_path = stem + ".bin", index_path = stem + ".idx";
+  const uint64_t size = geometry.num_slots * geometry.block_stride;
+  const bool direct_at_open =
+      !options.disable_o_direct && options.allocator == DiskAllocatorType::kOpenDirect;
+
+  UniqueFd fd(open(data_path.c_str(),
+                   O_RDWR | O_CREAT | O_CLOEXEC | (direct_at_open ? O_DIRECT : 0), 0600));
+  if (fd.get() < 0) {
+    const int err = errno;
+    if (err == EINVAL && direct_at_open)
+      return MakeError(ErrorCode::kInvalidArgument, ODirectRefused(dir));
+    return MakeError(
+        err == ENOENT || err == EACCES || err == ENOTDIR || err == EROFS
+            ? ErrorCode::kInvalidArgument
+            : ErrorCode::kIoError,
+        fmt::format("cannot open the persistent disk cache file '{}' (DYN_KVBM_DISK_CACHE_DIR): {}",
+                    data_path, std::strerror(err)));
+  }
+  // The lock lives as long as the descriptor: a killed process releases it with its descriptors.
+  if (flock(fd.get(), LOCK_EX | LOCK_NB) != 0) {
+    const int err = errno;
+    if (err == EWOULDBLOCK)
+      return MakeError(
+          ErrorCode::kFailedPrecondition,
+          fmt::format(
+              "the persistent disk cache file '{}' is locked by another process (another kvbm "
+              "worker with the same DYN_KVBM_DISK_CACHE_DIR and layout); give each worker its "
+              "own directory",
+              data_path));
+    return MakeError(ErrorCode::kIoError,
+                     fmt::format("cannot lock '{}': {}", data_path, std::strerror(err)));
+  }
+  if (!options.disable_o_direct && !direct_at_open) {
+    const int flags = fcntl(fd.get(), F_GETFL);
+    if (flags < 0 || fcntl(fd.get(), F_SETFL, flags | O_DIRECT) != 0) {
+      if (errno == EINVAL) return MakeError(ErrorCode::kInvalidArgument, ODirectRefused(dir));
+      return MakeError(ErrorCode::kIoError, fmt::format("cannot set O_DIRECT on '{}': {}",
+                                                        data_path, std::strerror(errno)));
+    }
+  }
+  if (auto st = Reserve(fd.get(), size, options); !st) return std::unexpected(st.error());
+
+  UniqueFd index_fd(open(index_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600));
+  if (index_fd.get() < 0)
+    return MakeError(ErrorCode::kIoError,
+                     fmt::format("cannot open the disk cache side file '{}': {}", index_path,
+                                 std::strerror(errno)));
+
+  DiskRecovery recovery;
+  IndexHeader want{kIndexMagic,
+                   kIndexVersion,
+                   sizeof(SlotRecord),
+                   geometry.num_slots,
+                   geometry.block_bytes,
+                   geometry.block_stride,
+                   layout_fingerprint,
+                   0,
+                   0};
+  want.check = HeaderCheck(want);
+  IndexHeader have{};
+  const int64_t got = ReadAll(index_fd.get(), &have, sizeof(have), 0);
+  const uint64_t records_bytes = geometry.num_slots * sizeof(SlotRecord);
+  if (got != sizeof(have) || std::memcmp(&have, &want, sizeof(have)) != 0) {
+    recovery.reset = true;
+    recovery.reset_reason =
+        got == 0 ? "new file"
+        : got != static_cast<int64_t>(sizeof(have)) || have.magic != kIndexMagic ||
+                have.check != HeaderCheck(have)
+            ? "unreadable side file header"
+            : fmt::format(
+                  "the side file describes {} slots of {} bytes (stride {}), not {} of {} "
+                  "(stride {})",
+                  have.num_slots, have.block_bytes, have.block_stride, geometry.num_slots,
+                  geometry.block_bytes, geometry.block_stride);
+    // Records first (all empty), the header last: a crash in between leaves no valid header.
+    if (ftruncate(index_fd.get(), 0) != 0 ||
+        ftruncate(index_fd.get(), kRecordsOffset + records_bytes) != 0)
+      return MakeError(ErrorCode::kIoError, fmt::format("cannot size the side file '{}': {}",
+                                                        index_path, std::strerror(errno)));
+    if (auto st = WriteAll(index_fd.get(), &want, sizeof(want), 0, index_path); !st)
+      return std::unexpected(st.error());
+    if (got != 0)
+      Log(LogLevel::kWarn, "persistent disk tier {}: starting empty ({})", data_path,
+          recovery.reset_reason);
+  } else {
+    std::vector<SlotRecord> records(geometry.num_slots);
+    if (ReadAll(index_fd.get(), records.data(), records_bytes, kRecordsOffset) !=
+        static_cast<int64_t>(records_bytes))
+      return MakeError(ErrorCode::kIoError,
+                       fmt::format("cannot read the slot records of '{}'", index_path));
+    // Classify each record, then read back and checksum every block that claims to be valid.
+    enum Verdict : uint8_t { kKeep, kEmpty, kTorn, kCorrupt, kOtherLayout, kDuplicate };
+    std::vector<Verdict> verdict(geometry.num_slots, kEmpty);
+    for (uint32_t s = 0; s < geometry.num_slots; ++s) {
+      const SlotRecord& r = records[s];
+      if (r.state == kSlotEmpty) continue;
+      if (r.state != kSlotValid || r.check != RecordCheck(s, r))
+        verdict[s] = kTorn;
+      else if (r.layout_fingerprint != layout_fingerprint)
+        verdict[s] = kOtherLayout;
+      else
+        verdict[s] = kKeep;
+    }
+    const unsigned threads = std::clamp(std::thread::hardware_concurrency(), 1u, 4u);
+    std::vector<std::thread> workers;
+    std::vector<int> read_errors(threads, 0);
+    for (unsigned t = 0; t < threads; ++t) {
+      workers.emplace_back([&, t] {
+        AlignedBuffer buffer(geometry.block_stride);
+        for (uint64_t s = t; s < geometry.num_slots; s += threads) {
+          if (verdict[s] != kKeep) continue;
+          const int64_t n =
+              ReadAll(fd.get(), buffer.data(), geometry.block_stride, s * geometry.block_stride);
+          if (n < static_cast<int64_t>(geometry.block_bytes)) {
+            if (n < 0) read_errors[t] = static_cast<int>(-n);
+            verdict[s] = kCorrupt;
+            continue;
+          }
+          if (DiskBlockChecksum(records[s].sequence_hash, buffer.data(), geometry.block_bytes) !=
+              records[s].checksum)
+            verdict[s] = kCorrupt;
+        }
+      });
+    }
+    for (auto& w : workers) w.join();
+    for (int err : read_errors)
+      if (err != 0)
+        Log(LogLevel::kWarn, "persistent disk tier {}: read error during recovery: {}", data_path,
+            std::strerror(err));
+    std::unordered_set<uint64_t> seen;
+    bool dropped = false;
+    for (uint32_t s = 0; s < geometry.num_slots; ++s) {
+      if (verdict[s] == kKeep && !seen.insert(records[s].sequence_hash).second)
+        verdict[s] = kDuplicate;
+      switch (verdict[s]) {
+        case kKeep:
+          recovery.blocks.push_back({s, records[s].sequence_hash, records[s].checksum});
+          continue;
+        case kEmpty:
+          continue;
+        case kTorn:
+          ++recovery.torn;
+          break;
+        case kCorrupt:
+          ++recovery.corrupt;
+          break;
+        case kOtherLayout:
+          ++recovery.other_layout;
+          break;
+        case kDuplicate:
+          ++recovery.duplicates;
+          break;
+      }
+      records[s] = SlotRecord{};
+      dropped = true;
+    }
+    // Dropped blocks are forgotten on disk too, so that they are counted once.
+    if (dropped)
+      if (auto st =
+              WriteAll(index_fd.get(), records.data(), records_bytes, kRecordsOffset, index_path);
+          !st)
+        return std::unexpected(st.error());
+  }
+  recovery.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const bool o_direct = !options.disable_o_direct;
+  Log(LogLevel::kInfo,
+      "persistent disk tier {}: {} bytes, O_DIRECT {}; recovered {} blocks, dropped {} torn, {} "
+      "corrupt, {} of another "
+      "layout, {} duplicates in {:.3f} s",
+      data_path, size, o_direct ? "on" : "off", recovery.blocks.size(), recovery.torn,
+      recovery.corrupt, recovery.other_layout, recovery.duplicates, recovery.seconds);
+  std::unique_ptr<DiskStorage> storage(new DiskStorage(fd.release(), size, o_direct, data_path));
+  storage->records_.reset(
+      new DiskSlotRecords(index_fd.release(), index_path, geometry, layout_fingerprint));
+  storage->recovery_ = std::move(recovery);
+  return storage;
+}
 
 }  // namespace kvbm

@@ -160,4 +160,40 @@ Result<std::unique_ptr<LayerSeparateLayout>> LayoutFromTensorShapes(std::span<co
   }
 }
 
+Result<std::unique_ptr<FullyContiguousLayout>> LayoutFromPoolTensor(const TensorShape& t, uint64_t num_blocks,
+                                                                    uint64_t page_size) {
+  auto err = [&](const std::string& why) {
+    std::string shape;
+    for (auto d : t.shape) shape += fmt::format("{}{}", shape.empty() ? "" : ",", d);
+    return MakeError(ErrorCode::kInvalidArgument, fmt::format("KV pool tensor (shape [{}]): {}", shape, why));
+  };
+  if (num_blocks == 0 || page_size == 0) return err("num_blocks and page_size must be > 0");
+  if (t.shape.size() != t.strides.size()) return err("shape and strides differ in rank");
+  if (t.shape.size() < 4) return err("expected [num_blocks, num_layers, kv_factor, ...] (at least 4 dimensions)");
+  if (t.dtype_bytes == 0) return err("dtype_bytes is 0");
+  for (auto d : t.shape)
+    if (d <= 0) return err("has a zero or negative dimension");
+  if (static_cast<uint64_t>(t.shape[0]) != num_blocks)
+    return err(fmt::format("dimension 0 is not num_blocks={}", num_blocks));
+  if (t.shape[2] != 1 && t.shape[2] != 2) return err(fmt::format("dimension 2 (kv_factor) is {}, not 1 or 2", t.shape[2]));
+  // The whole tensor must be dense row-major: then block b, layer l, outer o is one chunk.
+  int64_t expect = 1;
+  for (size_t d = t.shape.size(); d-- > 0;) {
+    if (t.strides[d] != expect)
+      return err(fmt::format("dimension {} is not dense (stride {}, expected {})", d, t.strides[d], expect));
+    expect *= t.shape[d];
+  }
+  uint64_t chunk_elems = 1;
+  for (size_t d = 3; d < t.shape.size(); ++d) chunk_elems *= static_cast<uint64_t>(t.shape[d]);
+  if (chunk_elems % page_size != 0)
+    return err(fmt::format("{} elements per (block, layer, kv) are not a multiple of page_size {}", chunk_elems, page_size));
+  LayoutDims dims{num_blocks, static_cast<uint64_t>(t.shape[1]), static_cast<uint64_t>(t.shape[2]), page_size,
+                  chunk_elems / page_size, t.dtype_bytes};
+  try {
+    return std::make_unique<FullyContiguousLayout>(dims, 1);
+  } catch (const ConfigError& e) {
+    return err(e.what());
+  }
+}
+
 }  // namespace kvbm

@@ -129,5 +129,35 @@ TEST(Layout, FromTensorShapesRejectsMismatches) {
   EXPECT_FALSE(LayoutFromTensorShapes(odd, 10, 16).has_value());
 }
 
+TEST(Layout, FromPoolTensorIsFullyContiguous) {
+  // TensorRT-LLM's primary pool: [blocks, layers, kv_factor, heads * tokens * head_dim].
+  auto l = LayoutFromPoolTensor(Dense({10, 3, 2, 4 * 16 * 64}), 10, 16);
+  ASSERT_TRUE(l.has_value()) << l.error().ToString();
+  EXPECT_EQ((*l)->dims().num_layers, 3u);
+  EXPECT_EQ((*l)->dims().outer_dim, 2u);
+  EXPECT_EQ((*l)->dims().inner_dim, 256u);
+  EXPECT_EQ((*l)->block_stride(), 3u * 2 * 16 * 256 * 2);  // no padding: the engine's own stride
+  ExpectExactCover(**l);
+  // K-only (MLA) pools have kv_factor 1; extra trailing dimensions are part of the chunk.
+  l = LayoutFromPoolTensor(Dense({10, 3, 1, 16, 576}), 10, 16);
+  ASSERT_TRUE(l.has_value());
+  EXPECT_EQ((*l)->dims().inner_dim, 576u);
+}
+
+TEST(Layout, FromPoolTensorRejectsOtherShapes) {
+  auto bad = [](TensorShape t, const char* want) {
+    auto l = LayoutFromPoolTensor(t, 10, 16);
+    ASSERT_FALSE(l.has_value());
+    EXPECT_NE(l.error().message().find(want), std::string::npos) << l.error().message();
+  };
+  bad(Dense({10, 3, 2048}), "at least 4");
+  bad(Dense({11, 3, 2, 2048}), "num_blocks=10");
+  bad(Dense({10, 3, 3, 2048}), "kv_factor");
+  TensorShape strided = Dense({10, 3, 2, 2048});
+  strided.strides[0] *= 2;  // padded blocks
+  bad(strided, "not dense");
+  bad(Dense({10, 3, 2, 24}), "multiple of page_size");
+}
+
 }  // namespace
 }  // namespace kvbm

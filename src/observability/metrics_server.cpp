@@ -1,13 +1,22 @@
 // Prometheus text exposition (format 0.0.4) and the HTTP endpoint that serves it.
+//
+// The endpoint is libmicrohttpd on one internal epoll thread. It lives inside the engine's
+// process, so a slow or hostile local client must cost only itself: every connection is a few
+// KB of state in one event loop (no thread per connection), the request line and headers must
+// fit in a fixed per-connection buffer, a request with a body is refused before the body is
+// read, idle connections are closed after a short timeout, and the number of connections is
+// capped. A scrape is therefore answered in about the time it takes to render, however many
+// idle or half-sent connections are open.
 #include <fmt/format.h>
-#include <httplib.h>
+#include <microhttpd.h>
 #include <netdb.h>
+#include <netinet/in.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <cstring>
-#include <thread>
+#include <utility>
 
 #include "kvbm/log.h"
 #include "kvbm/observability.h"
@@ -92,6 +101,30 @@ std::string RenderPrometheusText(const KvbmMetrics& m) {
          "Blocks the disk admission filter kept off disk.");
   Sample(out, "kvbm_disk_writes_avoided", Load(m.disk_writes_avoided));
 
+  Header(out, "kvbm_remote_hit_blocks", "counter", "Blocks the scheduler found in the remote tier (G4).");
+  Sample(out, "kvbm_remote_hit_blocks", Load(m.remote_hit_blocks));
+  Header(out, "kvbm_remote_miss_blocks", "counter",
+         "Blocks the scheduler looked up in the remote tier (G4) that it did not hold.");
+  Sample(out, "kvbm_remote_miss_blocks", Load(m.remote_miss_blocks));
+  Header(out, "kvbm_remote_verify_failures", "counter",
+         "Remote (G4) values rejected on read: gone, another layout or rank, torn or corrupt.");
+  Sample(out, "kvbm_remote_verify_failures", Load(m.remote_verify_failures));
+  Header(out, "kvbm_remote_errors", "counter", "Remote (G4) calls that failed (unreachable, timeout).");
+  Sample(out, "kvbm_remote_errors", Load(m.remote_errors));
+  {
+    const LatencyHistogram::Snapshot s = m.remote_lookup_latency.Read();
+    Header(out, "kvbm_remote_lookup_seconds", "histogram", "Latency of the scheduler's G4 existence checks.");
+    uint64_t cumulative = 0;
+    for (size_t b = 0; b < LatencyHistogram::kBounds.size(); ++b) {
+      cumulative += s.counts[b];
+      fmt::format_to(std::back_inserter(out), "kvbm_remote_lookup_seconds_bucket{{le=\"{}\"}} {}\n",
+                     LatencyHistogram::kBounds[b], cumulative);
+    }
+    fmt::format_to(std::back_inserter(out), "kvbm_remote_lookup_seconds_bucket{{le=\"+Inf\"}} {}\n", s.count);
+    fmt::format_to(std::back_inserter(out), "kvbm_remote_lookup_seconds_sum {}\n", s.sum);
+    fmt::format_to(std::back_inserter(out), "kvbm_remote_lookup_seconds_count {}\n", s.count);
+  }
+
   Header(out, "kvbm_transfer_bytes", "counter", "Bytes moved, by transfer path.");
   for (size_t p = 0; p < kNumTransferPaths; ++p) {
     fmt::format_to(std::back_inserter(out), "kvbm_transfer_bytes{{path=\"{}\"}} {}\n",
@@ -148,12 +181,61 @@ std::string RenderPrometheusText(const KvbmMetrics& m) {
 // ---------------------------------------------------------------------------------------------
 // MetricsServer
 
+namespace {
+
+constexpr char kContentType[] = "text/plain; version=0.0.4; charset=utf-8";
+
+// Per-request state between the calls MHD makes for one request (its `req_cls`): only whether
+// the first call (headers complete) has been seen.
+int g_request_seen_marker = 0;
+
+MHD_Result Reply(MHD_Connection* connection, unsigned int status, std::string_view body,
+                 const char* content_type) {
+  MHD_Response* response = MHD_create_response_from_buffer(
+      body.size(), const_cast<char*>(body.data()), MHD_RESPMEM_MUST_COPY);
+  if (response == nullptr) return MHD_NO;
+  MHD_add_response_header(response, MHD_HTTP_HEADER_CONTENT_TYPE, content_type);
+  const MHD_Result r = MHD_queue_response(connection, status, response);
+  MHD_destroy_response(response);
+  return r;
+}
+
+}  // namespace
+
 struct MetricsServer::Impl {
   std::shared_ptr<KvbmMetrics> metrics;
   Options options;
-  std::unique_ptr<httplib::Server> server;
-  std::thread thread;
+  MHD_Daemon* daemon = nullptr;
   uint16_t bound_port = 0;
+
+  // MHD's access handler: called once when the headers are complete, then (only if we queued
+  // nothing) once per chunk of body. Every answer is queued on the first call, so a body is
+  // never read, let alone kept.
+  static MHD_Result Handle(void* cls, MHD_Connection* connection, const char* url,
+                           const char* method, const char* /*version*/, const char* /*upload_data*/,
+                           size_t* upload_data_size, void** req_cls) {
+    Impl* self = static_cast<Impl*>(cls);
+    if (*req_cls == nullptr) {
+      *req_cls = &g_request_seen_marker;
+    } else if (*upload_data_size != 0) {
+      // Unreachable: the first call always queues a response. Refuse rather than buffer.
+      *upload_data_size = 0;
+      return MHD_NO;
+    }
+    const std::string_view m(method);
+    if (m != MHD_HTTP_METHOD_GET && m != MHD_HTTP_METHOD_HEAD)
+      return Reply(connection, MHD_HTTP_METHOD_NOT_ALLOWED, "only GET /metrics\n", "text/plain");
+    const char* length =
+        MHD_lookup_connection_value(connection, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
+    const char* chunked =
+        MHD_lookup_connection_value(connection, MHD_HEADER_KIND, MHD_HTTP_HEADER_TRANSFER_ENCODING);
+    if ((length != nullptr && std::string_view(length) != "0") || chunked != nullptr)
+      return Reply(connection, MHD_HTTP_CONTENT_TOO_LARGE, "a scrape has no body\n", "text/plain");
+    if (std::string_view(url) != "/metrics")
+      return Reply(connection, MHD_HTTP_NOT_FOUND, "not found: only /metrics\n", "text/plain");
+    if (self->options.before_scrape) self->options.before_scrape();
+    return Reply(connection, MHD_HTTP_OK, RenderPrometheusText(*self->metrics), kContentType);
+  }
 };
 
 MetricsServer::Options MetricsServer::OptionsFrom(const KvbmConfig& config) {
@@ -174,31 +256,9 @@ MetricsServer::~MetricsServer() { Stop(); }
 
 namespace {
 
-// httplib reports a failed bind as `false`; this finds out why, so the message can name the
-// setting that is wrong: EADDRINUSE is the port's fault, anything else the host's.
-Error DiagnoseBindFailure(const std::string& host, uint16_t port) {
-  addrinfo hints{};
-  hints.ai_family = AF_UNSPEC;
-  hints.ai_socktype = SOCK_STREAM;
-  hints.ai_flags = AI_PASSIVE;
-  addrinfo* res = nullptr;
-  const std::string service = std::to_string(port);
-  if (int rc = getaddrinfo(host.c_str(), service.c_str(), &hints, &res); rc != 0) {
-    return Error(ErrorCode::kInvalidArgument,
-                 fmt::format("DYN_KVBM_METRICS_HOST=\"{}\": cannot resolve the metrics address: {}",
-                             host, gai_strerror(rc)));
-  }
-  int err = 0;
-  int fd = socket(res->ai_family, res->ai_socktype, res->ai_protocol);
-  if (fd < 0) {
-    err = errno;
-  } else {
-    int yes = 1;
-    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
-    if (bind(fd, res->ai_addr, res->ai_addrlen) != 0) err = errno;
-    close(fd);
-  }
-  freeaddrinfo(res);
+// The error for a failed bind, naming the setting that is wrong: the port when it is taken or
+// privileged, the host otherwise.
+Error BindError(const std::string& host, uint16_t port, int err) {
   if (err == EADDRINUSE || err == EACCES) {
     return Error(
         ErrorCode::kUnavailable,
@@ -210,62 +270,88 @@ Error DiagnoseBindFailure(const std::string& host, uint16_t port) {
                            host, host, port, err != 0 ? std::strerror(err) : "bind failed"));
 }
 
+// Resolves `host`, binds the first address that binds and listens on it. SO_REUSEADDR only
+// (a quick restart works); never SO_REUSEPORT, which would let a second kvbm share the port
+// silently. Returns the listening socket and the port actually bound.
+Result<std::pair<int, uint16_t>> Listen(const std::string& host, uint16_t port) {
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
+  addrinfo* res = nullptr;
+  const std::string service = std::to_string(port);
+  if (int rc = getaddrinfo(host.c_str(), service.c_str(), &hints, &res); rc != 0) {
+    return MakeError(
+        ErrorCode::kInvalidArgument,
+        fmt::format("DYN_KVBM_METRICS_HOST=\"{}\": cannot resolve the metrics address: {}", host,
+                    gai_strerror(rc)));
+  }
+  int first_err = 0;
+  int fd = -1;
+  for (addrinfo* a = res; a != nullptr; a = a->ai_next) {
+    fd = socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC | SOCK_NONBLOCK, a->ai_protocol);
+    if (fd < 0) {
+      if (first_err == 0) first_err = errno;
+      continue;
+    }
+    int yes = 1;
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
+    if (bind(fd, a->ai_addr, a->ai_addrlen) == 0 && listen(fd, SOMAXCONN) == 0) break;
+    if (first_err == 0) first_err = errno;
+    close(fd);
+    fd = -1;
+  }
+  freeaddrinfo(res);
+  if (fd < 0) return std::unexpected(BindError(host, port, first_err));
+  sockaddr_storage addr{};
+  socklen_t len = sizeof(addr);
+  uint16_t bound = port;
+  if (getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0) {
+    if (addr.ss_family == AF_INET)
+      bound = ntohs(reinterpret_cast<sockaddr_in*>(&addr)->sin_port);
+    else if (addr.ss_family == AF_INET6)
+      bound = ntohs(reinterpret_cast<sockaddr_in6*>(&addr)->sin6_port);
+  }
+  return std::make_pair(fd, bound);
+}
+
 }  // namespace
 
 Status MetricsServer::Start() {
-  if (impl_->server)
+  if (impl_->daemon != nullptr)
     return MakeError(ErrorCode::kFailedPrecondition, "MetricsServer already started");
-  auto server = std::make_unique<httplib::Server>();
-  // httplib's default sets SO_REUSEPORT, which would let a second kvbm bind the same port and
-  // silently share (or steal) scrapes; SO_REUSEADDR alone still allows a quick restart.
-  server->set_socket_options([](socket_t sock) {
-    int yes = 1;
-    setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
-  });
-  std::shared_ptr<KvbmMetrics> metrics = impl_->metrics;
-  std::function<void()> before = impl_->options.before_scrape;
-  server->Get("/metrics", [metrics, before](const httplib::Request&, httplib::Response& res) {
-    if (before) before();
-    res.set_content(RenderPrometheusText(*metrics), "text/plain; version=0.0.4; charset=utf-8");
-  });
-
   const std::string& host = impl_->options.host;
-  const uint16_t port = impl_->options.port;
-  int bound = 0;
-  if (port == 0) {
-    bound = server->bind_to_any_port(host);
-    if (bound < 0) return std::unexpected(DiagnoseBindFailure(host, 0));
-  } else {
-    if (!server->bind_to_port(host, port)) return std::unexpected(DiagnoseBindFailure(host, port));
-    bound = port;
+  auto listening = Listen(host, impl_->options.port);
+  if (!listening) return std::unexpected(listening.error());
+  const auto [fd, bound] = *listening;
+
+  // One epoll thread serves every connection. The limits are the Options' (see the header).
+  const Options& o = impl_->options;
+  impl_->daemon = MHD_start_daemon(
+      MHD_USE_EPOLL_INTERNAL_THREAD | MHD_USE_ITC, 0, nullptr, nullptr, &Impl::Handle, impl_.get(),
+      MHD_OPTION_LISTEN_SOCKET, fd, MHD_OPTION_CONNECTION_LIMIT,
+      static_cast<unsigned int>(o.max_connections), MHD_OPTION_CONNECTION_TIMEOUT,
+      static_cast<unsigned int>(o.idle_timeout.count()), MHD_OPTION_CONNECTION_MEMORY_LIMIT,
+      o.max_request_bytes, MHD_OPTION_END);
+  if (impl_->daemon == nullptr) {
+    // MHD may or may not have closed the socket on this path; leaking one descriptor on a
+    // failure this rare is safer than closing a number another thread may reuse.
+    return MakeError(ErrorCode::kInternal,
+                     fmt::format("cannot start the metrics server on {}:{}", host, bound));
   }
-  impl_->bound_port = static_cast<uint16_t>(bound);
-  httplib::Server* raw = server.get();
-  auto exited = std::make_shared<std::atomic<bool>>(false);
-  impl_->thread = std::thread([raw, exited] {
-    raw->listen_after_bind();
-    exited->store(true);
-  });
-  // httplib's stop() is a no-op until the listen loop has marked itself running; waiting here
-  // makes Stop() right after Start() reliable.
-  while (!raw->is_running() && !exited->load())
-    std::this_thread::sleep_for(std::chrono::microseconds(200));
-  impl_->server = std::move(server);
-  Log(LogLevel::kInfo, "kvbm metrics: serving http://{}:{}/metrics", host, impl_->bound_port);
+  impl_->bound_port = bound;
+  Log(LogLevel::kInfo, "kvbm metrics: serving http://{}:{}/metrics", host, bound);
   return {};
 }
 
 void MetricsServer::Stop() {
-  if (!impl_ || !impl_->server) return;
-  impl_->server->stop();
-  if (impl_->thread.joinable()) impl_->thread.join();
-  impl_->server.reset();
+  if (!impl_ || impl_->daemon == nullptr) return;
+  MHD_stop_daemon(impl_->daemon);  // joins the thread, closes every socket
+  impl_->daemon = nullptr;
   impl_->bound_port = 0;
 }
 
-bool MetricsServer::running() const {
-  return impl_->server != nullptr && impl_->server->is_running();
-}
+bool MetricsServer::running() const { return impl_->daemon != nullptr; }
 
 uint16_t MetricsServer::port() const { return impl_->bound_port; }
 

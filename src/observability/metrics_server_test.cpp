@@ -1,6 +1,8 @@
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 #include <httplib.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -10,6 +12,8 @@
 #include <fstream>
 #include <map>
 #include <sstream>
+#include <string>
+#include <vector>
 
 #include "kvbm/observability.h"
 
@@ -283,6 +287,198 @@ TEST(MetricsServer, AllInterfacesBindServesLoopback) {
   auto res = client.Get("/metrics");
   ASSERT_TRUE(res);
   EXPECT_EQ(res->status, 200);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hostile and idle clients (issue 17): a raw loopback socket, so the test controls every byte.
+
+struct RawClient {
+  int fd = -1;
+  explicit RawClient(uint16_t port) {
+    fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    a.sin_port = htons(port);
+    if (connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0) {
+      close(fd);
+      fd = -1;
+    }
+  }
+  ~RawClient() {
+    if (fd >= 0) close(fd);
+  }
+  RawClient(const RawClient&) = delete;
+  RawClient& operator=(const RawClient&) = delete;
+  // Sends all of `data`; false once the peer has closed or reset.
+  bool Send(std::string_view data) {
+    while (!data.empty()) {
+      ssize_t n = send(fd, data.data(), data.size(), MSG_NOSIGNAL);
+      if (n <= 0) return false;
+      data.remove_prefix(static_cast<size_t>(n));
+    }
+    return true;
+  }
+  // Reads until the peer closes or `deadline`; what arrived.
+  std::string ReadUntilClose(std::chrono::steady_clock::time_point deadline) {
+    std::string out;
+    char buf[4096];
+    while (std::chrono::steady_clock::now() < deadline) {
+      pollfd p{fd, POLLIN, 0};
+      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+          deadline - std::chrono::steady_clock::now());
+      if (poll(&p, 1, static_cast<int>(std::max<int64_t>(left.count(), 1))) <= 0) continue;
+      ssize_t n = recv(fd, buf, sizeof(buf), 0);
+      if (n <= 0) break;
+      out.append(buf, static_cast<size_t>(n));
+    }
+    return out;
+  }
+};
+
+// Resident set of this process in KiB (the server runs in it).
+long RssKiB() {
+  std::ifstream in("/proc/self/status");
+  std::string line;
+  while (std::getline(in, line))
+    if (line.rfind("VmRSS:", 0) == 0) return std::stol(line.substr(6));
+  return -1;
+}
+
+// One scrape over a fresh connection; its duration, and the status code (0 = no answer).
+std::pair<std::chrono::milliseconds, int> TimedScrape(uint16_t port) {
+  const auto t0 = std::chrono::steady_clock::now();
+  httplib::Client client("127.0.0.1", port);
+  client.set_connection_timeout(5);
+  client.set_read_timeout(5);
+  auto res = client.Get("/metrics");
+  const auto took =
+      std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - t0);
+  return {took, res ? res->status : 0};
+}
+
+TEST(MetricsServerHostile, ScrapeAnswersWithin1sWith200IdleConnectionsOpen) {
+  auto metrics = std::make_shared<KvbmMetrics>();
+  MetricsServer server(metrics, {.host = "127.0.0.1", .port = 0});
+  ASSERT_TRUE(server.Start());
+  std::vector<std::unique_ptr<RawClient>> idle;
+  for (int i = 0; i < 200; ++i) {
+    idle.push_back(std::make_unique<RawClient>(server.port()));
+    ASSERT_GE(idle.back()->fd, 0) << "connection " << i;
+    // Every other one sends a request line and part of its headers, never the blank line
+    // that ends them (a slowloris); the rest send nothing.
+    if (i % 2 == 0) {
+      ASSERT_TRUE(idle.back()->Send("GET /metrics HTTP/1.1\r\nHost: x\r\nX-Slow: "));
+    }
+  }
+  for (int i = 0; i < 5; ++i) {
+    const auto [took, status] = TimedScrape(server.port());
+    EXPECT_EQ(status, 200) << "scrape " << i;
+    EXPECT_LT(took, std::chrono::milliseconds(1000)) << "scrape " << i;
+  }
+  // The idle connections are still open (a scrape did not need them gone): a half-sent one
+  // can still finish its request and get the metrics.
+  ASSERT_TRUE(idle[0]->Send("1\r\n\r\n"));
+  const std::string reply =
+      idle[0]->ReadUntilClose(std::chrono::steady_clock::now() + std::chrono::seconds(2));
+  EXPECT_EQ(reply.rfind("HTTP/1.1 200", 0), 0u) << reply.substr(0, 80);
+  EXPECT_NE(reply.find("kvbm_offload_blocks_d2h"), std::string::npos);
+  // Stopping closes every connection without waiting for their timeouts.
+  const auto t0 = std::chrono::steady_clock::now();
+  server.Stop();
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(2));
+}
+
+TEST(MetricsServerHostile, IdleConnectionsAreClosedAfterTheTimeout) {
+  MetricsServer::Options o{.host = "127.0.0.1", .port = 0};
+  o.idle_timeout = std::chrono::seconds(1);
+  MetricsServer server(std::make_shared<KvbmMetrics>(), o);
+  ASSERT_TRUE(server.Start());
+  RawClient half(server.port());
+  ASSERT_TRUE(half.Send("GET /metrics HTTP/1.1\r\nHost:"));
+  const auto t0 = std::chrono::steady_clock::now();
+  half.ReadUntilClose(t0 + std::chrono::seconds(10));
+  const auto took = std::chrono::steady_clock::now() - t0;
+  EXPECT_GE(took, std::chrono::milliseconds(900));
+  EXPECT_LT(took, std::chrono::seconds(5)) << "the server kept an idle connection open";
+}
+
+// Beyond max_connections the server accepts nothing more: a new connection waits in the
+// kernel's backlog, costing the process nothing, and is served once a slot frees.
+TEST(MetricsServerHostile, ConnectionsBeyondTheLimitWaitUntilASlotFrees) {
+  MetricsServer::Options o{.host = "127.0.0.1", .port = 0};
+  o.max_connections = 8;
+  MetricsServer server(std::make_shared<KvbmMetrics>(), o);
+  ASSERT_TRUE(server.Start());
+  std::vector<std::unique_ptr<RawClient>> held;
+  for (int i = 0; i < 8; ++i) held.push_back(std::make_unique<RawClient>(server.port()));
+  RawClient extra(server.port());
+  ASSERT_GE(extra.fd, 0);
+  ASSERT_TRUE(extra.Send("GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"));
+  EXPECT_EQ(extra.ReadUntilClose(std::chrono::steady_clock::now() + std::chrono::milliseconds(500)),
+            "")
+      << "served beyond the connection limit";
+  held.clear();  // closing them frees the slots
+  const std::string reply =
+      extra.ReadUntilClose(std::chrono::steady_clock::now() + std::chrono::seconds(5));
+  EXPECT_EQ(reply.rfind("HTTP/1.1 200", 0), 0u) << reply.substr(0, 80);
+  const auto [took, status] = TimedScrape(server.port());
+  EXPECT_EQ(status, 200);
+}
+
+TEST(MetricsServerHostile, TenMegabyteRequestsAreRefusedWithoutKeepingMemory) {
+  auto metrics = std::make_shared<KvbmMetrics>();
+  MetricsServer server(metrics, {.host = "127.0.0.1", .port = 0});
+  ASSERT_TRUE(server.Start());
+  const std::string chunk(64 * 1024, 'a');
+  constexpr size_t kTenMb = 10 * 1000 * 1000;
+  const long rss_before = RssKiB();
+  ASSERT_GT(rss_before, 0);
+  auto deadline = [] { return std::chrono::steady_clock::now() + std::chrono::seconds(5); };
+
+  // 1. A 10 MB header: refused once it overflows the request buffer.
+  {
+    RawClient c(server.port());
+    ASSERT_TRUE(c.Send("GET /metrics HTTP/1.1\r\nHost: x\r\nX-Big: "));
+    size_t sent = 0;
+    while (sent < kTenMb && c.Send(chunk)) sent += chunk.size();
+    const std::string reply = c.ReadUntilClose(deadline());
+    EXPECT_LT(sent, kTenMb) << "the server read a 10 MB header";
+    EXPECT_TRUE(reply.empty() || reply.rfind("HTTP/1.1 431", 0) == 0 ||
+                reply.rfind("HTTP/1.1 413", 0) == 0)
+        << reply.substr(0, 80);
+  }
+  // 2. A 10 MB request line (URI).
+  {
+    RawClient c(server.port());
+    ASSERT_TRUE(c.Send("GET /"));
+    size_t sent = 0;
+    while (sent < kTenMb && c.Send(chunk)) sent += chunk.size();
+    const std::string reply = c.ReadUntilClose(deadline());
+    EXPECT_LT(sent, kTenMb) << "the server read a 10 MB request line";
+    EXPECT_TRUE(reply.empty() || reply.rfind("HTTP/1.1 414", 0) == 0) << reply.substr(0, 80);
+  }
+  // 3. A 10 MB body (GET and POST): answered before the body is read, connection closed.
+  for (const char* method : {"GET", "POST"}) {
+    RawClient c(server.port());
+    ASSERT_TRUE(c.Send(fmt::format("{} /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+                                   method, kTenMb)));
+    size_t sent = 0;
+    while (sent < kTenMb && c.Send(chunk)) sent += chunk.size();
+    const std::string reply = c.ReadUntilClose(deadline());
+    EXPECT_LT(sent, kTenMb) << method << ": the server read a 10 MB body";
+    EXPECT_TRUE(reply.rfind(std::string(method) == "GET" ? "HTTP/1.1 413" : "HTTP/1.1 405", 0) ==
+                    0 ||
+                reply.empty())
+        << method << ": " << reply.substr(0, 80);
+  }
+  const long grown = RssKiB() - rss_before;
+  // Each connection is bounded by max_request_bytes (16 KiB); allow noise from the test's own
+  // allocations, far below the 10 MB sent each time.
+  EXPECT_LT(grown, 4 * 1024) << "RSS grew by " << grown << " KiB";
+  const auto [took, status] = TimedScrape(server.port());
+  EXPECT_EQ(status, 200);
+  EXPECT_LT(took, std::chrono::milliseconds(1000));
 }
 
 }  // namespace

@@ -9,7 +9,8 @@ namespace kvbm {
 TierChainOptions TierChainOptions::FromConfig(const KvbmConfig& config, uint64_t bytes_per_block,
                                               std::optional<uint64_t> host_blocks,
                                               std::optional<uint64_t> disk_blocks,
-                                              std::optional<EvictionPolicy> policy) {
+                                              std::optional<EvictionPolicy> policy,
+                                              const std::string& remote_descriptor, uint32_t world_size) {
   TierChainOptions o;
   if (!host_blocks || !disk_blocks) {
     config.Validate();
@@ -33,6 +34,11 @@ TierChainOptions TierChainOptions::FromConfig(const KvbmConfig& config, uint64_t
   o.host_policy = pick("DYN_KVBM_HOST_EVICTION_POLICY", config.host_eviction_policy);
   o.disk_policy = pick("DYN_KVBM_DISK_EVICTION_POLICY", config.disk_eviction_policy);
   o.promote_disk_hits = config.promote_disk_hits;
+  if (!config.remote_url.empty()) {
+    if (remote_descriptor.empty())
+      throw ConfigError("DYN_KVBM_REMOTE_URL is set but this engine adapter gives no model descriptor for G4 keys");
+    o.remote = RemoteTierOptions::FromConfig(config, remote_descriptor, world_size);
+  }
   return o;
 }
 
@@ -51,6 +57,21 @@ TierChain::TierChain(const KvbmConfig& config, const TierChainOptions& options, 
   };
   if (options.host_blocks > 0) host_ = make(TierId::kHost, options.host_blocks, options.host_policy);
   if (options.disk_blocks > 0) disk_ = make(TierId::kDisk, options.disk_blocks, options.disk_policy);
+  if (options.remote) {
+    if (!host_)
+      throw ConfigError("DYN_KVBM_REMOTE_URL: the remote tier (G4) needs a host tier (set DYN_KVBM_CPU_CACHE_GB)");
+    auto index = RemoteIndex::Connect(*options.remote, metrics_);
+    if (index) {
+      remote_ = std::move(*index);
+    } else if (options.remote->required) {
+      throw ConfigError(fmt::format("DYN_KVBM_REMOTE_URL: G4 is unreachable and DYN_KVBM_REMOTE_REQUIRED is set: {}",
+                                    index.error().message()));
+    } else {
+      metrics_->remote_errors++;
+      Log(LogLevel::kWarn, "kvbm: G4 is unreachable, running without it (DYN_KVBM_REMOTE_REQUIRED=true makes this an error): {}",
+          index.error().message());
+    }
+  }
   metrics_->pool_capacity[static_cast<size_t>(TierId::kHost)] = options.host_blocks;
   metrics_->pool_capacity[static_cast<size_t>(TierId::kDisk)] = options.disk_blocks;
 }
@@ -76,6 +97,9 @@ ChainMatch TierChain::Count(std::span<const BlockKey> keys) const {
   ChainMatch m;
   if (host_) m.host = static_cast<uint32_t>(host_->CountPrefix(keys));
   if (disk_ && m.host < keys.size()) m.disk = static_cast<uint32_t>(disk_->CountPrefix(keys.subspan(m.host)));
+  // G4 only past the local run.
+  if (remote_ && m.host + m.disk < keys.size())
+    m.remote = static_cast<uint32_t>(remote_->CountPrefix(keys.subspan(m.host + m.disk)));
   return m;
 }
 
@@ -105,9 +129,21 @@ OnboardPins TierChain::Onboard(const std::string& request_id, std::span<const Bl
                                std::vector<TransferOp>& ops, uint64_t& next_op_id) {
   OnboardPins pins;
   const size_t n = std::min<size_t>({expected.total(), keys.size(), device_blocks.size()});
-  BlockRun host_hits, disk_hits;
+  BlockRun host_hits, disk_hits, remote_run;
   if (host_) host_hits = host_->MatchPrefix(keys.first(std::min<size_t>(expected.host, n)));
-  if (disk_ && host_hits.size() < n) disk_hits = disk_->MatchPrefix(keys.subspan(host_hits.size(), n - host_hits.size()));
+  if (disk_ && host_hits.size() < n)
+    disk_hits = disk_->MatchPrefix(keys.subspan(host_hits.size(), std::min<size_t>(expected.disk, n - host_hits.size())));
+  const size_t local = host_hits.size() + disk_hits.size();
+  // G4: fetched into fresh G2 blocks, then loaded G2 -> G1 (the load waits for the fetch). Only
+  // when the local run is still whole: G4's run was counted as continuing it.
+  std::vector<uint8_t> fresh;
+  if (remote_ && expected.remote > 0 && host_hits.size() == expected.host && disk_hits.size() == expected.disk &&
+      local < n) {
+    StoreRunResult fetched = host_->StoreRun(keys.subspan(local, n - local), priority);
+    remote_run = std::move(fetched.run);
+    fresh = std::move(fetched.fresh);
+  }
+  TransferOp fetch_op{next_op_id++, OpKind::kFetchRemote, request_id, {}};
   TransferOp host_op{next_op_id++, OpKind::kLoadHost, request_id, {}};
   TransferOp disk_op{next_op_id++, OpKind::kLoadDisk, request_id, {}};
   for (size_t i = 0; i < n; ++i) {
@@ -115,19 +151,29 @@ OnboardPins TierChain::Onboard(const std::string& request_id, std::span<const Bl
     uint64_t hash = keys[i].sequence_hash.value();
     if (i < host_hits.size()) {
       host_op.blocks.push_back({host_hits.id(i).value(), dev, hash});
-    } else if (i - host_hits.size() < disk_hits.size()) {
+    } else if (i < local) {
       disk_op.blocks.push_back({disk_hits.id(i - host_hits.size()).value(), dev, hash});
+    } else if (i - local < remote_run.size()) {
+      uint32_t slot = remote_run.id(i - local).value();
+      if (fresh[i - local]) fetch_op.blocks.push_back({0, slot, hash});
+      host_op.blocks.push_back({slot, dev, hash});
     } else {
+      // Promised but gone: the worker reports it as a load error and the engine recomputes.
       host_op.blocks.push_back({kNoBlock, dev, hash});
       ++pins.missing;
     }
   }
   pins.host = static_cast<uint32_t>(host_hits.size());
   pins.disk = static_cast<uint32_t>(disk_hits.size());
+  pins.remote = static_cast<uint32_t>(remote_run.size());
   stats_.onboard_host_blocks += pins.host;
   stats_.onboard_disk_blocks += pins.disk;
-  // A G2 hit is a reuse: it counts toward disk admission, so reused prefixes reach G3.
-  for (size_t i = 0; i < host_hits.size(); ++i) SeeForDisk(host_hits, i, keys[i], priority);
+  stats_.onboard_remote_blocks += pins.remote;
+  // A G2 hit is a reuse: it counts toward disk (and G4) admission, so reused prefixes go down.
+  for (size_t i = 0; i < host_hits.size(); ++i) {
+    SeeForDisk(host_hits, i, keys[i], priority);
+    SeeForRemote(host_hits, i, keys[i]);
+  }
   if (options_.promote_disk_hits && host_ && !disk_hits.empty()) {
     auto disk_keys = keys.subspan(host_hits.size(), disk_hits.size());
     StoreRunResult up = host_->StoreRun(disk_keys, priority);
@@ -139,11 +185,21 @@ OnboardPins TierChain::Onboard(const std::string& request_id, std::span<const Bl
     CountDropped(disk_keys.size() - up.run.size());
     current_pins_.push_back(std::move(up.run));
   }
+  // Fetches first: the worker registers their slots before the load that reads them.
+  if (!fetch_op.blocks.empty()) ops.push_back(std::move(fetch_op));
   if (!host_op.blocks.empty()) ops.push_back(std::move(host_op));
   if (!disk_op.blocks.empty()) ops.push_back(std::move(disk_op));
   if (!host_hits.empty()) pins.runs.push_back(std::move(host_hits));
   if (!disk_hits.empty()) pins.runs.push_back(std::move(disk_hits));
+  if (!remote_run.empty()) pins.runs.push_back(std::move(remote_run));
   return pins;
+}
+
+void TierChain::SeeForRemote(const BlockRun& host_run, size_t index, const BlockKey& key) {
+  if (!remote_ || remote_->options().admission != RemoteAdmission::kReuse) return;
+  if (!remote_filter_.SeeAndAdmit(key.sequence_hash)) return;
+  step_offload_remote_.push_back({host_run.id(index).value(), 0, key.sequence_hash.value()});
+  ++stats_.offload_remote_blocks;
 }
 
 void TierChain::Store(std::span<const BlockKey> keys, std::span<const std::span<const Token>> tokens,
@@ -158,8 +214,9 @@ void TierChain::Store(std::span<const BlockKey> keys, std::span<const std::span<
     const BlockKey& key = keys[i];
     if (!stored.fresh[i]) {
       ++stats_.skipped_cached_blocks;
-      // A repeat sight counts toward disk admission.
+      // A repeat sight counts toward disk (and G4) admission.
       if (host_ && disk_ && !disk_->Contains(key)) SeeForDisk(stored.run, i, key, priority);
+      if (host_) SeeForRemote(stored.run, i, key);
       continue;
     }
     BlockOp op{device_blocks[i], stored.run.id(i).value(), key.sequence_hash.value()};
@@ -167,6 +224,12 @@ void TierChain::Store(std::span<const BlockKey> keys, std::span<const std::span<
       step_store_host_.push_back(op);
       ++stats_.store_host_blocks;
       SeeForDisk(stored.run, i, key, priority);
+      if (remote_ && remote_->options().admission == RemoteAdmission::kStore) {
+        step_offload_remote_.push_back({op.dst, 0, op.hash});
+        ++stats_.offload_remote_blocks;
+      } else {
+        SeeForRemote(stored.run, i, key);
+      }
     } else {
       step_store_disk_.push_back(op);
       ++stats_.store_disk_blocks;
@@ -215,6 +278,7 @@ void TierChain::EndStep(std::vector<TransferOp>& ops, uint64_t& next_op_id) {
   emit(OpKind::kStoreDisk, step_store_disk_);
   emit(OpKind::kOffloadDisk, step_offload_disk_);
   emit(OpKind::kPromoteHost, step_promote_host_);
+  emit(OpKind::kOffloadRemote, step_offload_remote_);
   step_pins_.emplace_back(std::move(current_pins_), std::move(current_single_pins_));
   current_pins_.clear();
   current_single_pins_.clear();

@@ -10,6 +10,8 @@ const char* OpKindName(OpKind kind) {
     case OpKind::kLoadHost: return "load_host";
     case OpKind::kLoadDisk: return "load_disk";
     case OpKind::kPromoteHost: return "promote_host";
+    case OpKind::kFetchRemote: return "fetch_remote";
+    case OpKind::kOffloadRemote: return "offload_remote";
   }
   return "unknown";
 }

@@ -1,6 +1,10 @@
-// Native benchmarks of the data path, called by `kvbm bench transfer`.
+// Native single passes of the data path and its memcpy anchor, driven in interleaved pairs by
+// `kvbm bench transfer` (python/kvbm/bench/transfer.py).
+#include <memory>
+
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/unique_ptr.h>
 
 #include "bindings.h"
 #include "kvbm/transfer_bench.h"
@@ -9,29 +13,49 @@ namespace nb = nanobind;
 using namespace nb::literals;
 
 void BindTransferBench(nb::module_& m) {
-  m.def(
-      "bench_transfer",
-      [](uint64_t block_bytes, uint64_t num_blocks, uint32_t passes, const std::string& disk_dir) {
-        kvbm::TransferBenchOptions o;
-        o.block_bytes = block_bytes;
-        o.num_blocks = num_blocks;
-        o.passes = passes;
-        o.disk_dir = disk_dir;
-        kvbm::Result<kvbm::TransferBenchResult> r = [&] {
-          nb::gil_scoped_release release;
-          return kvbm::RunTransferBench(o);
-        }();
-        auto v = kvbm::python::ThrowIfError(std::move(r));
-        nb::dict d;
-        d["bytes"] = v.bytes;
-        d["memcpy_gbps"] = v.memcpy_gbps;
-        d["g1_to_g2_gbps"] = v.g1_to_g2_gbps;
-        d["g2_to_g1_gbps"] = v.g2_to_g1_gbps;
-        d["g2_to_g3_gbps"] = v.g2_to_g3_gbps;
-        d["g3_to_g2_gbps"] = v.g3_to_g2_gbps;
-        d["io_queue"] = v.io_queue;
-        d["mismatched_blocks"] = v.mismatched_blocks;
-        return d;
-      },
-      "block_bytes"_a, "num_blocks"_a, "passes"_a = 3, "disk_dir"_a = "/tmp/");
+  nb::class_<kvbm::TransferBench>(m, "TransferBench",
+                                  "G1/G2/G3 buffers, kvbm's transfer engine and a memcpy anchor over the same bytes; "
+                                  "pass(name) times one native pass (GIL released).")
+      .def_static(
+          "create",
+          [](uint64_t block_bytes, uint64_t num_blocks, const std::string& disk_dir, uint32_t memcpy_threads) {
+            kvbm::TransferBenchOptions o;
+            o.block_bytes = block_bytes;
+            o.num_blocks = num_blocks;
+            o.disk_dir = disk_dir;
+            o.memcpy_threads = memcpy_threads;
+            kvbm::Result<std::unique_ptr<kvbm::TransferBench>> r = [&] {
+              nb::gil_scoped_release release;
+              return kvbm::TransferBench::Create(o);
+            }();
+            return kvbm::python::ThrowIfError(std::move(r));
+          },
+          "block_bytes"_a, "num_blocks"_a, "disk_dir"_a = "/tmp/", "memcpy_threads"_a = 0)
+      .def(
+          "pass_seconds",
+          [](kvbm::TransferBench& b, const std::string& name, uint32_t threads) {
+            auto pass = kvbm::python::ThrowIfError(kvbm::ParseTransferBenchPass(name));
+            kvbm::Result<double> r = [&] {
+              nb::gil_scoped_release release;
+              return b.Pass(pass, threads);
+            }();
+            return kvbm::python::ThrowIfError(std::move(r));
+          },
+          "name"_a, "threads"_a = 0,
+          "Seconds of one pass: g1_to_g2, g2_to_g1, g2_to_g3, g3_to_g2, memcpy_g1_to_g2, memcpy_g2_to_g1 "
+          "(threads: memcpy only, 0 = kvbm's memcpy threads).")
+      .def("verify",
+           [](kvbm::TransferBench& b) {
+             kvbm::Result<uint64_t> r = [&] {
+               nb::gil_scoped_release release;
+               return b.Verify();
+             }();
+             return kvbm::python::ThrowIfError(std::move(r));
+           })
+      .def_prop_ro("bytes", &kvbm::TransferBench::bytes)
+      .def_prop_ro("disk_bytes", &kvbm::TransferBench::disk_bytes)
+      .def_prop_ro("disk_fd", &kvbm::TransferBench::disk_fd)
+      .def_prop_ro("memcpy_threads", &kvbm::TransferBench::memcpy_threads)
+      .def_prop_ro("io_depth", &kvbm::TransferBench::io_depth)
+      .def_prop_ro("io_queue", &kvbm::TransferBench::io_queue);
 }

@@ -14,7 +14,9 @@
 
 #include "bindings.h"
 #include "kvbm/leader.h"
+#include "stats_bindings.h"
 #include "kvbm/manager.h"
+#include "kvbm/remote_tier.h"
 #include "kvbm/observability.h"
 #include "kvbm/worker.h"
 
@@ -35,7 +37,10 @@ std::shared_ptr<KvbmMetrics> ProcessMetrics(size_t window) {
 }
 
 KvbmConfig ConfigFrom(const std::optional<std::map<std::string, std::string>>& env) {
-  return env ? KvbmConfig::FromMap(*env) : KvbmConfig::FromEnvironment();
+  if (env) return KvbmConfig::FromMap(*env);
+  KvbmConfig config = KvbmConfig::FromEnvironment();
+  config.LogNoticesOnce();  // the process's own settings: say which of them do nothing here
+  return config;
 }
 
 
@@ -52,6 +57,10 @@ nb::dict MetricsDict(const KvbmMetrics& m) {
   d["requested_tokens"] = m.requested_tokens.load();
   d["load_errors"] = m.load_errors.load();
   d["corrupt_blocks"] = m.corrupt_blocks.load();
+  d["remote_hit_blocks"] = m.remote_hit_blocks.load();
+  d["remote_miss_blocks"] = m.remote_miss_blocks.load();
+  d["remote_verify_failures"] = m.remote_verify_failures.load();
+  d["remote_errors"] = m.remote_errors.load();
   d["disk_writes_avoided"] = m.disk_writes_avoided.load();
   d["host_hit_rate"] = m.host_hit_rate.Rate();
   d["disk_hit_rate"] = m.disk_hit_rate.Rate();
@@ -64,12 +73,14 @@ class PyLeader {
  public:
   PyLeader(uint32_t page_size, uint64_t bytes_per_block, std::optional<std::string> policy,
            std::optional<uint64_t> host_blocks, std::optional<uint64_t> disk_blocks,
-           std::optional<std::map<std::string, std::string>> env, bool shared_metrics) {
+           std::optional<std::map<std::string, std::string>> env, bool shared_metrics,
+           const std::string& remote_descriptor, uint32_t world_size) {
     KvbmConfig config = ConfigFrom(env);
     if (page_size == 0) throw ConfigError("kvbm leader: page_size (engine block size) must be > 0");
     std::optional<EvictionPolicy> p;
     if (policy) p = PolicyFromName(*policy);
-    auto tiers = TierChainOptions::FromConfig(config, bytes_per_block, host_blocks, disk_blocks, p);
+    auto tiers =
+        TierChainOptions::FromConfig(config, bytes_per_block, host_blocks, disk_blocks, p, remote_descriptor, world_size);
     auto metrics = shared_metrics ? ProcessMetrics(config.cache_stats_max_requests)
                                   : std::make_shared<KvbmMetrics>(config.cache_stats_max_requests);
     manager_ = std::make_unique<KvBlockManager>(config, tiers, page_size, metrics);
@@ -90,13 +101,18 @@ class PyLeader {
 class PyWorker {
  public:
   PyWorker(uint32_t rank, uint32_t world_size, std::optional<std::map<std::string, std::string>> env, bool shared_metrics) {
-    KvbmConfig config = ConfigFrom(env);
-    auto metrics = shared_metrics ? ProcessMetrics(config.cache_stats_max_requests) : nullptr;
-    worker_ = std::make_unique<KvbmWorker>(config, rank, world_size, metrics);
+    config_ = ConfigFrom(env);
+    world_size_ = world_size;
+    auto metrics = shared_metrics ? ProcessMetrics(config_.cache_stats_max_requests) : nullptr;
+    worker_ = std::make_unique<KvbmWorker>(config_, rank, world_size, metrics);
   }
   KvbmWorker& w() { return *worker_; }
+  const KvbmConfig& config() const { return config_; }
+  uint32_t world_size() const { return world_size_; }
 
  private:
+  KvbmConfig config_;
+  uint32_t world_size_ = 1;
   std::unique_ptr<KvbmWorker> worker_;
 };
 
@@ -110,9 +126,11 @@ void BindConnector(nb::module_& m) {
   nb::class_<PyLeader>(m, "Leader",
                        "Leader side of the connector core (scheduler process): pools, policy, per-request slots.")
       .def(nb::init<uint32_t, uint64_t, std::optional<std::string>, std::optional<uint64_t>, std::optional<uint64_t>,
-                    std::optional<std::map<std::string, std::string>>, bool>(),
+                    std::optional<std::map<std::string, std::string>>, bool, const std::string&, uint32_t>(),
            "page_size"_a, "bytes_per_block"_a, "policy"_a = nb::none(), "host_blocks"_a = nb::none(),
-           "disk_blocks"_a = nb::none(), "env"_a = nb::none(), "shared_metrics"_a = true)
+           "disk_blocks"_a = nb::none(), "env"_a = nb::none(), "shared_metrics"_a = true,
+           "remote_descriptor"_a = "", "world_size"_a = 1)
+      .def_prop_ro("has_remote", [](PyLeader& l) { return l.leader().chain().remote() != nullptr; })
       .def_prop_ro("host_blocks", [](PyLeader& l) { return l.leader().host_blocks(); })
       .def_prop_ro("disk_blocks", [](PyLeader& l) { return l.leader().disk_blocks(); })
       .def_prop_ro("page_size", [](PyLeader& l) { return l.leader().page_size(); })
@@ -172,6 +190,8 @@ void BindConnector(nb::module_& m) {
              d["matched_tokens"] = r.matched_tokens;
              d["requested_tokens"] = r.requested_tokens;
              d["promote_host_blocks"] = s.promote_host_blocks;
+             d["onboard_remote_blocks"] = s.onboard_remote_blocks;
+             d["offload_remote_blocks"] = s.offload_remote_blocks;
              d["onboard_host_blocks"] = s.onboard_host_blocks;
              d["onboard_disk_blocks"] = s.onboard_disk_blocks;
              d["store_host_blocks"] = s.store_host_blocks;
@@ -185,6 +205,10 @@ void BindConnector(nb::module_& m) {
              return d;
            })
       .def("metrics", [](PyLeader& l) { return MetricsDict(*l.manager().metrics()); })
+      .def("add_worker_counters", [](PyLeader& l, const nb::dict& c) { AddTransferCounters(*l.manager().metrics(), c); },
+           "counters"_a,
+           "Folds a worker process's transfer counters (Worker.transfer_counters(), or a difference of two) "
+           "into this leader's metrics, so that its endpoint shows the workers' offloads and onboards.")
       .def("prometheus_text", [](PyLeader& l) { return RenderPrometheusText(*l.manager().metrics()); });
 
   nb::class_<PyWorker>(m, "Worker", "Worker side of the connector core: owns G2/G3 memory and moves bytes.")
@@ -193,9 +217,11 @@ void BindConnector(nb::module_& m) {
       .def("register_kv_caches",
            [](PyWorker& w, const std::vector<uintptr_t>& pointers, const std::vector<std::vector<int64_t>>& shapes,
               const std::vector<std::vector<int64_t>>& strides, uint64_t dtype_bytes, uint64_t num_blocks,
-              uint64_t page_size, bool on_device, int device_index) {
+              uint64_t page_size, bool on_device, int device_index, bool pool, const std::string& element_order) {
              if (shapes.size() != strides.size()) throw ConfigError("register_kv_caches: shapes and strides differ in length");
              DeviceTensors t;
+             t.pool = pool;
+             t.element_order = element_order;
              t.layer_pointers = pointers;
              for (size_t i = 0; i < shapes.size(); ++i) t.layer_shapes.push_back({shapes[i], strides[i], dtype_bytes});
              t.num_blocks = num_blocks;
@@ -205,7 +231,11 @@ void BindConnector(nb::module_& m) {
              ThrowIfError(w.w().RegisterKvCaches(t));
            },
            "layer_pointers"_a, "shapes"_a, "strides"_a, "dtype_bytes"_a, "num_blocks"_a, "page_size"_a,
-           "on_device"_a = false, "device_index"_a = -1)
+           "on_device"_a = false, "device_index"_a = -1, "pool"_a = false, "element_order"_a = "",
+           "pool=True: one tensor [num_blocks, num_layers, kv_factor, ...] holding every layer (TensorRT-LLM). "
+           "element_order: how a chunk's elements are ordered (part of the layout fingerprint).")
+      .def_prop_ro("block_format", [](PyWorker& w) { return w.w().block_format(); })
+      .def_prop_ro("tier_block_format", [](PyWorker& w) { return w.w().tier_block_format(); })
       .def_prop_ro("bytes_per_block", [](PyWorker& w) { return w.w().bytes_per_block(); })
       .def_prop_ro("device_blocks", [](PyWorker& w) { return w.w().device_blocks(); })
       .def_prop_ro("host_blocks", [](PyWorker& w) { return w.w().host_blocks(); })
@@ -216,6 +246,23 @@ void BindConnector(nb::module_& m) {
       .def("allocate_tiers",
            [](PyWorker& w, uint64_t host, uint64_t disk) { ThrowIfError(w.w().AllocateTiers(host, disk)); },
            "host_blocks"_a, "disk_blocks"_a, nb::call_guard<nb::gil_scoped_release>())
+      .def("connect_remote",
+           [](PyWorker& w, const std::string& descriptor) {
+             auto o = RemoteTierOptions::FromConfig(w.config(), descriptor, w.world_size());
+             if (!o) return false;
+             Status s;
+             {
+               nb::gil_scoped_release release;
+               s = w.w().ConnectRemote(*o);
+             }
+             ThrowIfError(s);
+             return w.w().has_remote();
+           },
+           "descriptor"_a,
+           "Connects this rank to G4 when DYN_KVBM_REMOTE_URL is set (False when it is not, or when G4 is "
+           "unreachable and DYN_KVBM_REMOTE_REQUIRED is not set). `descriptor`: the same model description the "
+           "leader was given.")
+      .def_prop_ro("has_remote", [](PyWorker& w) { return w.w().has_remote(); })
       .def("bind_step",
            [](PyWorker& w, nb::bytes meta) {
              std::span<const uint8_t> bytes(reinterpret_cast<const uint8_t*>(meta.c_str()), meta.size());
@@ -232,6 +279,8 @@ void BindConnector(nb::module_& m) {
       .def("get_finished", [](PyWorker& w) { return w.w().GetFinished(); }, "(done_sending, done_recving)")
       .def("take_load_errors", [](PyWorker& w) { return w.w().TakeLoadErrors(); })
       .def("wait_idle", [](PyWorker& w) { w.w().WaitIdle(); }, nb::call_guard<nb::gil_scoped_release>())
+      .def("wait_for_loads", [](PyWorker& w) { w.w().WaitForLoads(); }, nb::call_guard<nb::gil_scoped_release>(),
+           "Blocks until every load started so far finished (synchronous loading engines).")
       .def("set_load_delay_for_testing",
            [](PyWorker& w, int64_t ms) {
              if (ms < 0) throw ConfigError("set_load_delay_for_testing: the delay must be >= 0 ms");
@@ -239,7 +288,9 @@ void BindConnector(nb::module_& m) {
            },
            "milliseconds"_a,
            "Test seam: holds back the completion of every load started from now on, as a slow tier would.")
-      .def("metrics", [](PyWorker& w) { return MetricsDict(*w.w().metrics()); });
+      .def("metrics", [](PyWorker& w) { return MetricsDict(*w.w().metrics()); })
+      .def("transfer_counters", [](PyWorker& w) { return TransferCounters(*w.w().metrics()); },
+           "Every counter this worker updates (cumulative), for Leader.add_worker_counters.");
 
   m.def("size_tiers",
         [](uint64_t bytes_per_block, std::optional<std::map<std::string, std::string>> env) {

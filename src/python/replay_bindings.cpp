@@ -120,6 +120,7 @@ void BindReplay(nanobind::module_& m) {
         return ThrowIfError(ReadMooncakeTrace(path, limit));
       },
       "path"_a, "limit"_a = 0, "Reads and parses a Mooncake JSONL file; errors name the line.");
+  m.attr("MAX_TRACE_LINE_BYTES") = kMaxTraceLineBytes;
 
   m.def(
       "run_replay",
@@ -127,7 +128,7 @@ void BindReplay(nanobind::module_& m) {
          std::optional<uint64_t> g2_blocks, std::optional<uint64_t> g3_blocks,
          const std::string& policy, std::optional<std::string> disk_policy, double prefill_tokens_per_s, double decode_tokens_per_s,
          bool move_bytes, uint32_t bytes_per_token, nb::object progress, uint64_t progress_every,
-         double linger_seconds) {
+         double linger_seconds, nb::object on_metrics_port) {
         ReplayOptions o;
         o.page_size = block_size;
         o.g1_blocks = g1_blocks;
@@ -146,10 +147,17 @@ void BindReplay(nanobind::module_& m) {
         o.progress_every = progress_every ? progress_every : 1;
         o.linger_seconds = linger_seconds;
         bool raised = false;
-        if (!progress.is_none()) {
-          o.progress = [&progress, &raised](const ReplayProgress& p) {
+        bool port_reported = false;
+        if (!progress.is_none() || !on_metrics_port.is_none()) {
+          o.progress = [&progress, &on_metrics_port, &raised,
+                        &port_reported](const ReplayProgress& p) {
             nb::gil_scoped_acquire gil;
             try {
+              if (!port_reported && !on_metrics_port.is_none()) {
+                port_reported = true;
+                on_metrics_port(p.metrics_port);
+              }
+              if (progress.is_none()) return true;
               nb::object keep_going =
                   progress(p.finished, p.total, p.trace_seconds, p.token_hit_rate);
               return keep_going.is_none() || nb::cast<bool>(keep_going);
@@ -173,7 +181,7 @@ void BindReplay(nanobind::module_& m) {
       "disk_policy"_a.none() = nb::none(),
       "prefill_tokens_per_s"_a = 10000.0, "decode_tokens_per_s"_a = 50.0, "move_bytes"_a = false,
       "bytes_per_token"_a = 8, "progress"_a.none() = nb::none(), "progress_every"_a = 256,
-      "linger_seconds"_a = 0.0,
+      "linger_seconds"_a = 0.0, "on_metrics_port"_a.none() = nb::none(),
       "Replays `trace` through the connector core; returns the figures as a dict (see "
       "docs/REPLAY.md).\n"
       "Sizes in blocks: None = unlimited (computed from the trace), 0 = off (G1: no prefix "
@@ -182,5 +190,7 @@ void BindReplay(nanobind::module_& m) {
       "trace); `disk_policy` overrides it for G3.\n"
       "`progress(finished, total, trace_seconds, token_hit_rate)` is called every "
       "`progress_every`\n"
-      "finished requests; returning False cancels (CancelledError).");
+      "finished requests; returning False cancels (CancelledError).\n"
+      "`on_metrics_port(port)` is called once, at the first progress point, with the port the\n"
+      "DYN_KVBM_METRICS endpoint bound (0 when it is off or could not bind).");
 }

@@ -59,9 +59,12 @@ SimulatedEngine::SimulatedEngine(const KvbmConfig& config, const SimEngineOption
   if (auto s = worker_->RegisterKvCaches(t); !s) throw ConfigError(s.error().ToString());
   leader_options.page_size = options.page_size;
   leader_options.bytes_per_block = worker_->bytes_per_block();
+  leader_options.remote_descriptor = options.remote_descriptor;
   leader_ = std::make_unique<ConnectorLeader>(config, leader_options, worker_->metrics());
   if (auto s = worker_->AllocateTiers(leader_->host_blocks(), leader_->disk_blocks()); !s)
     throw ConfigError(s.error().ToString());
+  if (auto remote = RemoteTierOptions::FromConfig(config, options.remote_descriptor, 1))
+    if (auto s = worker_->ConnectRemote(*remote); !s) throw ConfigError(s.error().ToString());
 }
 
 SimulatedEngine::~SimulatedEngine() {
@@ -89,6 +92,7 @@ Result<SimRequestOutcome> SimulatedEngine::RunRequest(const std::string& id, std
   out.loaded_tokens = match->external_tokens;
   out.host_blocks = match->host_blocks;
   out.disk_blocks = match->disk_blocks;
+  out.remote_blocks = match->remote_blocks;
 
   // Step 1: loads.
   auto meta = leader_->BuildStepMetadata();

@@ -2,6 +2,8 @@
 
 #include <xxhash.h>
 
+#include "kvbm/log.h"
+#include "kvbm/storage.h"
 #include "kvbm/transfer.h"
 
 namespace kvbm {
@@ -18,18 +20,38 @@ void CopyBlockBytes(const TierMemory& src, uint32_t src_block, const TierMemory&
       std::memcpy(dst.ChunkAddress(dst_block, l, o), src.ChunkAddress(src_block, l, o), d.chunk_bytes());
 }
 
+DiskSideData::DiskSideData(uint64_t num_blocks, DiskSlotRecords* records, const DiskRecovery& recovery)
+    : entries_(num_blocks), records_(records) {
+  for (const RecoveredDiskBlock& b : recovery.blocks)
+    if (b.slot < entries_.size()) entries_[b.slot] = {b.sequence_hash, b.checksum, true};
+}
+
+namespace {
+// A record that could not be written only costs the block after a restart (its record stays
+// "writing", so it is dropped as torn); the running process keeps serving it from memory.
+void ReportRecordError(std::atomic<uint64_t>& errors, const Status& st) {
+  if (st) return;
+  if (errors.fetch_add(1, std::memory_order_relaxed) == 0)
+    Log(LogLevel::kWarn, "persistent disk tier: a slot record was not written ({}); such blocks are not "
+                         "recovered after a restart", st.error().message());
+}
+}  // namespace
+
 void DiskSideData::Set(uint32_t slot, SequenceHash hash, uint64_t checksum) {
   std::lock_guard lock(mu_);
+  // Persisted before the in-memory entry turns valid; the data write has completed already.
+  if (records_ != nullptr) ReportRecordError(record_errors_, records_->MarkValid(slot, hash.value(), checksum));
   entries_.at(slot) = {hash.value(), checksum, true};
 }
 
 void DiskSideData::Invalidate(uint32_t slot) {
   std::lock_guard lock(mu_);
   entries_.at(slot).valid = false;
+  if (records_ != nullptr) ReportRecordError(record_errors_, records_->MarkWriting(slot));
 }
 
 uint64_t DiskSideData::Checksum(SequenceHash hash, const uint8_t* bytes, uint64_t length) {
-  return XXH3_64bits_withSeed(bytes, length, hash.value());
+  return DiskBlockChecksum(hash.value(), bytes, length);
 }
 
 Status DiskSideData::Verify(uint32_t slot, SequenceHash expected, const uint8_t* bytes, uint64_t length) const {

@@ -23,9 +23,15 @@ def run_kvbm():
     script = Path(sys.executable).parent / "kvbm"
     base = [str(script)] if script.is_file() else [sys.executable, "-m", "kvbm"]
 
-    def run(*args: str, check: bool = False) -> subprocess.CompletedProcess:
+    def run(*args: str, check: bool = False, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [*base, *args], capture_output=True, text=True, timeout=120, check=check, stdin=subprocess.DEVNULL
+            [*base, *args], capture_output=True, text=True, timeout=timeout, check=check, stdin=subprocess.DEVNULL
         )
 
     return run
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `sglang` run last: importing SGLang patches transformers and redirects cache
+    directories for the whole process, which the vLLM tests must not see."""
+    items.sort(key=lambda item: item.get_closest_marker("sglang") is not None)

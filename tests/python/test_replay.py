@@ -29,16 +29,16 @@ def lines() -> list[dict]:
 
 
 class ReferenceLruTier:
-    """A G2 tier as the block-pool contract describes it (include/kvbm/block_pool.h), in the
-    simplest terms: `capacity` slots; a cached block is in use while something references it,
-    and a referenced block references its parent (when the parent is cached), so a chain is
-    returned leaf first; unreferenced blocks are evicted least recently returned first."""
+    """A G2 tier under the `lru` policy as the block-pool contract describes it
+    (include/kvbm/block_pool.h, eviction.h), in the simplest terms: `capacity` slots; a cached
+    block is in use while something references it; a block does not reference its parent, and
+    under `lru` any unreferenced block, leaf or not, may go: least recently returned first. A
+    run of blocks (a load, a store) is returned last block first."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity
         self.parent: dict[int, int | None] = {}  # cached block -> its parent id
         self.refs: dict[int, int] = {}
-        self.holds_parent: dict[int, int] = {}
         self.returned: OrderedDict[int, None] = OrderedDict()  # unreferenced, oldest first
         self.evictions = 0
 
@@ -46,18 +46,11 @@ class ReferenceLruTier:
         self.refs[b] = self.refs.get(b, 0) + 1
         if self.refs[b] == 1:
             self.returned.pop(b, None)
-            p = self.parent[b]
-            if p is not None and p in self.parent:
-                self.holds_parent[b] = p
-                self.acquire(p)
 
     def release(self, b: int) -> None:
         self.refs[b] -= 1
         if self.refs[b] == 0:
             self.returned[b] = None
-            p = self.holds_parent.pop(b, None)
-            if p is not None:
-                self.release(p)
 
     def insert(self, b: int, parent: int | None) -> bool:
         """Caches `b` referenced by the caller; False when every slot is in use."""
@@ -90,17 +83,22 @@ def reference_g2_lru(lines: list[dict], capacity: int) -> dict:
             h += 1
         for b in ids[:h]:
             tier.acquire(b)
-        for b in ids[:h]:  # the load finished: released in order, chains return leaf first
+        for b in reversed(ids[:h]):  # the load finished: the run is returned last block first
             tier.release(b)
         hits += h
-        written = []
+        # Write-through of the computed blocks as one run: a block already cached is referenced
+        # (a repeat sight), a new one takes a slot; the run stops at the first block that gets
+        # none, and is returned last block first.
+        run = []
         for i in range(h, full):
             if ids[i] in tier.parent:
-                continue
-            if tier.insert(ids[i], ids[i - 1] if i else None):
-                written.append(ids[i])
+                tier.acquire(ids[i])
+            elif tier.insert(ids[i], ids[i - 1] if i else None):
                 stores += 1
-        for b in written:
+            else:
+                break
+            run.append(ids[i])
+        for b in reversed(run):
             tier.release(b)
     return {"hits": hits, "stores": stores, "evictions": tier.evictions}
 
@@ -191,12 +189,12 @@ def test_malformed_line_names_the_line(tmp_path, run_kvbm):
     with pytest.raises(InvalidArgumentError, match="line 3"):
         _core.read_mooncake_trace(str(path))
     p = run_kvbm("replay", str(path))
-    assert p.returncode == 1
-    assert "line 3" in p.stderr
+    assert p.returncode == 2
+    assert "line 3" in p.stderr and "kvbm: error:" in p.stderr
     wrong_count = tmp_path / "w.jsonl"
     wrong_count.write_text(json.dumps({**good, "hash_ids": [0]}) + "\n")
     p = run_kvbm("replay", str(wrong_count))
-    assert p.returncode == 1 and "line 1" in p.stderr and "hash_ids" in p.stderr
+    assert p.returncode == 2 and "line 1" in p.stderr and "hash_ids" in p.stderr
 
 
 def test_bytes_mode_moves_and_verifies_real_bytes(run_kvbm, tmp_path, monkeypatch):

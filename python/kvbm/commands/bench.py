@@ -2,7 +2,7 @@
 
 A benchmark module ``kvbm/bench/<name>.py`` provides ``add_parser(subparsers)`` (returns its
 parser) and ``run(args)``, exactly like a subcommand; dropping a file there adds
-``kvbm bench <name>``. Each prints its figures, as one JSON object with ``--json``.
+``kvbm bench <name>``. A module without ``add_parser`` is a helper the benchmarks share. Each prints its figures, as one JSON object with ``--json``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import kvbm.bench
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("bench", help="run a benchmark (core, transfer, vllm, ...)")
+    p = subparsers.add_parser("bench", help="run a benchmark (core, transfer, vllm, serve, all)")
     benches = p.add_subparsers(dest="bench", metavar="BENCHMARK")
     for info in sorted(pkgutil.iter_modules(kvbm.bench.__path__), key=lambda i: i.name):
         if info.name.startswith("_"):
@@ -27,6 +27,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             sub = benches.add_parser(info.name, help=f"(unavailable: {e})")
             sub.set_defaults(_bench_run=_unavailable(info.name, e))
             continue
+        if not hasattr(module, "add_parser"):
+            continue  # a helper of the benchmarks (e.g. vllm_anchor), not a benchmark
         sub = module.add_parser(benches)
         sub.set_defaults(_bench_run=module.run)
     p.set_defaults(_bench_parser=p)

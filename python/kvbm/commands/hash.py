@@ -4,22 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-_U32 = 1 << 32
-_U64 = 1 << 64
+from kvbm.commands._args import U32_MAX, U64_MAX, decimal
 
-
-def _token(text: str) -> int:
-    value = int(text, 0)
-    if not 0 <= value < _U32:
-        raise argparse.ArgumentTypeError(f"token {text} is not an unsigned 32-bit integer")
-    return value
-
-
-def _u64(text: str) -> int:
-    value = int(text, 0)
-    if not 0 <= value < _U64:
-        raise argparse.ArgumentTypeError(f"{text} is not an unsigned 64-bit integer")
-    return value
+_token = decimal("TOKEN (an unsigned 32-bit token id)", 0, U32_MAX)
+_u64 = decimal("--salt-hash (an unsigned 64-bit hash)", 0, U64_MAX)
+# The core takes the block size as a 32-bit count of tokens.
+_block_size = decimal("--block-size (tokens per block)", 1, U32_MAX)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -33,7 +23,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "(no salt, no LoRA)."
         ),
     )
-    p.add_argument("--block-size", type=int, required=True, help="tokens per block")
+    p.add_argument("--block-size", type=_block_size, required=True, help="tokens per block")
     p.add_argument("--salt-hash", type=_u64, help="the salt hash (seed) to use")
     p.add_argument("--salt", help="cache salt; the salt hash is derived from it")
     p.add_argument("--lora", help="LoRA adapter name; the salt hash is derived from it")

@@ -1,6 +1,6 @@
 """``kvbm replay [TRACE]``: replay a Mooncake request trace through kvbm's real connector core.
 
-The event loop runs in C++ (src/manager/replay.cpp, ``kvbm._core.run_replay``); this module
+The event loop runs in C++ (src/tools/replay.cpp, ``kvbm._core.run_replay``); this module
 parses the arguments, draws the progress bar, and for ``--sweep`` writes the table and the
 plot. docs/REPLAY.md describes the engine and time model and every figure printed.
 """
@@ -12,11 +12,14 @@ import gzip
 import json
 import math
 import os
+import re
 import sys
 import time
+import zlib
 from importlib import resources
 
-from kvbm.errors import ConfigError
+from kvbm.commands._args import U32_MAX, decimal, finite_float
+from kvbm.errors import ConfigError, InvalidArgumentError
 
 # Bytes of KV per token (all layers, K and V, bf16): layers * 2 * kv_heads * head_dim * 2.
 BYTES_PER_TOKEN_PRESETS = {
@@ -41,24 +44,33 @@ admission filter) and registered in G1. It decodes for output_length / --decode-
 seconds, then finishes and releases its G1 blocks. See docs/REPLAY.md."""
 
 
+# The most blocks a tier may have (kvbm::kMaxCacheBlocks, include/kvbm/config.h).
+MAX_TIER_BLOCKS = 1 << 40
+# Sizes in GB: at most an exabyte, as DYN_KVBM_*_CACHE_GB.
+MAX_GB = 1e9
+
+
 def _size(value: str) -> int | None:
-    """A tier size in blocks: a non-negative integer, or ``unlimited`` (None)."""
+    """A tier size in blocks: a decimal integer (``_`` may group digits), or ``unlimited`` (None)."""
     if value.lower() in ("unlimited", "inf", "none"):
         return None
+    digits = value.replace("_", "") if re.fullmatch(r"[0-9]+(_[0-9]+)*", value) else value
     try:
-        n = int(value.replace("_", ""))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of blocks or 'unlimited', got {value!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"a size must be >= 0, got {n}")
-    return n
+        return decimal("a size in blocks", 0, MAX_TIER_BLOCKS)(digits)
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"{e} (or 'unlimited')") from None
 
 
 def _rate(value: str) -> float:
-    v = float(value)
+    v = finite_float("a rate in tokens/s", allow_inf=True)(value)
     if not v > 0:
         raise argparse.ArgumentTypeError(f"a rate must be > 0 tokens/s (or 'inf'), got {value!r}")
     return v
+
+_gb = finite_float("a size in GB", lo=0.0, hi=MAX_GB)
+_seconds = finite_float("SECONDS", lo=0.0, hi=365 * 86400.0)
+_limit = decimal("--limit (a number of requests)", 0, 1 << 62)
+_block_size = decimal("--block-size (tokens per block)", 1, 1 << 31)
 
 
 def _bytes_per_token(value: str) -> int:
@@ -66,14 +78,11 @@ def _bytes_per_token(value: str) -> int:
     if key in BYTES_PER_TOKEN_PRESETS:
         return BYTES_PER_TOKEN_PRESETS[key]
     try:
-        n = int(value)
-    except ValueError:
+        return decimal("bytes per token", 1, U32_MAX)(value)
+    except argparse.ArgumentTypeError as e:
         raise argparse.ArgumentTypeError(
-            f"expected bytes per token or one of {', '.join(sorted(BYTES_PER_TOKEN_PRESETS))}, got {value!r}"
+            f"{e}; or one of {', '.join(sorted(BYTES_PER_TOKEN_PRESETS))}"
         ) from None
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"bytes per token must be > 0, got {n}")
-    return n
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -88,16 +97,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("trace", nargs="?", metavar="TRACE", help="Mooncake JSONL trace (.jsonl or .jsonl.gz)")
-    p.add_argument("--limit", type=int, default=0, help="replay only the first N requests (default: all; 200 with --bytes)")
-    p.add_argument("--block-size", type=int, default=512, help="kvbm block (page) size in tokens (default 512)")
+    p.add_argument("--limit", type=_limit, default=0, help="replay only the first N requests (default: all; 200 with --bytes)")
+    p.add_argument("--block-size", type=_block_size, default=512, help="kvbm block (page) size in tokens (default 512)")
     sizes = p.add_argument_group("tier sizes (blocks: a number or 'unlimited'; or GB with --bytes-per-token)")
     sizes.add_argument("--g1-blocks", type=_size, default=2000,
                        help="engine prefix cache (G1); 0 = engine without prefix caching (default 2000)")
     sizes.add_argument("--g2-blocks", type=_size, default=5859, help="host tier G2; 0 = off (default 5859, ~3M tokens)")
     sizes.add_argument("--g3-blocks", type=_size, default=0, help="disk tier G3; 0 = off (default 0)")
-    sizes.add_argument("--g1-gb", type=float, help="G1 in decimal GB (needs --bytes-per-token)")
-    sizes.add_argument("--g2-gb", type=float, help="G2 in decimal GB (needs --bytes-per-token)")
-    sizes.add_argument("--g3-gb", type=float, help="G3 in decimal GB (needs --bytes-per-token)")
+    sizes.add_argument("--g1-gb", type=_gb, help="G1 in decimal GB (needs --bytes-per-token)")
+    sizes.add_argument("--g2-gb", type=_gb, help="G2 in decimal GB (needs --bytes-per-token)")
+    sizes.add_argument("--g3-gb", type=_gb, help="G3 in decimal GB (needs --bytes-per-token)")
     sizes.add_argument("--bytes-per-token", type=_bytes_per_token,
                        help="KV bytes per token for the GB sizes: a number or a preset "
                        f"({', '.join(sorted(BYTES_PER_TOKEN_PRESETS))}); with --bytes, the bytes moved per token "
@@ -113,7 +122,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    "every loaded block")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (it is drawn only on a terminal)")
-    p.add_argument("--linger", type=float, default=0.0, metavar="SECONDS",
+    p.add_argument("--linger", type=_seconds, default=0.0, metavar="SECONDS",
                    help="keep the process (and the DYN_KVBM_METRICS endpoint) alive this long after the replay")
     sw = p.add_argument_group("sweep")
     sw.add_argument("--sweep", action="store_true",
@@ -133,6 +142,44 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 POLICIES = ("lru", "leaf-first", "reuse", "opt")
 
 
+def _read_gz_lines(path: str, limit: int) -> bytes:
+    """The decompressed lines of a gzip trace, read line by line with the core's line bound.
+
+    Stops after `limit` non-blank lines (0: all). A line longer than the bound, a truncated or
+    corrupt stream, a directory or an unreadable file is an error naming the file (and line).
+    """
+    from kvbm import _core
+
+    max_line = _core.MAX_TRACE_LINE_BYTES
+    lines = []
+    kept = 0
+    try:
+        with gzip.open(path, "rb") as f:
+            line_no = 0
+            while limit == 0 or kept < limit:
+                # One byte over the bound (plus the newline) tells an overlong line apart.
+                line = f.readline(max_line + 2)
+                if not line:
+                    break
+                line_no += 1
+                if len(line.rstrip(b"\n")) > max_line:
+                    raise InvalidArgumentError(
+                        f"{path}: trace line {line_no}: longer than {max_line} bytes (is this a Mooncake JSONL trace?)"
+                    )
+                lines.append(line)
+                if line.strip():
+                    kept += 1
+    except EOFError:
+        raise InvalidArgumentError(
+            f"cannot read trace {path}: the gzip stream is truncated (it ends before its end marker)"
+        ) from None
+    except (gzip.BadGzipFile, zlib.error) as e:
+        raise InvalidArgumentError(f"cannot read trace {path}: not a valid gzip file: {e}") from None
+    except OSError as e:
+        raise InvalidArgumentError(f"cannot read trace {path}: {e.strerror or e}") from None
+    return b"".join(lines)
+
+
 def load_trace(path: str | None, limit: int = 0):
     """The parsed trace: `path` (.jsonl or .jsonl.gz), or the embedded conversation trace."""
     from kvbm import _core
@@ -141,19 +188,21 @@ def load_trace(path: str | None, limit: int = 0):
         data = resources.files("kvbm.data").joinpath(EMBEDDED_TRACE).read_bytes()
         return _core.parse_mooncake_trace(gzip.decompress(data), limit), f"embedded:{EMBEDDED_TRACE}"
     if path.endswith(".gz"):
+        data = _read_gz_lines(path, limit)
         try:
-            with gzip.open(path, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            raise ConfigError(f"cannot read trace {path}: {e}") from None
-        return _core.parse_mooncake_trace(data, limit), path
+            return _core.parse_mooncake_trace(data, limit), path
+        except InvalidArgumentError as e:
+            raise InvalidArgumentError(f"{path}: {e}") from None
     return _core.read_mooncake_trace(path, limit), path
 
 
 def _blocks_from_gb(gb: float, bytes_per_token: int | None, block_size: int, flag: str) -> int:
     if bytes_per_token is None:
         raise ConfigError(f"{flag} needs --bytes-per-token (a number or a model preset)")
-    return int(gb * 1e9 // (bytes_per_token * block_size))
+    blocks = int(gb * 1e9 // (bytes_per_token * block_size))
+    if blocks > MAX_TIER_BLOCKS:
+        raise ConfigError(f"{flag} {gb:g}: too large: {blocks:,} blocks, more than the {MAX_TIER_BLOCKS:,} a tier may have")
+    return blocks
 
 
 class ProgressBar:
@@ -239,16 +288,32 @@ def _run_one(trace, opts: dict, args, source: str) -> dict:
 
     show = sys.stderr.isatty() and not args.no_progress and not args.sweep
     progress = ProgressBar("replay") if show else None
-    if args.linger > 0 and os.environ.get("DYN_KVBM_METRICS", "").lower() in ("1", "true", "yes", "on"):
-        port = os.environ.get("DYN_KVBM_METRICS_PORT", "6880")
-        print(f"kvbm replay: metrics on port {port}; lingering {args.linger:g} s after the replay", file=sys.stderr)
-    r = _core.run_replay(trace, **opts, progress=progress, progress_every=64, linger_seconds=args.linger)
+    on_port = None
+    if args.linger > 0 and os.environ.get("DYN_KVBM_METRICS", "").strip().lower() in ("1", "true", "yes", "on"):
+        on_port = _metrics_port_reporter(args.linger)
+    r = _core.run_replay(trace, **opts, progress=progress, progress_every=64, linger_seconds=args.linger,
+                         on_metrics_port=on_port)
     r["policy"] = opts["policy"]
     r["move_bytes"] = opts["move_bytes"]
     r["trace"] = source
     r["prefill_tokens_per_s"] = opts["prefill_tokens_per_s"]
     r["decode_tokens_per_s"] = opts["decode_tokens_per_s"]
     return r
+
+
+def _metrics_port_reporter(linger: float):
+    """Prints the port the metrics endpoint really bound (known once the replay has started)."""
+
+    def report(port: int) -> None:
+        if port:
+            host = os.environ.get("DYN_KVBM_METRICS_HOST", "127.0.0.1").strip() or "127.0.0.1"
+            print(f"kvbm replay: metrics on http://{host}:{port}/metrics; lingering {linger:g} s after the replay",
+                  file=sys.stderr, flush=True)
+        else:
+            print("kvbm replay: the metrics endpoint is not running (see the error above); no metrics to scrape",
+                  file=sys.stderr, flush=True)
+
+    return report
 
 
 def _sweep(trace, base: dict, args, source: str) -> int:
@@ -409,8 +474,6 @@ def _plot(rows, policies, bound: float, bs: int, base: dict, path: str, source: 
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.block_size <= 0:
-        raise ConfigError(f"--block-size must be > 0, got {args.block_size}")
     limit = args.limit if args.limit > 0 else (200 if args.bytes else 0)
     trace, source = load_trace(args.trace, limit)
     opts = _options(args)

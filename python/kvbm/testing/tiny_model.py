@@ -123,3 +123,57 @@ def engine_kwargs(model_dir: str | os.PathLike, *, gpu_blocks: int | None = None
         )
     kw.update(extra)
     return kw
+
+
+def write_tiny_tokenizer(directory: str | os.PathLike, vocab_size: int = DEFAULT_CONFIG["vocab_size"]) -> Path:
+    """A word-level tokenizer for the tiny model, for servers and clients that need text.
+
+    Token id ``i`` (3 <= i < vocab_size) is a two-character word (:func:`token_word`); words are
+    split on whitespace, so :func:`ids_to_text` gives text that is exactly those ids, and decoding
+    joins words with spaces. Short words on purpose: vLLM's server refuses a prompt of more than
+    5 characters per token of its context before tokenizing it.
+    Ids 0, 1 and 2 are ``[UNK]``, ``<s>`` and ``</s>`` (the model's bos and eos). Written as
+    ``tokenizer.json`` + ``tokenizer_config.json`` (transformers' PreTrainedTokenizerFast).
+    """
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = {"[UNK]": 0, "<s>": 1, "</s>": 2}
+    vocab.update({token_word(i): i for i in range(3, vocab_size)})
+    special = [{"id": i, "content": w, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+                "special": True} for w, i in (("[UNK]", 0), ("<s>", 1), ("</s>", 2))]
+    tokenizer = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": special,
+        "normalizer": None,
+        "pre_tokenizer": {"type": "WhitespaceSplit"},
+        "post_processor": None,
+        "decoder": None,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"},
+    }
+    (path / "tokenizer.json").write_text(json.dumps(tokenizer))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "unk_token": "[UNK]",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "model_max_length": DEFAULT_CONFIG["max_position_embeddings"],
+        "clean_up_tokenization_spaces": False,
+    }))
+    return path
+
+
+_WORD_CHARS = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def token_word(i: int) -> str:
+    """The word of token id ``i`` in :func:`write_tiny_tokenizer`'s vocabulary (ids below 62^2)."""
+    if not 0 <= i < len(_WORD_CHARS) ** 2:
+        raise ValueError(f"token id {i} is outside the tiny tokenizer's range [0, {len(_WORD_CHARS) ** 2})")
+    return _WORD_CHARS[i // len(_WORD_CHARS)] + _WORD_CHARS[i % len(_WORD_CHARS)]
+
+
+def ids_to_text(ids: list[int]) -> str:
+    """The text that :func:`write_tiny_tokenizer`'s tokenizer turns back into exactly ``ids``."""
+    return " ".join(token_word(i) for i in ids)

@@ -80,8 +80,11 @@ class RunResult:
     wall_s: float = 0.0
 
 
-def run_sequential(llm, prompts: list[list[int]], max_tokens: int = 8) -> RunResult:
-    """Sends the prompts one after another (a chat: each turn after the previous answer)."""
+def run_sequential(llm, prompts: list[list[int]], max_tokens: int = 8, on_turn=None) -> RunResult:
+    """Sends the prompts one after another (a chat: each turn after the previous answer).
+
+    ``on_turn(index, result)``, when given, is called after each turn (progress, per-turn counters).
+    """
     from vllm import SamplingParams
 
     sp = SamplingParams(temperature=0, max_tokens=max_tokens, detokenize=False, ignore_eos=True)
@@ -96,6 +99,8 @@ def run_sequential(llm, prompts: list[list[int]], max_tokens: int = 8) -> RunRes
         out.ttft_s.append(float(ttft) if ttft else wall)
         out.tokens.append(list(o.outputs[0].token_ids))
         out.engine_cached_tokens.append(int(o.num_cached_tokens or 0))
+        if on_turn is not None:
+            on_turn(len(out.tokens) - 1, out)
     out.wall_s = time.perf_counter() - t0
     return out
 

@@ -16,15 +16,29 @@ Timing inside a worker step: ``bind_connector_metadata`` binds the step (loads s
 before the forward pass); ``wait_for_save`` runs after the forward pass and copies the blocks
 that the pass completed G1 -> G2 (or G3), returning once G1 has been read.
 
+Counters across processes: behind vLLM's OpenAI server the engine core (scheduler, kvbm's
+leader and its Prometheus endpoint) and the workers are separate processes. Each worker reports
+the transfer counters it updated since its last report through vLLM's connector-stats channel
+(``get_kv_connector_stats`` -> ``KVConnectorOutput.kv_connector_stats``), and the leader folds
+them into its metrics in ``update_connector_output``, so the endpoint counts every tier's
+offloads and onboards wherever the bytes moved. In a single-process engine both sides already
+share one metrics object and nothing is folded twice (the report carries the worker's pid).
+
+Recording (DYN_KVBM_ENABLE_RECORD): the scheduler side writes each finished request as one
+Mooncake-format JSON line (see ``TraceRecorder``) that ``kvbm replay FILE`` reads back.
+
 Thread safety: vLLM calls each role from one thread (scheduler thread, worker thread).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
+import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
@@ -32,8 +46,10 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorMetadata,
     KVConnectorRole,
 )
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 
 from kvbm import _core
+from kvbm.vllm_integration.layout import element_order
 
 if TYPE_CHECKING:
     import torch
@@ -72,12 +88,122 @@ class DynamoConnectorMetadata(KVConnectorMetadata):
     payload: bytes
 
 
+@dataclass
+class KvbmConnectorStats(KVConnectorStats):
+    """Transfer counters of kvbm's workers since their last report, on their way to the leader.
+
+    ``data`` maps ``"counters"`` to a dict of counter name -> increment (kvbm._core's
+    ``Worker.transfer_counters`` names) and ``"pids"`` to the worker processes it came from.
+    Reports of several workers or steps aggregate by summing, key by key.
+    """
+
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def reset(self):
+        self.data = {}
+
+    def aggregate(self, other: "KVConnectorStats") -> "KVConnectorStats":
+        if other is None or other.is_empty():
+            return self
+        mine = self.data.setdefault("counters", {})
+        for k, v in (other.data.get("counters") or {}).items():
+            mine[k] = mine.get(k, 0) + v
+        self.data["pids"] = sorted(set(self.data.get("pids", [])) | set(other.data.get("pids", [])))
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        """What vLLM's stats logger prints: blocks moved per path."""
+        return {k: v for k, v in (self.data.get("counters") or {}).items() if k.startswith("blocks_") and v}
+
+    def is_empty(self) -> bool:
+        return not any((self.data.get("counters") or {}).values())
+
+
+def _counter_delta(now: dict, before: dict) -> dict:
+    return {k: v - before.get(k, 0) for k, v in now.items() if v != before.get(k, 0)}
+
+
+class TraceRecorder:
+    """Writes the engine's requests as a Mooncake-format trace (DYN_KVBM_ENABLE_RECORD).
+
+    One JSON line per finished request: ``timestamp`` (ms since the recorder started, at
+    arrival), ``input_length`` (prompt tokens), ``output_length`` (tokens generated) and
+    ``hash_ids``, one id per 512-token block of the prompt, the last one possibly partial.
+    Ids name prefixes, as in the Mooncake traces: a block's id is derived from kvbm's sequence
+    hash of the 512-token blocks up to and including it (salt and LoRA included), so two
+    requests share an id exactly when they share the whole prefix up to that block. Ids are
+    small integers in order of first appearance. Lines are flushed as they are written, so the
+    file is readable while the engine runs.
+    """
+
+    BLOCK_TOKENS = 512
+
+    def __init__(self, path: str):
+        self.path = path
+        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self._start = time.monotonic()
+        self._ids: dict[int, int] = {}
+        self._arrival_ms: dict[str, int] = {}
+
+    def on_arrival(self, request_id: str) -> None:
+        self._arrival_ms.setdefault(request_id, int((time.monotonic() - self._start) * 1000))
+
+    def _id(self, sequence_hash: int) -> int:
+        return self._ids.setdefault(sequence_hash, len(self._ids))
+
+    def hash_ids(self, prompt: list[int], salt: str | None, lora_name: str | None) -> list[int]:
+        salt_hash = _core.compute_salt_hash(salt, lora_name)
+        full = _core.hash_token_blocks(prompt, self.BLOCK_TOKENS, salt_hash)
+        ids = [self._id(int(b.sequence_hash)) for b in full]
+        tail = prompt[len(full) * self.BLOCK_TOKENS:]
+        if tail:
+            parent = int(full[-1].sequence_hash) if full else None
+            block = _core.compute_block_hash(tail, salt_hash)
+            ids.append(self._id(_core.chain_sequence_hash(parent, block, salt_hash)))
+        return ids
+
+    def on_finished(self, request: "Request") -> None:
+        rid = request.request_id
+        arrival = self._arrival_ms.pop(rid, None)
+        if arrival is None:
+            arrival = int((time.monotonic() - self._start) * 1000)
+        prompt = list(request.prompt_token_ids or [])
+        lora = getattr(request, "lora_request", None)
+        line = {
+            "timestamp": arrival,
+            "input_length": len(prompt),
+            "output_length": int(getattr(request, "num_output_tokens", 0) or len(request.output_token_ids)),
+            "hash_ids": self.hash_ids(prompt, getattr(request, "cache_salt", None),
+                                      lora.lora_name if lora is not None else None),
+        }
+        self._file.write(json.dumps(line, separators=(",", ":")) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+
+
 def bytes_per_block_from_config(kv_cache_config: "KVCacheConfig") -> int:
     """Bytes of one block over all of this rank's layers, from vLLM's KV cache plan."""
     total = 0
     for group in kv_cache_config.kv_cache_groups:
         total += int(group.kv_cache_spec.page_size_bytes) * len(group.layer_names)
     return total
+
+
+def remote_descriptor(vllm_config: "VllmConfig") -> str:
+    """What makes two engines' KV blocks interchangeable in G4 (the remote tier): the model, the
+    KV dtype and the block size. Engines that agree on it share prefixes through G4; the tensor-
+    parallel layout and rank are added by kvbm, and every value is verified on read. Set
+    ``kv_connector_extra_config.remote_model_id`` when instances name the same model differently
+    (e.g. by local path)."""
+    extra = vllm_config.kv_transfer_config.kv_connector_extra_config or {}
+    model = extra.get("remote_model_id") or vllm_config.model_config.model
+    dtype = vllm_config.cache_config.cache_dtype
+    if dtype in (None, "auto"):
+        dtype = str(vllm_config.model_config.dtype).replace("torch.", "")
+    return f"model={model}|kv_dtype={dtype}|block={int(vllm_config.cache_config.block_size)}"
 
 
 def _world_size(vllm_config: "VllmConfig") -> int:
@@ -99,6 +225,7 @@ class DynamoConnector(KVConnectorBase_V1):
         self.world_size = self._world_size
         self.rank = self._tp_rank(self._world_size) if role != KVConnectorRole.SCHEDULER else 0
         self._kv_cache_config = kv_cache_config
+        self._vllm_config = vllm_config
         extra = vllm_config.kv_transfer_config.kv_connector_extra_config or {}
         self.leader: _core.Leader | None = None
         self.worker: _core.Worker | None = None
@@ -107,11 +234,17 @@ class DynamoConnector(KVConnectorBase_V1):
                 raise ValueError("kvbm: vLLM gave the scheduler-side connector no kv_cache_config")
             per_rank = bytes_per_block_from_config(kv_cache_config)
             self.bytes_per_block = per_rank * self._world_size
-            self.leader = _core.Leader(self._block_size, self.bytes_per_block, policy=extra.get("policy"))
+            self.leader = _core.Leader(self._block_size, self.bytes_per_block, policy=extra.get("policy"),
+                                       remote_descriptor=remote_descriptor(vllm_config), world_size=self._world_size)
             # Request objects by id: their token lists grow in place as the engine decodes.
             self._requests: dict[str, Request] = {}
             self._block_ids: dict[str, list[int]] = {}
             self.preemptions = 0  # requests vLLM preempted (tests check that paths were exercised)
+            self.recorder: TraceRecorder | None = None
+            record, record_path = _core.record_settings()
+            if record:
+                self.recorder = TraceRecorder(record_path or os.path.abspath(f"kvbm-record-{os.getpid()}.jsonl"))
+                logger.info("kvbm: recording the engine's requests to %s (DYN_KVBM_ENABLE_RECORD)", self.recorder.path)
             logger.info(
                 "kvbm leader: G2 %d blocks, G3 %d blocks of %d bytes (%d per rank x %d ranks), page %d tokens",
                 self.leader.host_blocks, self.leader.disk_blocks, self.bytes_per_block, per_rank,
@@ -121,6 +254,7 @@ class DynamoConnector(KVConnectorBase_V1):
             self.worker = _core.Worker(rank=self.rank, world_size=self._world_size)
             self.bytes_per_block = 0
             self._on_cuda = False
+            self._reported: dict = {}  # transfer counters as of the last get_kv_connector_stats
         with _live_lock:
             _live.append(weakref.ref(self))
 
@@ -160,6 +294,8 @@ class DynamoConnector(KVConnectorBase_V1):
 
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
         self._requests[request.request_id] = request
+        if self.recorder is not None:
+            self.recorder.on_arrival(request.request_id)
         self._sync_tokens(request)
         external, is_async, _host, _disk = self.leader.get_num_new_matched_tokens(request.request_id, num_computed_tokens)
         return int(external), bool(is_async) and external > 0
@@ -204,14 +340,32 @@ class DynamoConnector(KVConnectorBase_V1):
         return DynamoConnectorMetadata(self.leader.build_step_metadata())
 
     def update_connector_output(self, connector_output: "KVConnectorOutput"):
+        stats = getattr(connector_output, "kv_connector_stats", None)
+        if isinstance(stats, KVConnectorStats) and not stats.is_empty():
+            self._fold_worker_counters(stats.data)
         self.leader.on_worker_output(
             list(connector_output.finished_recving or ()),
             list(connector_output.finished_sending or ()),
             list(connector_output.invalid_block_ids or ()),
         )
 
+    def _fold_worker_counters(self, data: dict) -> None:
+        """Adds the workers' transfer counters to the leader's metrics, unless they were counted
+        in this very process (a single-process engine shares one metrics object)."""
+        if os.getpid() in (data.get("pids") or ()):
+            return
+        counters = data.get("counters") or {}
+        if counters:
+            self.leader.add_worker_counters(counters)
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
+        return KvbmConnectorStats(data=data) if data is not None else KvbmConnectorStats()
+
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         rid = request.request_id
+        if self.recorder is not None:
+            self.recorder.on_finished(request)
         self._requests.pop(rid, None)
         self._block_ids.pop(rid, None)
         # True: a load still writes the request's blocks; vLLM keeps them until the worker
@@ -235,11 +389,13 @@ class DynamoConnector(KVConnectorBase_V1):
             self._block_size,
             on_device=first.device.type == "cuda",
             device_index=first.device.index if first.device.index is not None else -1,
+            element_order=element_order(list(first.shape), self._block_size),
         )
         self._on_cuda = first.device.type == "cuda"
         self.bytes_per_block = int(self.worker.bytes_per_block)
         host, disk = _core.size_tiers(self.bytes_per_block * self._world_size)
         self.worker.allocate_tiers(host, disk)
+        self.worker.connect_remote(remote_descriptor(self._vllm_config))
         logger.info(
             "kvbm worker rank %d/%d: %d layers, %s, %d bytes per block on this rank; G2 %d blocks, G3 %d blocks",
             self.rank, self._world_size, len(tensors), self.worker.layout, self.bytes_per_block, host, disk,
@@ -277,6 +433,19 @@ class DynamoConnector(KVConnectorBase_V1):
     def get_block_ids_with_load_errors(self) -> set[int]:
         return set(self.worker.take_load_errors())
 
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        """The transfer counters this worker updated since its last report (None: nothing new)."""
+        if self.worker is None:
+            return None
+        now = dict(self.worker.transfer_counters())
+        delta = _counter_delta(now, self._reported)
+        if not delta:
+            return None
+        self._reported = now
+        return KvbmConnectorStats(data={"counters": delta, "pids": [os.getpid()]})
+
     def shutdown(self):
         if self.worker is not None:
             self.worker.wait_idle()
+        if getattr(self, "recorder", None) is not None:
+            self.recorder.close()

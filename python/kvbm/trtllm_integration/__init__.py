@@ -1,0 +1,1 @@
+"""kvbm behind TensorRT-LLM's KV cache connector interface (PyTorch backend)."""
