@@ -126,6 +126,8 @@ TEST(Config, NoticesNameEverySettingWithoutEffect) {
   }
   // Recording is implemented, so it is no notice.
   EXPECT_TRUE(KvbmConfig::FromMap({{"DYN_KVBM_ENABLE_RECORD", "1"}}).Notices().empty());
+}
+
 // Issue 17: huge sizes were accepted, then overflowed a double -> uint64_t conversion and were
 // reported as "too small". Now each is refused, naming the variable and saying "too large".
 TEST(Config, HugeCacheSizesAreTooLargeNotUndefined) {

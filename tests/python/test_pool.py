@@ -55,7 +55,7 @@ def test_allocate_is_all_or_nothing():
 def test_free_blocks_are_used_before_any_eviction():
     pool = kvbm.BlockPool.create("host", 4)
     del store(pool, chain(2))[:]
-    assert pool.stats() == {"num_blocks": 4, "free": 2, "inactive": 2, "active": 0, "registered": 2, "evictions": 0}
+    assert pool.stats() == {"num_blocks": 4, "free": 2, "inactive": 2, "evictable": 1, "active": 0, "registered": 2, "evictions": 0}
     blocks = pool.allocate(2)
     assert pool.stats()["evictions"] == 0 and pool.count_prefix(chain(2)) == 2
     del blocks
