@@ -11,6 +11,9 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
 
 namespace kvbm {
 
@@ -29,6 +32,10 @@ struct CoreBenchResult {
   double hash_request_us = 0;         // a TokenBlockSequence of match_blocks * block_size tokens
                                       // (the leader's path), in microseconds
   double pool_cycles_per_s = 0;       // one block: allocate, complete, register, drop
+  // Per eviction policy (lru, leaf-first, reuse), steady state with eviction: blocks in
+  // chains of 8 (parent links), one block allocated, completed, registered and dropped per
+  // cycle, and every 4th cycle a hit (MatchPrefix) on the block registered 2 cycles earlier.
+  std::vector<std::pair<std::string, double>> policy_cycles_per_s;
   double match_8192_blocks_us = 0;    // MatchPrefix of a fully hit chain + releasing it
   double leader_request_miss_us = 0;  // one request of match_blocks blocks through the leader:
                                       // add (hashing), match (miss), alloc, every store, finish

@@ -57,6 +57,12 @@ struct ReplayOptions {
   std::optional<uint64_t> g2_blocks;       // nullopt: unlimited (DistinctFullPages); 0: off
   std::optional<uint64_t> g3_blocks = 0;   // likewise
   std::optional<EvictionPolicy> policy;  // G2 and G3; unset: the settings' (leaf-first by default)
+  std::optional<EvictionPolicy> disk_policy;  // G3 only; unset: as `policy`
+  // Belady's MIN in G2 / G3 (wins over the policies): the replay knows the trace, so the pool
+  // is told each block's next use (NextUseOracle over the requests' full pages; "now" is the
+  // latest request looked up, requests in trace order).
+  bool opt_host = false;
+  bool opt_disk = false;
   // Engine steps a load takes (without --bytes). 0: a load finishes within its step. With N > 0
   // the loaded blocks stay pinned while N more steps (other requests' admissions and stores)
   // happen, as with a slow tier, so policies that treat held children differently differ;

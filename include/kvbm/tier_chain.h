@@ -22,6 +22,7 @@
 #include <array>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <span>
@@ -40,8 +41,11 @@ namespace kvbm {
 struct TierChainOptions {
   uint64_t host_blocks = 0;  // G2 size in blocks; 0 = off
   uint64_t disk_blocks = 0;  // G3 size in blocks; 0 = off
-  EvictionPolicy host_policy = EvictionPolicy::kLeafFirst;
-  EvictionPolicy disk_policy = EvictionPolicy::kLeafFirst;
+  EvictionPolicy host_policy = kDefaultEvictionPolicy;
+  EvictionPolicy disk_policy = kDefaultEvictionPolicy;
+  // When set and it returns an Evictor for (tier, blocks), that one orders the tier instead of
+  // its policy (trace replay's Belady optimum uses it).
+  std::function<std::unique_ptr<Evictor>(TierId, uint64_t)> make_evictor;
   size_t offload_queue_capacity = 1 << 16;
   size_t disk_offloads_per_step = 1024;
   uint32_t pin_steps = 3;          // steps a written block stays referenced (this one + 2)

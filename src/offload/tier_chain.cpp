@@ -24,9 +24,11 @@ TierChainOptions TierChainOptions::FromConfig(const KvbmConfig& config, uint64_t
                                   bytes_per_block));
   auto pick = [&](const char* name, const std::string& setting) {
     if (policy) return *policy;
-    if (setting.empty()) return EvictionPolicy::kLeafFirst;
+    if (setting.empty()) return kDefaultEvictionPolicy;
     auto p = ParseEvictionPolicy(setting);
-    if (!p) throw ConfigError(fmt::format("{}={}: unknown eviction policy (expected leaf-first or lru)", name, setting));
+    if (!p)
+      throw ConfigError(
+          fmt::format("{}={}: unknown eviction policy (expected leaf-first, lru or reuse)", name, setting));
     return *p;
   };
   o.host_policy = pick("DYN_KVBM_HOST_EVICTION_POLICY", config.host_eviction_policy);
@@ -48,8 +50,13 @@ TierChain::TierChain(const KvbmConfig& config, const TierChainOptions& options, 
   if (options.host_blocks == 0 && options.disk_blocks == 0)
     throw ConfigError("kvbm: no tier below G1 is sized (set DYN_KVBM_CPU_CACHE_GB or DYN_KVBM_DISK_CACHE_GB)");
   if (options.pin_steps == 0) throw ConfigError("kvbm tier chain: pin_steps must be >= 1");
-  if (options.host_blocks > 0) host_ = BlockPool::Create(TierId::kHost, options.host_blocks, options.host_policy, registry_);
-  if (options.disk_blocks > 0) disk_ = BlockPool::Create(TierId::kDisk, options.disk_blocks, options.disk_policy, registry_);
+  auto make = [&](TierId tier, uint64_t blocks, EvictionPolicy policy) {
+    std::unique_ptr<Evictor> custom = options.make_evictor ? options.make_evictor(tier, blocks) : nullptr;
+    return custom ? BlockPool::Create(tier, blocks, std::move(custom), registry_)
+                  : BlockPool::Create(tier, blocks, policy, registry_);
+  };
+  if (options.host_blocks > 0) host_ = make(TierId::kHost, options.host_blocks, options.host_policy);
+  if (options.disk_blocks > 0) disk_ = make(TierId::kDisk, options.disk_blocks, options.disk_policy);
   if (options.remote) {
     if (!host_)
       throw ConfigError("DYN_KVBM_REMOTE_URL: the remote tier (G4) needs a host tier (set DYN_KVBM_CPU_CACHE_GB)");

@@ -223,7 +223,7 @@ struct PyImmutableBlock {
 BlockKey KeyFromPython(nb::handle item);
 std::vector<BlockKey> KeysFromPython(nb::handle items);
 
-// "leaf-first" (or "leaf_first") / "lru"; InvalidArgument otherwise.
+// "reuse", "leaf-first" (or "leaf_first") / "lru"; InvalidArgument otherwise.
 EvictionPolicy PolicyFromName(const std::string& name);
 // A pool's occupancy as a Python dict (num_blocks, free, inactive, active, registered, evictions).
 nb::dict PoolStatsDict(const BlockPoolStats& stats);

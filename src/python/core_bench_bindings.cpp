@@ -49,6 +49,9 @@ void BindBench(nb::module_& m) {
           out["hash_tokens_per_s"] = r.hash_tokens_per_s;
           out["hash_request_us"] = r.hash_request_us;
           out["pool_cycles_per_s"] = r.pool_cycles_per_s;
+          nb::dict by_policy;
+          for (const auto& [name, rate] : r.policy_cycles_per_s) by_policy[name.c_str()] = rate;
+          out["policy_cycles_per_s"] = by_policy;
           out["match_8192_blocks_us"] = r.match_8192_blocks_us;
           out["leader_request_miss_us"] = r.leader_request_miss_us;
           out["leader_request_hit_us"] = r.leader_request_hit_us;

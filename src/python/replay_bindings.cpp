@@ -19,11 +19,16 @@ using namespace nb::literals;
 namespace kvbm::python {
 namespace {
 
-EvictionPolicy ReplayPolicy(const std::string& name) {
-  if (name == "leaf-first" || name == "leaf_first") return EvictionPolicy::kLeafFirst;
-  if (name == "lru") return EvictionPolicy::kLru;
+// A replay tier policy: "opt" (Belady's MIN, replay only) or a pool policy.
+struct TierPolicy {
+  std::optional<EvictionPolicy> policy;
+  bool opt = false;
+};
+TierPolicy ReplayPolicy(const std::string& name) {
+  if (name == "opt") return {std::nullopt, true};
+  if (auto p = ParseEvictionPolicy(name)) return {*p, false};
   throw StatusException(Error(ErrorCode::kInvalidArgument,
-                              "eviction policy '" + name + "': expected 'leaf-first' or 'lru'"));
+                              "eviction policy '" + name + "': expected 'reuse', 'leaf-first', 'lru' or 'opt'"));
 }
 
 nb::dict ResultDict(const ReplayResult& r, uint32_t page) {
@@ -47,6 +52,7 @@ nb::dict ResultDict(const ReplayResult& r, uint32_t page) {
   d["g2_token_hit_rate"] = rate(r.g2_hit_blocks * page, r.input_tokens);
   d["g3_token_hit_rate"] = rate(r.g3_hit_blocks * page, r.input_tokens);
   d["token_hit_rate"] = rate(r.hit_tokens(page), r.input_tokens);
+  d["hit_tokens"] = r.hit_tokens(page);  // prefill tokens saved
   d["g1_block_hit_rate"] = rate(r.g1_hit_blocks, r.page_refs);
   d["g2_block_hit_rate"] = rate(r.g2_hit_blocks, r.page_refs);
   d["g3_block_hit_rate"] = rate(r.g3_hit_blocks, r.page_refs);
@@ -120,7 +126,7 @@ void BindReplay(nanobind::module_& m) {
       "run_replay",
       [](const Trace& trace, uint32_t block_size, std::optional<uint64_t> g1_blocks,
          std::optional<uint64_t> g2_blocks, std::optional<uint64_t> g3_blocks,
-         const std::string& policy, double prefill_tokens_per_s, double decode_tokens_per_s,
+         const std::string& policy, std::optional<std::string> disk_policy, double prefill_tokens_per_s, double decode_tokens_per_s,
          bool move_bytes, uint32_t bytes_per_token, nb::object progress, uint64_t progress_every,
          double linger_seconds, nb::object on_metrics_port) {
         ReplayOptions o;
@@ -128,7 +134,11 @@ void BindReplay(nanobind::module_& m) {
         o.g1_blocks = g1_blocks;
         o.g2_blocks = g2_blocks;
         o.g3_blocks = g3_blocks;
-        o.policy = ReplayPolicy(policy);
+        TierPolicy host = ReplayPolicy(policy), disk = disk_policy ? ReplayPolicy(*disk_policy) : host;
+        o.policy = host.policy;
+        o.opt_host = host.opt;
+        o.disk_policy = disk.policy;
+        o.opt_disk = disk.opt;
         o.prefill_tokens_per_s = prefill_tokens_per_s;
         o.decode_tokens_per_s = decode_tokens_per_s;
         o.move_bytes = move_bytes;
@@ -168,6 +178,7 @@ void BindReplay(nanobind::module_& m) {
       },
       "trace"_a, "block_size"_a = kTraceBlockTokens, "g1_blocks"_a.none() = nb::none(),
       "g2_blocks"_a.none() = nb::none(), "g3_blocks"_a.none() = 0, "policy"_a = "leaf-first",
+      "disk_policy"_a.none() = nb::none(),
       "prefill_tokens_per_s"_a = 10000.0, "decode_tokens_per_s"_a = 50.0, "move_bytes"_a = false,
       "bytes_per_token"_a = 8, "progress"_a.none() = nb::none(), "progress_every"_a = 256,
       "linger_seconds"_a = 0.0, "on_metrics_port"_a.none() = nb::none(),
@@ -175,6 +186,8 @@ void BindReplay(nanobind::module_& m) {
       "docs/REPLAY.md).\n"
       "Sizes in blocks: None = unlimited (computed from the trace), 0 = off (G1: no prefix "
       "cache).\n"
+      "`policy` orders G2 and G3 ('reuse', 'leaf-first', 'lru', or 'opt': Belady's MIN from the "
+      "trace); `disk_policy` overrides it for G3.\n"
       "`progress(finished, total, trace_seconds, token_hit_rate)` is called every "
       "`progress_every`\n"
       "finished requests; returning False cancels (CancelledError).\n"

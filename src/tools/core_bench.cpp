@@ -65,6 +65,43 @@ double PoolCyclesPerSecond(const CoreBenchOptions& o) {
   return Median(rates);
 }
 
+// Cycles with parent links and hits, so that a policy's leaf bookkeeping and hit path count.
+double PolicyCyclesPerSecond(const CoreBenchOptions& o, EvictionPolicy policy) {
+  auto pool = BlockPool::Create(TierId::kHost, o.pool_blocks, policy);
+  constexpr uint64_t kChain = 8;
+  uint64_t n = 0;
+  std::vector<BlockKey> recent(4);
+  auto cycles = [&](uint64_t count) {
+    for (uint64_t i = 0; i < count; ++i) {
+      ++n;
+      auto blocks = pool->Allocate(1);
+      Check(blocks.has_value() && blocks->size() == 1, "core bench: allocate failed");
+      std::optional<SequenceHash> parent;
+      if (n % kChain != 0) parent = SequenceHash((n - 1) * 0x9E3779B97F4A7C15ull);
+      BlockKey key{SequenceHash(n * 0x9E3779B97F4A7C15ull), n, parent};
+      key.position = static_cast<uint32_t>(n % kChain);
+      Check((*blocks)[0].Complete(key).has_value(), "core bench: complete failed");
+      auto handle = pool->Register(std::move((*blocks)[0]));
+      Check(handle.has_value(), "core bench: register failed");
+      KeepAlive(handle->id());
+      recent[n % 4] = key;
+      if (n % 4 == 0 && n > 2) {
+        const BlockKey& again = recent[(n - 2) % 4];
+        BlockRun hit = pool->MatchPrefix(std::span<const BlockKey>(&again, 1));
+        KeepAlive(hit.size());
+      }
+    }
+  };
+  cycles(o.pool_blocks);
+  std::vector<double> rates;
+  for (uint32_t p = 0; p < o.passes; ++p) {
+    auto start = Clock::now();
+    cycles(o.pool_cycles);
+    rates.push_back(static_cast<double>(o.pool_cycles) / SecondsSince(start));
+  }
+  return Median(rates);
+}
+
 double MatchMicros(const CoreBenchOptions& o, uint64_t& matched_blocks) {
   std::vector<Token> tokens = MakeTokens(o.match_blocks * o.block_size);
   auto hashed = HashTokenBlocks(tokens, o.block_size, o.salt_hash);
@@ -175,6 +212,8 @@ CoreBenchResult RunCoreBench(const CoreBenchOptions& o) {
   }
   r.hash_request_us = Median(seq_us);
   r.pool_cycles_per_s = PoolCyclesPerSecond(o);
+  for (EvictionPolicy p : {EvictionPolicy::kLru, EvictionPolicy::kLeafFirst, EvictionPolicy::kReuse})
+    r.policy_cycles_per_s.emplace_back(std::string(EvictionPolicyName(p)), PolicyCyclesPerSecond(o, p));
   r.match_8192_blocks_us = MatchMicros(o, r.blocks_matched);
   LeaderMicros(o, r);
   return r;

@@ -52,6 +52,15 @@ class ReplayRun {
 
     TierChainOptions tiers = TierChainOptions::FromConfig(
         o.config, uint64_t{page_} * std::max<uint32_t>(o.bytes_per_token, 1), g2, g3, o.policy);
+    if (o.disk_policy) tiers.disk_policy = *o.disk_policy;
+    if (o.opt_host || o.opt_disk) {
+      oracle_ = BuildOracle();
+      tiers.make_evictor = [this](TierId tier, uint64_t blocks) -> std::unique_ptr<Evictor> {
+        if ((tier == TierId::kHost && o_.opt_host) || (tier == TierId::kDisk && o_.opt_disk))
+          return MakeOptEvictor(oracle_, static_cast<uint32_t>(blocks));
+        return nullptr;
+      };
+    }
     manager_ = std::make_unique<KvBlockManager>(o.config, tiers, page_);
     leader_ = std::make_unique<ConnectorLeader>(manager_->chain(), o.config, page_, manager_->metrics());
     result_.metrics_port = manager_->metrics_port();
@@ -128,6 +137,18 @@ class ReplayRun {
     uint64_t computed_tokens = 0;  // G1 hits + kvbm loads
     uint64_t g1_hits = 0;
   };
+
+  // Every request's full prompt pages, by request index: the future Belady's MIN looks at.
+  std::shared_ptr<NextUseOracle> BuildOracle() {
+    auto oracle = std::make_shared<NextUseOracle>();
+    for (size_t i = 0; i < trace_.requests.size(); ++i) {
+      SynthesizeTokens(trace_.requests[i], tokens_);
+      auto hashed = HashTokenBlocks(tokens_, page_, salt_hash_);
+      if (!hashed) throw ConfigError("kvbm replay --policy opt: " + hashed.error().ToString());
+      for (const TokenBlock& b : *hashed) oracle->AddUse(b.sequence_hash, i);
+    }
+    return oracle;
+  }
 
   void SetUpBytes(uint64_t g1) {
     if (o_.bytes_per_token == 0 || o_.bytes_per_token % 4 != 0)
@@ -261,6 +282,7 @@ class ReplayRun {
     for (auto& b : run.g1_owned) run.device_ids.push_back(b.id().value());
     run.id = fmt::format("r{}", i);
 
+    if (oracle_) oracle_->SetNow(i);  // request i is looked up now
     leader_->AddRequest(run.id, tokens_);
     auto match = leader_->GetNumNewMatchedTokens(run.id, run.g1_hits * page_);
     if (!match) return std::unexpected(match.error());
@@ -362,6 +384,7 @@ class ReplayRun {
   const uint32_t page_;
   const uint64_t salt_hash_ = ComputeSaltHash(std::nullopt, std::nullopt);
   bool g1_cache_ = true;
+  std::shared_ptr<NextUseOracle> oracle_;  // Belady's MIN only
   std::shared_ptr<BlockPool> g1_;
   std::unique_ptr<KvBlockManager> manager_;
   std::unique_ptr<ConnectorLeader> leader_;  // after manager_: destroyed first

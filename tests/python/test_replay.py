@@ -222,11 +222,56 @@ def test_sweep_writes_table_and_plot(run_kvbm, tmp_path):
     out = json.loads(p.stdout)
     assert [row["g2_blocks"] for row in out["rows"]] == [100, 1000]
     for row in out["rows"]:
-        assert {"leaf-first", "lru"} <= row.keys()
+        assert {"leaf-first", "lru", "reuse", "opt"} <= row.keys()
+        # Belady's MIN is the upper limit of every online policy.
+        assert all(row["opt"]["token_hit_rate"] >= row[p]["token_hit_rate"] for p in ("lru", "leaf-first", "reuse"))
     # More capacity never hurts here.
     assert out["rows"][1]["lru"]["token_hit_rate"] >= out["rows"][0]["lru"]["token_hit_rate"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "leaf-first hit rate" in table.read_text()
+
+
+@pytest.mark.parametrize("capacity", [100, 700])
+def test_opt_bounds_the_online_policies_in_g2_and_g3(lines, capacity):
+    subset = lines[:1500]
+    trace = _core.parse_mooncake_trace("\n".join(json.dumps(r) for r in subset).encode())
+    hits = {}
+    for policy in ("lru", "leaf-first", "reuse", "opt"):
+        r = _core.run_replay(trace, g1_blocks=0, g2_blocks=capacity, g3_blocks=0, policy=policy)
+        hits[policy] = r["g2_hit_blocks"]
+        assert r["hit_tokens"] == r["g2_hit_blocks"] * BLOCK
+    assert hits["opt"] >= max(hits["lru"], hits["leaf-first"], hits["reuse"])
+    assert hits["opt"] > hits["lru"]  # the sizes leave room for a better order
+    # G3 alone, ordered by opt: the policy applies there too.
+    g3 = {p: _core.run_replay(trace, g1_blocks=0, g2_blocks=0, g3_blocks=capacity, policy=p)["g3_hit_blocks"]
+          for p in ("lru", "opt")}
+    assert g3["opt"] > g3["lru"]
+    # opt in G3 only, under an LRU G2.
+    mixed = _core.run_replay(trace, g1_blocks=0, g2_blocks=capacity // 2, g3_blocks=capacity, policy="lru",
+                             disk_policy="opt")
+    assert mixed["requests"] == len(subset)
+
+
+def test_unknown_policy_is_named(lines):
+    trace = _core.parse_mooncake_trace("\n".join(json.dumps(r) for r in lines[:10]).encode())
+    with pytest.raises(Exception, match="eviction policy 'mru'"):
+        _core.run_replay(trace, g1_blocks=0, g2_blocks=10, policy="mru")
+
+
+def test_sweep_matrix_prints_rates_and_tokens_saved(run_kvbm, tmp_path):
+    table = tmp_path / "matrix.md"
+    p = run_kvbm("replay", "--sweep", "--limit", "600", "--sweep-g2", "100,300", "--sweep-g1", "0,200",
+                 "--sweep-g3", "0,2x", "--sweep-policies", "lru,reuse,opt", "--table", str(table), "--json")
+    assert p.returncode == 0, p.stderr
+    rows = json.loads(p.stdout)["rows"]
+    assert [(r["g1_blocks"], r["g3_blocks"], r["g2_blocks"]) for r in rows] == [
+        (0, 0, 100), (0, 0, 300), (0, 200, 100), (0, 600, 300),
+        (200, 0, 100), (200, 0, 300), (200, 200, 100), (200, 600, 300)]
+    for r in rows:
+        assert r["opt"]["token_hit_rate"] >= r["lru"]["token_hit_rate"]
+    text = table.read_text()
+    assert "reuse saved (M tokens)" in text and "reuse / lru" in text
+    assert len(text.strip().splitlines()) == 2 + len(rows)
 
 
 def test_progress_callback_can_cancel():

@@ -111,8 +111,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                        help="KV bytes per token for the GB sizes: a number or a preset "
                        f"({', '.join(sorted(BYTES_PER_TOKEN_PRESETS))}); with --bytes, the bytes moved per token "
                        "(default 8)")
-    p.add_argument("--policy", choices=["leaf-first", "lru"], default="leaf-first",
-                   help="eviction policy of G2 and G3 (G1 is always LRU, like the engine's)")
+    p.add_argument("--policy", choices=list(POLICIES), default="leaf-first",
+                   help="eviction policy of G2 and G3 (default leaf-first; opt = Belady's MIN from the trace's future, "
+                   "the upper limit; G1 is always LRU, like the engine's)")
+    p.add_argument("--disk-policy", choices=list(POLICIES), help="eviction policy of G3 (default: --policy)")
     p.add_argument("--prefill-tokens-per-s", type=_rate, default=10_000.0, help="prefill speed (default 10000; 'inf')")
     p.add_argument("--decode-tokens-per-s", type=_rate, default=50.0, help="decode speed per request (default 50; 'inf')")
     p.add_argument("--bytes", action="store_true",
@@ -126,10 +128,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     sw.add_argument("--sweep", action="store_true",
                     help="replay once per G2 capacity and policy; print a table and write a PNG plot")
     sw.add_argument("--sweep-g2", default=DEFAULT_SWEEP_G2, help=f"G2 capacities in blocks (default {DEFAULT_SWEEP_G2})")
-    sw.add_argument("--sweep-policies", default="leaf-first,lru", help="policies (default leaf-first,lru)")
+    sw.add_argument("--sweep-policies", default=",".join(POLICIES),
+                    help=f"policies (default {','.join(POLICIES)}); each runs in G2 and G3")
+    sw.add_argument("--sweep-g1", help="G1 sizes to sweep too, e.g. 0,2000 (default: --g1-blocks)")
+    sw.add_argument("--sweep-g3", help="G3 sizes to sweep too: blocks, or Nx = N times the G2 capacity, e.g. 0,4x "
+                    "(default: --g3-blocks)")
     sw.add_argument("--plot", default="kvbm-replay-sweep.png", help="PNG path (default kvbm-replay-sweep.png)")
     sw.add_argument("--table", help="also write the table (Markdown) to this path")
     return p
+
+
+# Eviction policies of G2/G3 in a replay: the pool's (kvbm.eviction.h) and Belady's optimum.
+POLICIES = ("lru", "leaf-first", "reuse", "opt")
 
 
 def _read_gz_lines(path: str, limit: int) -> bytes:
@@ -234,6 +244,7 @@ def _options(args: argparse.Namespace) -> dict:
         g2_blocks=g2,
         g3_blocks=g3,
         policy=args.policy,
+        disk_policy=args.disk_policy,
         prefill_tokens_per_s=args.prefill_tokens_per_s,
         decode_tokens_per_s=args.decode_tokens_per_s,
         move_bytes=args.bytes,
@@ -314,8 +325,10 @@ def _sweep(trace, base: dict, args, source: str) -> int:
         raise ConfigError(f"--sweep-g2: {e}") from None
     policies = [p.strip() for p in args.sweep_policies.split(",") if p.strip()]
     for pol in policies:
-        if pol not in ("leaf-first", "lru"):
-            raise ConfigError(f"--sweep-policies: unknown policy {pol!r} (leaf-first, lru)")
+        if pol not in POLICIES:
+            raise ConfigError(f"--sweep-policies: unknown policy {pol!r} ({', '.join(POLICIES)})")
+    if args.sweep_g1 is not None or args.sweep_g3 is not None:
+        return _sweep_matrix(trace, base, args, source, capacities, policies)
     bs = base["block_size"]
     rows = []
     header = f"| G2 blocks | G2 tokens | {' | '.join(f'{p} hit rate' for p in policies)} | seconds |"
@@ -328,7 +341,7 @@ def _sweep(trace, base: dict, args, source: str) -> int:
         row = {"g2_blocks": cap, "results": {}}
         secs = 0.0
         for pol in policies:
-            r = _core.run_replay(trace, **{**base, "g2_blocks": cap, "policy": pol})
+            r = _core.run_replay(trace, **{**base, "g2_blocks": cap, "policy": pol, "disk_policy": None})
             row["results"][pol] = r
             secs += r["seconds"]
         rows.append(row)
@@ -336,7 +349,8 @@ def _sweep(trace, base: dict, args, source: str) -> int:
             tokens = "unlimited" if cap is None else f"{cap * bs / 1e6:.2f}M"
             rates = " | ".join(f"{row['results'][p]['token_hit_rate']:.4f}" for p in policies)
             print(f"| {_fmt_size(cap)} | {tokens} | {rates} | {secs:.2f} |", flush=True)
-    bound = _core.run_replay(trace, **{**base, "g1_blocks": None, "g2_blocks": None, "policy": "lru"})
+    bound = _core.run_replay(trace, **{**base, "g1_blocks": None, "g2_blocks": None, "policy": "lru",
+                                       "disk_policy": None})
     table = [header, "|" + "---|" * (3 + len(policies))]
     for row in rows:
         cap = row["g2_blocks"]
@@ -367,6 +381,70 @@ def _sweep(trace, base: dict, args, source: str) -> int:
     return 0
 
 
+def _g3_size(text: str, g2):
+    text = text.strip()
+    if text.endswith("x"):
+        try:
+            factor = float(text[:-1])
+        except ValueError:
+            raise ConfigError(f"--sweep-g3: {text!r} is not a number of blocks or Nx") from None
+        if factor < 0 or g2 is None:
+            raise ConfigError(f"--sweep-g3: {text!r} needs a finite G2 capacity and N >= 0")
+        return int(round(factor * g2))
+    try:
+        return _size(text)
+    except argparse.ArgumentTypeError as e:
+        raise ConfigError(f"--sweep-g3: {e}") from None
+
+
+def _sweep_matrix(trace, base: dict, args, source: str, capacities, policies) -> int:
+    """Every (G1, G3, G2 capacity, policy): token hit rate and prefill tokens saved, one table."""
+    from kvbm import _core
+
+    try:
+        g1s = [_size(c.strip()) for c in args.sweep_g1.split(",") if c.strip()] if args.sweep_g1 else [base["g1_blocks"]]
+    except argparse.ArgumentTypeError as e:
+        raise ConfigError(f"--sweep-g1: {e}") from None
+    g3s = [c for c in args.sweep_g3.split(",") if c.strip()] if args.sweep_g3 else [str(base["g3_blocks"])]
+    bs = base["block_size"]
+    ratio = "reuse" in policies and "lru" in policies
+    header = ("| G1 | G3 | G2 blocks | " + " | ".join(f"{p} hit rate" for p in policies) + " | "
+              + " | ".join(f"{p} saved (M tokens)" for p in policies) + (" | reuse / lru |" if ratio else " |"))
+    table = [header, "|" + "---|" * (3 + 2 * len(policies) + (1 if ratio else 0))]
+    if not args.json:
+        print(f"sweep on {source}: blocks of {bs} tokens; G3 'Nx' = N times G2")
+        print(table[0])
+        print(table[1])
+    rows = []
+    for g1 in g1s:
+        for g3_text in g3s:
+            for cap in capacities:
+                g3 = _g3_size(g3_text, cap)
+                if cap == 0 and g3 == 0:
+                    continue
+                res = {}
+                for pol in policies:
+                    res[pol] = _core.run_replay(trace, **{**base, "g1_blocks": g1, "g2_blocks": cap, "g3_blocks": g3,
+                                                          "policy": pol, "disk_policy": None})
+                rows.append({"g1_blocks": g1, "g3_blocks": g3, "g2_blocks": cap, **res})
+                line = (f"| {_fmt_size(g1)} | {_fmt_size(g3)} | {_fmt_size(cap)} | "
+                        + " | ".join(f"{res[p]['token_hit_rate']:.4f}" for p in policies) + " | "
+                        + " | ".join(f"{res[p]['hit_tokens'] / 1e6:.2f}" for p in policies))
+                if ratio:
+                    lru = res["lru"]["token_hit_rate"]
+                    line += f" | {res['reuse']['token_hit_rate'] / lru:.3f}" if lru > 0 else " | -"
+                line += " |"
+                table.append(line)
+                if not args.json:
+                    print(line, flush=True)
+    if args.table:
+        with open(args.table, "w") as f:
+            f.write("\n".join(table) + "\n")
+    if args.json:
+        print(json.dumps({"trace": source, "block_size": bs, "rows": rows}, sort_keys=True))
+    return 0
+
+
 def _plot(rows, policies, bound: float, bs: int, base: dict, path: str, source: str) -> None:
     import matplotlib
 
@@ -375,7 +453,8 @@ def _plot(rows, policies, bound: float, bs: int, base: dict, path: str, source: 
 
     finite = [r for r in rows if r["g2_blocks"] is not None]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    styles = {"leaf-first": dict(marker="o", linestyle="-"), "lru": dict(marker="x", linestyle="--", markersize=9)}
+    styles = {"leaf-first": dict(marker="o", linestyle="-"), "lru": dict(marker="x", linestyle="--", markersize=9),
+              "reuse": dict(marker="s", linestyle="-", linewidth=2), "opt": dict(marker="^", linestyle=":", color="black")}
     for pol in policies:  # distinct markers: equal curves stay visible on top of each other
         xs = [r["g2_blocks"] * bs for r in finite]
         ys = [r["results"][pol]["token_hit_rate"] for r in finite]
