@@ -18,7 +18,13 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
+# Opt-in until it has run green once on a CI-like machine: it rebuilds the whole extension into a
+# wheel (minutes) and has not yet been run end to end (issue 15 stays open on it).
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not os.environ.get("KVBM_TEST_WHEEL"),
+                       reason="the wheel test is opt-in: KVBM_TEST_WHEEL=1 bash scripts/test.sh tests/python/test_wheel.py"),
+]
 
 REPO = Path(__file__).resolve().parents[2]
 # Libraries every manylinux policy lets a wheel take from the system (glibc and the C++ runtime).
