@@ -61,6 +61,24 @@ constexpr NamedPathCounter kPathCounters[] = {
      "Blocks onboarded from disk (G3) to device (G1)."},
 };
 
+// The samples of one Prometheus histogram: cumulative buckets, sum and count. `labels` is empty
+// or `key="value"` pairs, put before `le` and on the sum and count.
+void HistogramSamples(std::string& out, const char* name, const std::string& labels,
+                      const LatencyHistogram::Snapshot& s) {
+  const std::string before_le = labels.empty() ? "" : labels + ",";
+  const std::string braces = labels.empty() ? "" : "{" + labels + "}";
+  // The snapshot counts each bucket on its own; Prometheus buckets are cumulative.
+  uint64_t cumulative = 0;
+  for (size_t b = 0; b < LatencyHistogram::kBounds.size(); ++b) {
+    cumulative += s.counts[b];
+    fmt::format_to(std::back_inserter(out), "{}_bucket{{{}le=\"{}\"}} {}\n", name, before_le,
+                   LatencyHistogram::kBounds[b], cumulative);
+  }
+  fmt::format_to(std::back_inserter(out), "{}_bucket{{{}le=\"+Inf\"}} {}\n", name, before_le, s.count);
+  fmt::format_to(std::back_inserter(out), "{}_sum{} {}\n", name, braces, s.sum);
+  fmt::format_to(std::back_inserter(out), "{}_count{} {}\n", name, braces, s.count);
+}
+
 constexpr TierId kTiers[] = {TierId::kDevice, TierId::kHost, TierId::kDisk, TierId::kRemote};
 
 }  // namespace
@@ -111,19 +129,8 @@ std::string RenderPrometheusText(const KvbmMetrics& m) {
   Sample(out, "kvbm_remote_verify_failures", Load(m.remote_verify_failures));
   Header(out, "kvbm_remote_errors", "counter", "Remote (G4) calls that failed (unreachable, timeout).");
   Sample(out, "kvbm_remote_errors", Load(m.remote_errors));
-  {
-    const LatencyHistogram::Snapshot s = m.remote_lookup_latency.Read();
-    Header(out, "kvbm_remote_lookup_seconds", "histogram", "Latency of the scheduler's G4 existence checks.");
-    uint64_t cumulative = 0;
-    for (size_t b = 0; b < LatencyHistogram::kBounds.size(); ++b) {
-      cumulative += s.counts[b];
-      fmt::format_to(std::back_inserter(out), "kvbm_remote_lookup_seconds_bucket{{le=\"{}\"}} {}\n",
-                     LatencyHistogram::kBounds[b], cumulative);
-    }
-    fmt::format_to(std::back_inserter(out), "kvbm_remote_lookup_seconds_bucket{{le=\"+Inf\"}} {}\n", s.count);
-    fmt::format_to(std::back_inserter(out), "kvbm_remote_lookup_seconds_sum {}\n", s.sum);
-    fmt::format_to(std::back_inserter(out), "kvbm_remote_lookup_seconds_count {}\n", s.count);
-  }
+  Header(out, "kvbm_remote_lookup_seconds", "histogram", "Latency of the scheduler's G4 existence checks.");
+  HistogramSamples(out, "kvbm_remote_lookup_seconds", "", m.remote_lookup_latency.Read());
 
   Header(out, "kvbm_transfer_bytes", "counter", "Bytes moved, by transfer path.");
   for (size_t p = 0; p < kNumTransferPaths; ++p) {
@@ -138,24 +145,10 @@ std::string RenderPrometheusText(const KvbmMetrics& m) {
 
   Header(out, "kvbm_transfer_seconds", "histogram",
          "Latency of one transfer batch, by transfer path.");
-  for (size_t p = 0; p < kNumTransferPaths; ++p) {
-    const char* path = TransferPathLabel(static_cast<TransferPath>(p));
-    const LatencyHistogram::Snapshot s = m.latency[p].Read();
-    // The snapshot counts each bucket on its own; Prometheus buckets are cumulative.
-    uint64_t cumulative = 0;
-    for (size_t b = 0; b < LatencyHistogram::kBounds.size(); ++b) {
-      cumulative += s.counts[b];
-      fmt::format_to(std::back_inserter(out),
-                     "kvbm_transfer_seconds_bucket{{path=\"{}\",le=\"{}\"}} {}\n", path,
-                     LatencyHistogram::kBounds[b], cumulative);
-    }
-    fmt::format_to(std::back_inserter(out),
-                   "kvbm_transfer_seconds_bucket{{path=\"{}\",le=\"+Inf\"}} {}\n", path, s.count);
-    fmt::format_to(std::back_inserter(out), "kvbm_transfer_seconds_sum{{path=\"{}\"}} {}\n", path,
-                   s.sum);
-    fmt::format_to(std::back_inserter(out), "kvbm_transfer_seconds_count{{path=\"{}\"}} {}\n", path,
-                   s.count);
-  }
+  for (size_t p = 0; p < kNumTransferPaths; ++p)
+    HistogramSamples(out, "kvbm_transfer_seconds",
+                     fmt::format("path=\"{}\"", TransferPathLabel(static_cast<TransferPath>(p))),
+                     m.latency[p].Read());
 
   Header(out, "kvbm_pool_capacity_blocks", "gauge", "Blocks in each tier's pool.");
   for (TierId t : kTiers) {
