@@ -19,6 +19,12 @@
 //               predicted farthest away, where a block never reused yet counts as farthest;
 //               ties oldest first, then deepest. Time is the pool's release tick. With no reuse
 //               at all it is leaf-first.
+//   kAdaptive   leaves only; follows whichever of leaf-first (recency) and reuse has been winning
+//               lately. Both orders are kept over the evictable set (O(log n) each); two
+//               shadow caches, one per order, replay a spatial sample of the hash space (SHARDS:
+//               the hashes below a threshold, at the pool's capacity times the sample rate) over
+//               the pool's stream of uses (hits and stores), and a decaying count of their hit
+//               difference picks the order the victims come from. Starts as leaf-first.
 //
 // Belady's MIN (MakeOptEvictor) needs the future and exists for trace replay only: the victim
 // is the leaf whose next use, as told by a NextUseOracle, is farthest (never used again
@@ -41,7 +47,7 @@
 
 namespace kvbm {
 
-enum class EvictionPolicy : uint8_t { kLeafFirst, kLru, kReuse };
+enum class EvictionPolicy : uint8_t { kLeafFirst, kLru, kReuse, kAdaptive };
 
 // The policy of G2 and G3 when none is set.
 // leaf-first: kReuse beats it on the embedded conversation trace (1.10-1.20x LRU at 3M tokens,
@@ -49,7 +55,7 @@ enum class EvictionPolicy : uint8_t { kLeafFirst, kLru, kReuse };
 // it is opt-in (DYN_KVBM_{HOST,DISK}_EVICTION_POLICY=reuse) until it wins everywhere.
 inline constexpr EvictionPolicy kDefaultEvictionPolicy = EvictionPolicy::kLeafFirst;
 
-// "leaf-first" / "lru" / "reuse" (also "reuse-interval").
+// "leaf-first" / "lru" / "reuse" (also "reuse-interval") / "adaptive".
 std::string_view EvictionPolicyName(EvictionPolicy policy);
 std::optional<EvictionPolicy> ParseEvictionPolicy(std::string_view name);
 
@@ -80,6 +86,9 @@ class Evictor {
   virtual void OnHit(uint32_t /*slot*/, SequenceHash /*hash*/) {}
   // The block with `hash` left the pool by eviction (policies with ghost entries use it).
   virtual void OnEvicted(SequenceHash /*hash*/) {}
+  // A block with `hash` was stored (registered) in `slot`: a use that the pool missed. With
+  // OnHit it makes the pool's whole stream of uses, which sampling policies replay.
+  virtual void OnStored(uint32_t /*slot*/, SequenceHash /*hash*/) {}
   virtual size_t size() const = 0;
   // Slots in eviction order (first = next victim); for tests, O(n).
   virtual std::vector<uint32_t> Order() const = 0;

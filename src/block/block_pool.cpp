@@ -265,6 +265,7 @@ void BlockPool::RegisterLocked(uint32_t id, std::span<const Token> tokens) {
   Slot& s = slots_[id];
   s.state = BlockState::kRegistered;
   by_hash_.emplace(s.key.sequence_hash, id);
+  evictor_->OnStored(id, s.key.sequence_hash);
   if (s.key.parent && ++children_[*s.key.parent] == 1 && leaf_only_) {
     auto p = by_hash_.find(*s.key.parent);
     if (p != by_hash_.end()) UnevictableLocked(p->second);

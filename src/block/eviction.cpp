@@ -14,6 +14,7 @@ std::string_view EvictionPolicyName(EvictionPolicy policy) {
     case EvictionPolicy::kLeafFirst: return "leaf-first";
     case EvictionPolicy::kLru: return "lru";
     case EvictionPolicy::kReuse: return "reuse";
+    case EvictionPolicy::kAdaptive: return "adaptive";
   }
   return "unknown";
 }
@@ -22,6 +23,7 @@ std::optional<EvictionPolicy> ParseEvictionPolicy(std::string_view name) {
   if (name == "leaf-first" || name == "leaf_first") return EvictionPolicy::kLeafFirst;
   if (name == "lru") return EvictionPolicy::kLru;
   if (name == "reuse" || name == "reuse-interval" || name == "reuse_interval") return EvictionPolicy::kReuse;
+  if (name == "adaptive") return EvictionPolicy::kAdaptive;
   return std::nullopt;
 }
 
@@ -207,6 +209,182 @@ class ReuseEvictor final : public Evictor {
   uint64_t ghost_seq_ = 0;
 };
 
+// Two candidate orders replayed on a sample of the hash space (eviction.h, kAdaptive). A hash
+// is sampled when its mixed value falls below `threshold_`; the sample is simulated in two
+// caches of capacity_ = num_slots * rate entries over the pool's uses, one evicting by recency,
+// one by the reuse rule (ReuseEvictor's, on the shadow's own clock: one tick per use of any
+// hash). Shadows know nothing of prefixes or references: they estimate which order keeps more
+// of what comes back, not the pool's exact hits.
+class ShadowPair {
+ public:
+  explicit ShadowPair(uint32_t num_slots) {
+    const double rate = std::min(1.0, double(kSampleEntries) / double(num_slots));
+    threshold_ = rate >= 1.0 ? std::numeric_limits<uint64_t>::max()
+                             : static_cast<uint64_t>(rate * 18446744073709551616.0);
+    capacity_ = std::max<size_t>(1, static_cast<size_t>(double(num_slots) * rate + 0.5));
+    ghost_cap_ = capacity_ * kGhostsPerEntry;
+    decay_ = 1.0 - 1.0 / double(std::max<size_t>(kMinWindow, kWindowPerEntry * capacity_));
+    history_.reserve(2 * capacity_);
+  }
+
+  // One use of `hash` (a hit or a store in the pool).
+  void Use(SequenceHash hash) {
+    const uint64_t now = ++clock_;
+    if (Mix(hash.value()) >= threshold_ && threshold_ != std::numeric_limits<uint64_t>::max()) return;
+    auto [it, fresh] = history_.try_emplace(hash);
+    History& h = it->second;
+    const bool hit_recency = h.in_recency, hit_reuse = h.in_reuse;
+    if (!fresh) h.interval = now - h.last;
+    h.last = now;
+    // Recency shadow.
+    if (hit_recency) recency_.erase({h.recency_key, hash});
+    h.recency_key = now;
+    recency_.insert({now, hash});
+    h.in_recency = true;
+    while (recency_.size() > capacity_) {
+      auto victim = recency_.begin();
+      SequenceHash v = victim->second;
+      recency_.erase(victim);
+      Leave(v, /*recency=*/true);
+    }
+    // Reuse shadow.
+    if (hit_reuse) reuse_.erase(h.reuse_key);
+    h.reuse_key = {Predict(h), now, hash};
+    reuse_.insert(h.reuse_key);
+    h.in_reuse = true;
+    while (reuse_.size() > capacity_) {
+      auto victim = reuse_.begin();
+      bool overdue = victim->next != kFar && now > victim->next && now - victim->next > victim->next - victim->last;
+      if (!overdue) victim = std::prev(reuse_.end());
+      SequenceHash v = victim->hash;
+      reuse_.erase(victim);
+      Leave(v, /*recency=*/false);
+    }
+    score_ = score_ * decay_ + (double(hit_reuse) - double(hit_recency));
+  }
+
+  // > 0: the reuse order has kept more of the sample lately.
+  double score() const { return score_; }
+
+ private:
+  static constexpr uint64_t kFar = std::numeric_limits<uint64_t>::max();
+  // Sampled entries per shadow when the pool is larger (smaller pools are simulated whole).
+  static constexpr size_t kSampleEntries = 4096;
+  static constexpr size_t kGhostsPerEntry = 4;  // as ReuseEvictor::kGhostsPerSlot
+  // The hit difference decays with a time constant of this many sampled uses per entry.
+  static constexpr size_t kWindowPerEntry = 2;
+  static constexpr size_t kMinWindow = 1024;
+
+  struct ReuseKey {
+    uint64_t next = 0;
+    uint64_t last = 0;
+    SequenceHash hash;
+    bool operator<(const ReuseKey& o) const {
+      if (next != o.next) return next < o.next;
+      if (last != o.last) return last > o.last;
+      return hash.value() < o.hash.value();
+    }
+  };
+  struct History {
+    uint64_t last = 0;
+    uint64_t interval = 0;
+    uint64_t recency_key = 0;
+    ReuseKey reuse_key;
+    uint64_t ghost_seq = 0;
+    bool in_recency = false;
+    bool in_reuse = false;
+  };
+  struct RecencyLess {
+    bool operator()(const std::pair<uint64_t, SequenceHash>& a, const std::pair<uint64_t, SequenceHash>& b) const {
+      return a.first != b.first ? a.first < b.first : a.second.value() < b.second.value();
+    }
+  };
+
+  static uint64_t Mix(uint64_t x) {  // splitmix64's finaliser: sampled hashes spread evenly
+    x ^= x >> 30;
+    x *= 0xbf58476d1ce4e5b9ULL;
+    x ^= x >> 27;
+    x *= 0x94d049bb133111ebULL;
+    return x ^ (x >> 31);
+  }
+  static uint64_t Predict(const History& h) {
+    if (h.interval == 0 || h.last > kFar - 1 - h.interval) return kFar;
+    return h.last + h.interval;
+  }
+
+  // `hash` left one shadow; out of both, its history becomes a bounded ghost.
+  void Leave(SequenceHash hash, bool recency) {
+    auto it = history_.find(hash);
+    History& h = it->second;
+    (recency ? h.in_recency : h.in_reuse) = false;
+    if (h.in_recency || h.in_reuse) return;
+    h.ghost_seq = ++ghost_seq_;
+    ghosts_.push_back({hash, ghost_seq_});
+    while (ghosts_.size() > ghost_cap_) {
+      auto [old, seq] = ghosts_.front();
+      ghosts_.pop_front();
+      auto o = history_.find(old);
+      if (o != history_.end() && !o->second.in_recency && !o->second.in_reuse && o->second.ghost_seq == seq)
+        history_.erase(o);
+    }
+  }
+
+  uint64_t threshold_ = 0;
+  size_t capacity_ = 1;
+  size_t ghost_cap_ = 4;
+  double decay_ = 0;
+  double score_ = 0;
+  uint64_t clock_ = 0;
+  uint64_t ghost_seq_ = 0;
+  std::unordered_map<SequenceHash, History> history_;
+  std::set<std::pair<uint64_t, SequenceHash>, RecencyLess> recency_;
+  std::set<ReuseKey> reuse_;
+  std::deque<std::pair<SequenceHash, uint64_t>> ghosts_;
+};
+
+// kAdaptive (eviction.h): both orders over the same evictable leaves; the shadows choose.
+class AdaptiveEvictor final : public Evictor {
+ public:
+  explicit AdaptiveEvictor(uint32_t num_slots) : recency_(true, num_slots), reuse_(num_slots), shadows_(num_slots) {}
+
+  std::string_view name() const override { return EvictionPolicyName(EvictionPolicy::kAdaptive); }
+  bool leaf_only() const override { return true; }
+
+  void Insert(const EvictionEntry& e) override {
+    recency_.Insert(e);
+    reuse_.Insert(e);
+  }
+  void Remove(uint32_t slot) override {
+    recency_.Remove(slot);
+    reuse_.Remove(slot);
+  }
+  uint32_t PopVictim() override {
+    if (UseReuse()) {
+      uint32_t slot = reuse_.PopVictim();
+      recency_.Remove(slot);
+      return slot;
+    }
+    uint32_t slot = recency_.PopVictim();
+    reuse_.Remove(slot);
+    return slot;
+  }
+  void OnHit(uint32_t slot, SequenceHash hash) override {
+    reuse_.OnHit(slot, hash);
+    shadows_.Use(hash);
+  }
+  void OnEvicted(SequenceHash hash) override { reuse_.OnEvicted(hash); }
+  void OnStored(uint32_t /*slot*/, SequenceHash hash) override { shadows_.Use(hash); }
+  size_t size() const override { return recency_.size(); }
+  std::vector<uint32_t> Order() const override { return UseReuse() ? reuse_.Order() : recency_.Order(); }
+
+ private:
+  bool UseReuse() const { return shadows_.score() > 0; }
+
+  RecencyEvictor recency_;
+  ReuseEvictor reuse_;
+  ShadowPair shadows_;
+};
+
 // Belady's MIN: farthest next use first (never again = kNever, farthest of all); ties deepest
 // first. A stored key whose next use is still after now() is exact (no use in between); keys
 // at or before now() are refreshed at PopVictim from the low end. Each refresh moves past one
@@ -291,6 +469,7 @@ std::unique_ptr<Evictor> MakeEvictor(EvictionPolicy policy, uint32_t num_slots) 
     case EvictionPolicy::kLeafFirst: return std::make_unique<RecencyEvictor>(true, num_slots);
     case EvictionPolicy::kLru: return std::make_unique<RecencyEvictor>(false, num_slots);
     case EvictionPolicy::kReuse: return std::make_unique<ReuseEvictor>(num_slots);
+    case EvictionPolicy::kAdaptive: return std::make_unique<AdaptiveEvictor>(num_slots);
   }
   return nullptr;
 }

@@ -3,6 +3,9 @@
 #include <gtest/gtest.h>
 
 #include <memory>
+#include <span>
+#include <unordered_map>
+#include <vector>
 
 #include "kvbm/block_pool.h"
 
@@ -20,7 +23,7 @@ EvictionEntry Entry(uint32_t slot, uint64_t hash, uint64_t last_use, uint32_t po
 }
 
 TEST(Eviction, PolicyNamesRoundTrip) {
-  for (auto p : {EvictionPolicy::kLeafFirst, EvictionPolicy::kLru, EvictionPolicy::kReuse}) {
+  for (auto p : {EvictionPolicy::kLeafFirst, EvictionPolicy::kLru, EvictionPolicy::kReuse, EvictionPolicy::kAdaptive}) {
     auto parsed = ParseEvictionPolicy(EvictionPolicyName(p));
     ASSERT_TRUE(parsed.has_value());
     EXPECT_EQ(*parsed, p);
@@ -31,6 +34,7 @@ TEST(Eviction, PolicyNamesRoundTrip) {
   EXPECT_FALSE(ParseEvictionPolicy("mru").has_value());
   EXPECT_EQ(kDefaultEvictionPolicy, EvictionPolicy::kLeafFirst);
   EXPECT_TRUE(MakeEvictor(EvictionPolicy::kReuse, 4)->leaf_only());
+  EXPECT_TRUE(MakeEvictor(EvictionPolicy::kAdaptive, 4)->leaf_only());
 }
 
 // A block reused at a short interval outlives one reused at a long interval, and both outlive
@@ -150,6 +154,122 @@ TEST(Eviction, ReusePoolEvictsLeavesOnly) {
   ASSERT_TRUE(one);
   std::vector<BlockKey> keys{KeyOf(chain[0]), KeyOf(chain[1]), KeyOf(chain[2])};
   EXPECT_EQ(pool->CountPrefix(keys), 2u);  // the deepest block went
+}
+
+// A cache of `capacity` slots driven through the Evictor interface as a pool drives it: a use
+// of a held hash is a hit (taken out, hit, returned at a new tick), any other use stores it in a
+// free or evicted slot. Returns the hits.
+size_t DriveCache(Evictor& ev, size_t capacity, const std::vector<uint64_t>& uses) {
+  std::unordered_map<uint64_t, uint32_t> slot_of;
+  std::vector<uint64_t> hash_of;
+  uint64_t tick = 0;
+  size_t hits = 0;
+  for (uint64_t h : uses) {
+    uint32_t slot;
+    if (auto it = slot_of.find(h); it != slot_of.end()) {
+      slot = it->second;
+      ev.Remove(slot);
+      ev.OnHit(slot, SequenceHash(h));
+      ++hits;
+    } else {
+      if (hash_of.size() < capacity) {
+        slot = static_cast<uint32_t>(hash_of.size());
+        hash_of.push_back(h);
+      } else {
+        slot = ev.PopVictim();
+        slot_of.erase(hash_of[slot]);
+        ev.OnEvicted(SequenceHash(hash_of[slot]));
+        hash_of[slot] = h;
+      }
+      slot_of[h] = slot;
+      ev.OnStored(slot, SequenceHash(h));
+    }
+    ev.Insert(Entry(slot, h, ++tick));
+  }
+  return hits;
+}
+
+// With nothing learnt yet, adaptive evicts as leaf-first does (least recently returned).
+TEST(Eviction, AdaptiveStartsInRecencyOrder) {
+  auto adaptive = MakeEvictor(EvictionPolicy::kAdaptive, 8);
+  auto lru = MakeEvictor(EvictionPolicy::kLeafFirst, 8);
+  for (auto* ev : {adaptive.get(), lru.get()}) {
+    ev->Insert(Entry(0, 70, 3));
+    ev->Insert(Entry(1, 71, 1));
+    ev->Insert(Entry(2, 72, 2));
+  }
+  EXPECT_EQ(adaptive->Order(), (std::vector<uint32_t>{1, 2, 0}));
+  EXPECT_EQ(adaptive->Order(), lru->Order());
+}
+
+// A loop over 1.5x the capacity: LRU evicts each block just before its next use and never
+// hits. Adaptive's shadows see the reuse order keep part of the loop, it switches, and hits.
+// On a pattern that recency serves (a small working set), it hits as much as LRU.
+TEST(Eviction, AdaptiveLeavesLruOnALoopAndKeepsItOnAWorkingSet) {
+  constexpr size_t kCapacity = 64;
+  std::vector<uint64_t> loop;
+  for (int pass = 0; pass < 40; ++pass)
+    for (uint64_t h = 1; h <= kCapacity * 3 / 2; ++h) loop.push_back(h);
+  auto lru = MakeEvictor(EvictionPolicy::kLeafFirst, kCapacity);
+  auto adaptive = MakeEvictor(EvictionPolicy::kAdaptive, kCapacity);
+  EXPECT_EQ(DriveCache(*lru, kCapacity, loop), 0u);
+  const size_t adaptive_hits = DriveCache(*adaptive, kCapacity, loop);
+  EXPECT_GT(adaptive_hits, loop.size() / 3);
+
+  // 48 hot hashes used round-robin between one-off hashes: recency keeps the hot ones.
+  std::vector<uint64_t> hot;
+  uint64_t cold = 1000;
+  for (int pass = 0; pass < 40; ++pass)
+    for (uint64_t h = 1; h <= 48; ++h) {
+      hot.push_back(h);
+      if (h % 4 == 0) hot.push_back(++cold);
+    }
+  auto lru2 = MakeEvictor(EvictionPolicy::kLeafFirst, kCapacity);
+  auto adaptive2 = MakeEvictor(EvictionPolicy::kAdaptive, kCapacity);
+  const size_t lru_hits = DriveCache(*lru2, kCapacity, hot);
+  EXPECT_GE(DriveCache(*adaptive2, kCapacity, hot), lru_hits * 98 / 100);
+}
+
+// In a pool, whichever order adaptive follows, a parent never goes before its cached child:
+// the blocks of every chain still cached form a prefix of it. The loop makes adaptive leave
+// recency (it then hits where leaf-first cannot), so both of its orders are exercised.
+TEST(Eviction, AdaptivePoolKeepsLeafFirstGuarantee) {
+  constexpr size_t kChains = 12, kDepth = 4, kBlock = 4;
+  auto run = [&](EvictionPolicy policy) {
+    auto pool = BlockPool::Create(TierId::kHost, 32, policy);
+    std::vector<std::vector<BlockKey>> chains;
+    for (size_t c = 0; c < kChains; ++c) {
+      std::vector<Token> tokens(kDepth * kBlock);
+      for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = static_cast<Token>(c * 1000 + i + 1);
+      std::vector<BlockKey> keys;
+      auto blocks = HashTokenBlocks(tokens, kBlock, 0);
+      EXPECT_TRUE(blocks.has_value());
+      for (const TokenBlock& b : *blocks) keys.push_back(KeyOf(b));
+      chains.push_back(std::move(keys));
+    }
+    size_t hits = 0;
+    for (int pass = 0; pass < 30; ++pass) {
+      for (const auto& keys : chains) {
+        {
+          BlockRun matched = pool->MatchPrefix(keys);
+          hits += matched.size();
+          auto rest = std::span<const BlockKey>(keys).subspan(matched.size());
+          StoreRunResult stored = pool->StoreRun(rest, 0);
+          EXPECT_EQ(stored.run.size(), rest.size());
+        }
+        for (const auto& chain : chains) {
+          size_t held = 0;
+          for (const BlockKey& k : chain) held += pool->Contains(k) ? 1 : 0;
+          EXPECT_EQ(pool->CountPrefix(chain), held) << "a cached block lost its parent";
+        }
+      }
+    }
+    return hits;
+  };
+  const size_t leaf_first = run(EvictionPolicy::kLeafFirst);
+  const size_t adaptive = run(EvictionPolicy::kAdaptive);
+  EXPECT_EQ(leaf_first, 0u);  // 48 blocks in a loop through 32 slots
+  EXPECT_GT(adaptive, 0u);
 }
 
 }  // namespace

@@ -211,7 +211,7 @@ KvbmConfig KvbmConfig::FromEnvironment(const std::function<const char*(const cha
                              std::pair{"DYN_KVBM_DISK_EVICTION_POLICY", &c.disk_eviction_policy}}) {
     if (auto v = get(name)) {
       std::string t = Lower(Trim(*v));
-      if (t.empty()) Bad(name, *v, "must name an eviction policy (reuse, leaf-first, lru)");
+      if (t.empty()) Bad(name, *v, "must name an eviction policy (adaptive, reuse, leaf-first, lru)");
       *field = t;  // the name is checked against the policies when the tiers are built
     }
   }

@@ -28,7 +28,7 @@ TierChainOptions TierChainOptions::FromConfig(const KvbmConfig& config, uint64_t
     auto p = ParseEvictionPolicy(setting);
     if (!p)
       throw ConfigError(
-          fmt::format("{}={}: unknown eviction policy (expected leaf-first, lru or reuse)", name, setting));
+          fmt::format("{}={}: unknown eviction policy (expected leaf-first, lru, reuse or adaptive)", name, setting));
     return *p;
   };
   o.host_policy = pick("DYN_KVBM_HOST_EVICTION_POLICY", config.host_eviction_policy);

@@ -189,7 +189,7 @@ void BindPools(nb::module_& m) {
 EvictionPolicy PolicyFromName(const std::string& name) {
   if (auto p = ParseEvictionPolicy(name)) return *p;
   throw StatusException(Error(ErrorCode::kInvalidArgument,
-                              fmt::format("eviction policy '{}': expected 'leaf-first', 'lru' or 'reuse'", name)));
+                              fmt::format("eviction policy '{}': expected 'leaf-first', 'lru', 'reuse' or 'adaptive'", name)));
 }
 
 nb::dict PoolStatsDict(const BlockPoolStats& s) {

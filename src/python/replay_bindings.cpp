@@ -28,7 +28,7 @@ TierPolicy ReplayPolicy(const std::string& name) {
   if (name == "opt") return {std::nullopt, true};
   if (auto p = ParseEvictionPolicy(name)) return {*p, false};
   throw StatusException(Error(ErrorCode::kInvalidArgument,
-                              "eviction policy '" + name + "': expected 'reuse', 'leaf-first', 'lru' or 'opt'"));
+                              "eviction policy '" + name + "': expected 'adaptive', 'reuse', 'leaf-first', 'lru' or 'opt'"));
 }
 
 nb::dict ResultDict(const ReplayResult& r, uint32_t page) {

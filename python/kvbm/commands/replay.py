@@ -139,7 +139,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 # Eviction policies of G2/G3 in a replay: the pool's (kvbm.eviction.h) and Belady's optimum.
-POLICIES = ("lru", "leaf-first", "reuse", "opt")
+POLICIES = ("lru", "leaf-first", "reuse", "adaptive", "opt")
 
 
 def _read_gz_lines(path: str, limit: int) -> bytes:
@@ -407,10 +407,12 @@ def _sweep_matrix(trace, base: dict, args, source: str, capacities, policies) ->
         raise ConfigError(f"--sweep-g1: {e}") from None
     g3s = [c for c in args.sweep_g3.split(",") if c.strip()] if args.sweep_g3 else [str(base["g3_blocks"])]
     bs = base["block_size"]
-    ratio = "reuse" in policies and "lru" in policies
+    # One "X / lru" column per online policy that is not lru's own order.
+    ratios = [p for p in ("reuse", "adaptive") if p in policies] if "lru" in policies else []
     header = ("| G1 | G3 | G2 blocks | " + " | ".join(f"{p} hit rate" for p in policies) + " | "
-              + " | ".join(f"{p} saved (M tokens)" for p in policies) + (" | reuse / lru |" if ratio else " |"))
-    table = [header, "|" + "---|" * (3 + 2 * len(policies) + (1 if ratio else 0))]
+              + " | ".join(f"{p} saved (M tokens)" for p in policies)
+              + "".join(f" | {p} / lru" for p in ratios) + " |")
+    table = [header, "|" + "---|" * (3 + 2 * len(policies) + len(ratios))]
     if not args.json:
         print(f"sweep on {source}: blocks of {bs} tokens; G3 'Nx' = N times G2")
         print(table[0])
@@ -430,9 +432,9 @@ def _sweep_matrix(trace, base: dict, args, source: str, capacities, policies) ->
                 line = (f"| {_fmt_size(g1)} | {_fmt_size(g3)} | {_fmt_size(cap)} | "
                         + " | ".join(f"{res[p]['token_hit_rate']:.4f}" for p in policies) + " | "
                         + " | ".join(f"{res[p]['hit_tokens'] / 1e6:.2f}" for p in policies))
-                if ratio:
+                for p in ratios:
                     lru = res["lru"]["token_hit_rate"]
-                    line += f" | {res['reuse']['token_hit_rate'] / lru:.3f}" if lru > 0 else " | -"
+                    line += f" | {res[p]['token_hit_rate'] / lru:.3f}" if lru > 0 else " | -"
                 line += " |"
                 table.append(line)
                 if not args.json:
@@ -454,7 +456,8 @@ def _plot(rows, policies, bound: float, bs: int, base: dict, path: str, source: 
     finite = [r for r in rows if r["g2_blocks"] is not None]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     styles = {"leaf-first": dict(marker="o", linestyle="-"), "lru": dict(marker="x", linestyle="--", markersize=9),
-              "reuse": dict(marker="s", linestyle="-", linewidth=2), "opt": dict(marker="^", linestyle=":", color="black")}
+              "reuse": dict(marker="s", linestyle="-", linewidth=2),
+              "adaptive": dict(marker="D", linestyle="-", linewidth=2), "opt": dict(marker="^", linestyle=":", color="black")}
     for pol in policies:  # distinct markers: equal curves stay visible on top of each other
         xs = [r["g2_blocks"] * bs for r in finite]
         ys = [r["results"][pol]["token_hit_rate"] for r in finite]
