@@ -233,6 +233,8 @@ class BlockPool : public std::enable_shared_from_this<BlockPool> {
   // Like MatchPrefix but only counts, taking no references.
   size_t CountPrefix(std::span<const BlockKey> keys) const;
   bool Contains(const BlockKey& key) const;
+  // The tier below holds a copy of `key` now (Evictor::OnCopiedBelow); nothing when not held.
+  void MarkCopiedBelow(const BlockKey& key);
   // Removes `key` from the pool's matchable set (e.g. its bytes failed verification): never
   // matched again; an unreferenced block is freed at once, a referenced one when released.
   // Returns false when the pool did not hold it.

@@ -510,6 +510,11 @@ bool BlockPool::Contains(const BlockKey& key) const {
   return FindLocked(key, key.parent).has_value();
 }
 
+void BlockPool::MarkCopiedBelow(const BlockKey& key) {
+  std::lock_guard lock(mu_);
+  if (auto id = FindLocked(key, key.parent)) evictor_->OnCopiedBelow(*id);
+}
+
 bool BlockPool::Invalidate(const BlockKey& key) {
   std::lock_guard lock(mu_);
   auto id = FindLocked(key, key.parent);

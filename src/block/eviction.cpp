@@ -46,6 +46,8 @@ class RecencyEvictor final : public Evictor {
     order_.insert(k);
   }
   void Remove(uint32_t slot) override { order_.erase(where_[slot]); }
+  // REQUIRES: size() > 0.
+  uint32_t LowestPriority() const { return order_.begin()->priority; }
   uint32_t PopVictim() override {
     auto it = order_.begin();
     uint32_t slot = it->slot;
@@ -343,9 +345,13 @@ class ShadowPair {
 };
 
 // kAdaptive (eviction.h): both orders over the same evictable leaves; the shadows choose.
+// Evictable blocks with a copy below are also kept in `copied_` (priority, then recency), which
+// goes first.
 class AdaptiveEvictor final : public Evictor {
  public:
-  explicit AdaptiveEvictor(uint32_t num_slots) : recency_(true, num_slots), reuse_(num_slots), shadows_(num_slots) {}
+  explicit AdaptiveEvictor(uint32_t num_slots)
+      : recency_(true, num_slots), reuse_(num_slots), shadows_(num_slots), in_(num_slots, false),
+        copied_below_(num_slots, false), where_(num_slots) {}
 
   std::string_view name() const override { return EvictionPolicyName(EvictionPolicy::kAdaptive); }
   bool leaf_only() const override { return true; }
@@ -353,12 +359,63 @@ class AdaptiveEvictor final : public Evictor {
   void Insert(const EvictionEntry& e) override {
     recency_.Insert(e);
     reuse_.Insert(e);
+    where_[e.slot] = {e.priority, e.last_use, e.slot};
+    in_[e.slot] = true;
+    if (copied_below_[e.slot]) copied_.insert(where_[e.slot]);
   }
   void Remove(uint32_t slot) override {
     recency_.Remove(slot);
     reuse_.Remove(slot);
+    in_[slot] = false;
+    if (copied_below_[slot]) copied_.erase(where_[slot]);
   }
   uint32_t PopVictim() override {
+    if (!copied_.empty() && copied_.begin()->priority <= recency_.LowestPriority()) {
+      uint32_t slot = copied_.begin()->slot;
+      copied_.erase(copied_.begin());
+      recency_.Remove(slot);
+      reuse_.Remove(slot);
+      in_[slot] = false;
+      return slot;
+    }
+    uint32_t slot = PopFromOrder();
+    in_[slot] = false;
+    if (copied_below_[slot]) copied_.erase(where_[slot]);
+    return slot;
+  }
+  void OnCopiedBelow(uint32_t slot) override {
+    if (slot >= copied_below_.size() || copied_below_[slot]) return;
+    copied_below_[slot] = true;
+    if (in_[slot]) copied_.insert(where_[slot]);
+  }
+  void OnHit(uint32_t slot, SequenceHash hash) override {
+    reuse_.OnHit(slot, hash);
+    shadows_.Use(hash);
+  }
+  void OnEvicted(SequenceHash hash) override { reuse_.OnEvicted(hash); }
+  void OnStored(uint32_t slot, SequenceHash hash) override {
+    if (slot < copied_below_.size()) copied_below_[slot] = false;  // a new block in the slot
+    shadows_.Use(hash);
+  }
+  size_t size() const override { return recency_.size(); }
+  std::vector<uint32_t> Order() const override {
+    AdaptiveEvictor copy(*this);
+    std::vector<uint32_t> out;
+    out.reserve(size());
+    while (copy.size() > 0) out.push_back(copy.PopVictim());
+    return out;
+  }
+
+ private:
+  struct Key {
+    uint32_t priority = 0;
+    uint64_t last_use = 0;
+    uint32_t slot = 0;
+    auto operator<=>(const Key&) const = default;
+  };
+
+  bool UseReuse() const { return shadows_.score() > 0; }
+  uint32_t PopFromOrder() {
     if (UseReuse()) {
       uint32_t slot = reuse_.PopVictim();
       recency_.Remove(slot);
@@ -368,21 +425,14 @@ class AdaptiveEvictor final : public Evictor {
     reuse_.Remove(slot);
     return slot;
   }
-  void OnHit(uint32_t slot, SequenceHash hash) override {
-    reuse_.OnHit(slot, hash);
-    shadows_.Use(hash);
-  }
-  void OnEvicted(SequenceHash hash) override { reuse_.OnEvicted(hash); }
-  void OnStored(uint32_t /*slot*/, SequenceHash hash) override { shadows_.Use(hash); }
-  size_t size() const override { return recency_.size(); }
-  std::vector<uint32_t> Order() const override { return UseReuse() ? reuse_.Order() : recency_.Order(); }
-
- private:
-  bool UseReuse() const { return shadows_.score() > 0; }
 
   RecencyEvictor recency_;
   ReuseEvictor reuse_;
   ShadowPair shadows_;
+  std::vector<bool> in_;            // slot -> evictable (held here)
+  std::vector<bool> copied_below_;  // slot -> the tier below holds a copy
+  std::vector<Key> where_;          // slot -> its key while evictable
+  std::set<Key> copied_;            // evictable slots with a copy below
 };
 
 // Belady's MIN: farthest next use first (never again = kNever, farthest of all); ties deepest

@@ -272,5 +272,33 @@ TEST(Eviction, AdaptivePoolKeepsLeafFirstGuarantee) {
   EXPECT_GT(adaptive, 0u);
 }
 
+// Cost-aware: a block the tier below holds a copy of goes first (within its priority), least
+// recently returned first among such blocks; storing a new block in the slot clears the mark.
+TEST(Eviction, AdaptiveEvictsBlocksCopiedBelowFirst) {
+  auto ev = MakeEvictor(EvictionPolicy::kAdaptive, 8);
+  ev->Insert(Entry(0, 80, 1));
+  ev->Insert(Entry(1, 81, 2));
+  ev->Insert(Entry(2, 82, 3));
+  ev->Insert(Entry(3, 83, 4, 0, /*priority=*/0));
+  ev->OnCopiedBelow(2);
+  ev->OnCopiedBelow(5);  // not evictable yet: marked for when it is
+  EXPECT_EQ(ev->Order(), (std::vector<uint32_t>{2, 0, 1, 3}));
+  ev->Insert(Entry(5, 85, 5));
+  EXPECT_EQ(ev->Order(), (std::vector<uint32_t>{2, 5, 0, 1, 3}));
+  EXPECT_EQ(ev->PopVictim(), 2u);
+  EXPECT_EQ(ev->PopVictim(), 5u);
+  // Slot 5 gets a new block: no copy below any more.
+  ev->OnStored(5, SequenceHash(95));
+  ev->Insert(Entry(5, 95, 6));
+  EXPECT_EQ(ev->Order(), (std::vector<uint32_t>{0, 1, 3, 5}));
+  // A lower priority still goes before a copied block of a higher one.
+  auto pr = MakeEvictor(EvictionPolicy::kAdaptive, 4);
+  pr->Insert(Entry(0, 1, 1, 0, /*priority=*/5));
+  pr->Insert(Entry(1, 2, 2, 0, /*priority=*/1));
+  pr->OnCopiedBelow(0);
+  EXPECT_EQ(pr->PopVictim(), 1u);
+  EXPECT_EQ(pr->PopVictim(), 0u);
+}
+
 }  // namespace
 }  // namespace kvbm

@@ -250,12 +250,16 @@ void TierChain::DrainDiskQueue() {
   while (budget-- > 0) {
     auto item = disk_queue_.Pop();
     if (!item) break;
-    if (disk_->Contains(item->key)) continue;
+    if (disk_->Contains(item->key)) {
+      if (host_) host_->MarkCopiedBelow(item->key);
+      continue;
+    }
     StoreRunResult r = disk_->StoreRun(std::span<const BlockKey>(&item->key, 1), item->host_block.priority());
     if (r.run.empty()) {
       CountDropped(1);
       continue;
     }
+    if (host_) host_->MarkCopiedBelow(item->key);  // cost-aware G2 policies evict it first
     if (r.fresh[0]) {
       step_offload_disk_.push_back({item->host_block.id().value(), r.run.id(0).value(), item->key.sequence_hash.value()});
       ++stats_.offload_disk_blocks;

@@ -212,7 +212,7 @@ CoreBenchResult RunCoreBench(const CoreBenchOptions& o) {
   }
   r.hash_request_us = Median(seq_us);
   r.pool_cycles_per_s = PoolCyclesPerSecond(o);
-  for (EvictionPolicy p : {EvictionPolicy::kLru, EvictionPolicy::kLeafFirst, EvictionPolicy::kReuse})
+  for (EvictionPolicy p : {EvictionPolicy::kLru, EvictionPolicy::kLeafFirst, EvictionPolicy::kReuse, EvictionPolicy::kAdaptive})
     r.policy_cycles_per_s.emplace_back(std::string(EvictionPolicyName(p)), PolicyCyclesPerSecond(o, p));
   r.match_8192_blocks_us = MatchMicros(o, r.blocks_matched);
   LeaderMicros(o, r);

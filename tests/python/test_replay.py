@@ -222,9 +222,10 @@ def test_sweep_writes_table_and_plot(run_kvbm, tmp_path):
     out = json.loads(p.stdout)
     assert [row["g2_blocks"] for row in out["rows"]] == [100, 1000]
     for row in out["rows"]:
-        assert {"leaf-first", "lru", "reuse", "opt"} <= row.keys()
+        assert {"leaf-first", "lru", "reuse", "adaptive", "opt"} <= row.keys()
         # Belady's MIN is the upper limit of every online policy.
-        assert all(row["opt"]["token_hit_rate"] >= row[p]["token_hit_rate"] for p in ("lru", "leaf-first", "reuse"))
+        assert all(row["opt"]["token_hit_rate"] >= row[p]["token_hit_rate"]
+                   for p in ("lru", "leaf-first", "reuse", "adaptive"))
     # More capacity never hurts here.
     assert out["rows"][1]["lru"]["token_hit_rate"] >= out["rows"][0]["lru"]["token_hit_rate"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -250,6 +251,21 @@ def test_opt_bounds_the_online_policies_in_g2_and_g3(lines, capacity):
     mixed = _core.run_replay(trace, g1_blocks=0, g2_blocks=capacity // 2, g3_blocks=capacity, policy="lru",
                              disk_policy="opt")
     assert mixed["requests"] == len(subset)
+
+
+def test_adaptive_beats_lru_where_lru_thrashes_and_keeps_up_with_g3(lines):
+    """The adaptive policy (include/kvbm/eviction.h) against lru on the embedded trace's first
+    3,000 requests, replayed here: at a G2 too small for lru's window it must find the reused
+    blocks lru evicts, and with a G3 four times G2 behind it it must not fall below lru."""
+    trace = _core.parse_mooncake_trace("\n".join(json.dumps(r) for r in lines[:3000]).encode())
+
+    def rate(policy: str, g2: int, g3: int) -> float:
+        return _core.run_replay(trace, g1_blocks=0, g2_blocks=g2, g3_blocks=g3, policy=policy)["token_hit_rate"]
+
+    lru, adaptive = rate("lru", 500, 0), rate("adaptive", 500, 0)
+    assert adaptive > 1.1 * lru, (adaptive, lru)
+    lru_g3, adaptive_g3 = rate("lru", 500, 2000), rate("adaptive", 500, 2000)
+    assert adaptive_g3 >= lru_g3 - 0.005, (adaptive_g3, lru_g3)
 
 
 def test_unknown_policy_is_named(lines):
