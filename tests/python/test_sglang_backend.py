@@ -148,11 +148,13 @@ def test_an_sglang_put_shows_in_the_chain_stats_and_metrics(tmp_path):
     assert b.kvbm_stats()["offload_disk_blocks"] == 3
 
 
-@pytest.mark.parametrize("policy,held", [("lru", ["c", "d", "e"]), ("leaf-first", ["c", "d", "e"])])
+@pytest.mark.parametrize("policy,held", [("lru", ["c", "d", "e"]), ("leaf-first", ["c", "d", "e"]),
+                                         ("reuse", ["a", "d", "e"])])
 def test_eviction_follows_the_configured_policy(tmp_path, policy, held):
-    """G2 of 3 pages, no G3; a is read twice, so under LRU b goes for d and a for e. (The C++
-    test PageConnector.EvictionFollowsTheConfiguredPolicy checks every policy, reuse included,
-    against a bare pool of that policy.)"""
+    """G2 of 3 pages, no G3; a is read back twice. lru (and leaf-first: every page is a leaf)
+    evict the least recently used: b for d, then a for e. reuse predicts a's next use from its
+    regular reuse and evicts the pages never reused (b, c) first. (The C++ test
+    PageConnector.EvictionFollowsTheConfiguredPolicy checks each policy against a bare pool.)"""
     config = _config(tmp_path, {"DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS": "3",
                                 "DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS": None,
                                 "DYN_KVBM_HOST_EVICTION_POLICY": policy})
