@@ -234,7 +234,7 @@ TEST(PageConnector, BatchesLargerThanG2RunInSteps) {
   ASSERT_TRUE(c);
   Pages src(10, 10), dst(10, 11);
   std::vector<std::string> keys;
-  for (int i = 0; i < 10; ++i) keys.push_back("k" + std::to_string(i));
+  for (int i = 0; i < 10; ++i) keys.push_back(std::to_string(i).insert(0, 1, 'k'));  // not "k" + ...: g++ 12 -O3 -Wrestrict false positive
   EXPECT_EQ(Put(*c, keys, src), std::vector<bool>(10, true));
   EXPECT_EQ(Get(*c, keys, dst), std::vector<bool>(10, true));
   for (size_t p = 0; p < 10; ++p) EXPECT_EQ(dst.Page(p), src.Page(p)) << "page " << p;

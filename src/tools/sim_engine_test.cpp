@@ -45,7 +45,7 @@ TEST(SimEngine, MultiTurnOffloadEvictOnboardIsByteExact) {
     auto reqs = Conversations(8, 5, 7);
     uint64_t loaded = 0, host = 0, disk = 0;
     for (size_t i = 0; i < reqs.size(); ++i) {
-      auto r = engine.RunRequest(std::to_string(i).insert(0, 1, 'r'), reqs[i]);
+      auto r = engine.RunRequest(std::to_string(i).insert(0, 1, 'r'), reqs[i]);  // g++ 12 -Wrestrict false positive on "r" + ...
       ASSERT_TRUE(r.has_value()) << r.error().ToString();
       EXPECT_EQ(r->mismatched_blocks, 0u);
       EXPECT_EQ(r->load_errors, 0u);
@@ -73,7 +73,7 @@ TEST(SimEngine, DiskOnlyBypass) {
   auto reqs = Conversations(3, 3, 11);
   uint64_t disk = 0;
   for (size_t i = 0; i < reqs.size(); ++i) {
-    auto r = engine.RunRequest(std::to_string(i).insert(0, 1, 'r'), reqs[i]);
+    auto r = engine.RunRequest(std::to_string(i).insert(0, 1, 'r'), reqs[i]);  // g++ 12 -Wrestrict false positive on "r" + ...
     ASSERT_TRUE(r.has_value()) << r.error().ToString();
     EXPECT_EQ(r->mismatched_blocks, 0u);
     disk += r->disk_blocks;
