@@ -3,6 +3,7 @@
 // same settings; a torn slot is dropped and counted; another model or layout restores nothing.
 // Real files (O_DIRECT where the file system allows it), the real transfer path, the real pools;
 // the engine is the simulated one (sim_engine.h), whose loads are checked byte for byte.
+#include <fcntl.h>
 #include <gtest/gtest.h>
 #include <unistd.h>
 
@@ -181,6 +182,52 @@ TEST(WarmRestart, ATornSlotIsDroppedCountedAndTheChainMatchesUpToIt) {
   EXPECT_EQ(out->disk_blocks, 3u) << "blocks 0..2 hit; block 3 was torn, so the match stops there";
   EXPECT_EQ(out->mismatched_blocks, 0u);
   EXPECT_EQ(out->load_errors, 0u);
+}
+
+TEST(WarmRestart, AClaimTheWorkerDroppedIsALoadErrorNeverAWrongByte) {
+  TempDir dir;
+  const auto prompt = Prompt(7, 5);
+  uint32_t bad_slot = 0;
+  uint64_t stride = 0;
+  std::string bin;
+  {
+    auto engine = Start(Persistent(dir.path()), Small());
+    Fill(*engine, {prompt});
+    for (const auto& [id, key] : engine->leader().disk_pool()->RegisteredBlocks())
+      if (key.position == 1) bad_slot = id.value();
+    stride = engine->worker().disk_memory().layout->block_stride();
+    bin = PersistentDiskFileStem(dir.path(), PersistentDiskFileKey(Small().remote_descriptor, 0, 1)) + ".bin";
+  }
+  {
+    // Block 1's bytes change on disk behind kvbm's back; its record still says valid.
+    int fd = open(bin.c_str(), O_RDWR);
+    ASSERT_GE(fd, 0) << bin;
+    uint8_t byte = 0;
+    const off_t at = static_cast<off_t>(bad_slot * stride + 100);
+    ASSERT_EQ(pread(fd, &byte, 1, at), 1);
+    byte ^= 0x10;
+    ASSERT_EQ(pwrite(fd, &byte, 1, at), 1);
+    close(fd);
+  }
+  // The leader reads the records before the worker has verified them (the order no engine kvbm
+  // drives uses): it restores the changed block; the worker drops it as corrupt.
+  SimEngineOptions early = Small();
+  early.leader_before_worker_tiers = true;
+  auto engine = Start(Persistent(dir.path()), early);
+  EXPECT_EQ(engine->worker().disk_recovery()->corrupt, 1u);
+  EXPECT_EQ(engine->leader().chain().stats().restored_disk_blocks, 5u);
+  auto out = engine->RunRequest("again", prompt);
+  ASSERT_TRUE(out) << out.error().ToString();
+  EXPECT_EQ(out->disk_blocks, 5u) << "the leader promised all five";
+  EXPECT_EQ(out->load_errors, 1u) << "the changed block failed the worker's verification";
+  EXPECT_EQ(out->mismatched_blocks, 0u) << "and was recomputed, never served";
+  EXPECT_EQ(engine->leader().chain().stats().load_errors, 1u);
+  // The leader forgot it: the next match stops before it, and nothing fails any more.
+  engine->worker().WaitIdle();
+  auto next = engine->RunRequest("next", prompt);
+  ASSERT_TRUE(next) << next.error().ToString();
+  EXPECT_EQ(next->load_errors, 0u);
+  EXPECT_EQ(next->mismatched_blocks, 0u);
 }
 
 TEST(WarmRestart, AnotherModelOrLayoutRestoresNothing) {

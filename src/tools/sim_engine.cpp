@@ -65,11 +65,13 @@ SimulatedEngine::SimulatedEngine(const KvbmConfig& config, const SimEngineOption
   const TierChainOptions sizes =
       TierChainOptions::FromConfig(config, leader_options.bytes_per_block, leader_options.host_blocks,
                                    leader_options.disk_blocks, leader_options.policy, options.remote_descriptor, 1);
-  if (auto s = worker_->AllocateTiers(sizes.host_blocks, sizes.disk_blocks, options.remote_descriptor); !s)
-    throw ConfigError(s.error().ToString());
   leader_options.host_blocks = sizes.host_blocks;
   leader_options.disk_blocks = sizes.disk_blocks;
-  leader_ = std::make_unique<ConnectorLeader>(config, leader_options, worker_->metrics());
+  if (options.leader_before_worker_tiers)
+    leader_ = std::make_unique<ConnectorLeader>(config, leader_options, worker_->metrics());
+  if (auto s = worker_->AllocateTiers(sizes.host_blocks, sizes.disk_blocks, options.remote_descriptor); !s)
+    throw ConfigError(s.error().ToString());
+  if (!leader_) leader_ = std::make_unique<ConnectorLeader>(config, leader_options, worker_->metrics());
   if (auto remote = RemoteTierOptions::FromConfig(config, options.remote_descriptor, 1))
     if (auto s = worker_->ConnectRemote(*remote); !s) throw ConfigError(s.error().ToString());
 }

@@ -27,7 +27,7 @@ from kvbm.errors import ConfigError, FailedPreconditionError
 BLOCK = 16
 LAYERS = 4
 DEVICE_BLOCKS = 16
-HEAD = 512  # float32 elements per token and K/V: 64 KiB per layer per block, 256 KiB per block
+HEAD = 2048  # float32 elements per token and K/V: 256 KiB per layer per block, 1 MiB per block
 REQUEST_BLOCKS = 8
 G2_BLOCKS = 16
 G3_BLOCKS = 96  # the child wraps around G3 several times before it is killed
@@ -41,6 +41,10 @@ def settings(disk_dir: str, o_direct: bool = True) -> dict[str, str]:
         "DYN_KVBM_DISK_CACHE_DIR": disk_dir,
         "DYN_KVBM_DISK_PERSISTENT": "true",
         "DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER": "true",
+        # One 1 MiB block per transfer, one transfer at a time: a request's offloads stay in
+        # flight for a few milliseconds after they were submitted, so the kill lands on them.
+        "DYN_KVBM_MAX_CONCURRENT_TRANSFERS": "1",
+        "DYN_KVBM_MAX_TRANSFER_BATCH_SIZE": "1",
     }
     if not o_direct:
         env["DYN_KVBM_DISK_DISABLE_O_DIRECT"] = "true"
@@ -202,6 +206,8 @@ def test_sigkill_mid_offload_then_restart_serves_hits_with_no_wrong_byte(tmp_pat
         assert errors == 0, f"{errors} loads failed verification: the leader restored a block the worker dropped"
         # The torn slots are the only restored-pool holes among the newest requests' blocks.
         assert hit_blocks >= verified // 2, (hit_blocks, verified)
+        print(f"cycle {cycle}: killed after request {last}; recovered {verified}, torn {torn}, restored {restored}; "
+              f"{hit_blocks} blocks hit, {wrong} wrong bytes")
         engine.close()
         first = last + 1
         if torn_total > 0:
