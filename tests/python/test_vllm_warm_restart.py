@@ -85,6 +85,9 @@ def test_sigkilled_engine_restarts_with_its_g3_and_identical_outputs(model_dir, 
     (counters,) = [m["counters"] for m in msgs if "counters" in m]
     leader, worker = counters["leader"], counters["worker"]
 
+    print(f"restart: restored {leader['restored_disk_blocks']} blocks, recovered {worker['disk_recovery_verified']}, "
+          f"torn {worker['disk_recovery_torn']}, onboarded from G3 {leader['onboard_disk_blocks']}, "
+          f"load errors {leader['load_errors']}")
     assert second == first, "outputs after the restart differ from the first (recomputed) ones"
     assert leader["restored_disk_blocks"] > 0, leader
     assert worker["disk_recovery_verified"] > 0, worker
