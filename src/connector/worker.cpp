@@ -213,6 +213,13 @@ Status KvbmWorker::BindStep(const StepMetadata& meta) {
   }
   {
     std::lock_guard lock(mu_);
+    // Count every load of a request before starting any, so that a fast first load cannot
+    // report the request finished while a second one is still running; and before the
+    // finished requests below, so that a request finished in the step that starts its load
+    // (this metadata) waits for that load instead of being reported as sent at once while
+    // the load still writes into its blocks.
+    for (const TransferOp& op : meta.ops)
+      if (IsLoad(op.kind)) ++loads_in_flight_[op.request_id];
     for (const std::string& r : meta.finished_while_loading) {
       if (loads_in_flight_.count(r)) {
         report_sending_.insert(r);
@@ -224,13 +231,6 @@ Status KvbmWorker::BindStep(const StepMetadata& meta) {
       std::erase(done_recving_, r);
       done_sending_.push_back(r);
     }
-  }
-  // Count every load of a request before starting any, so that a fast first load cannot
-  // report the request finished while a second one is still running.
-  {
-    std::lock_guard lock(mu_);
-    for (const TransferOp& op : meta.ops)
-      if (IsLoad(op.kind)) ++loads_in_flight_[op.request_id];
   }
   for (const TransferOp& op : meta.ops) {
     if (IsLoad(op.kind)) StartLoad(op);

@@ -1,6 +1,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <chrono>
 
 #include "kvbm/sim_engine.h"
 
@@ -62,6 +63,33 @@ TEST(Worker, FinishedWhileLoadingIsReportedAsSent) {
   auto [sending, recving] = w.GetFinished();
   EXPECT_EQ(sending, std::vector<std::string>{"gone"});
   EXPECT_TRUE(recving.empty());
+}
+
+// A request finished in the step whose metadata starts its load (an engine that aborts between
+// UpdateStateAfterAlloc and BuildStepMetadata): it is reported as sent only once the load has
+// stopped writing into its G1 blocks, never at once (the engine would hand them to another
+// request while the load still writes).
+TEST(Worker, FinishedInTheStepThatStartsItsLoadWaitsForTheLoad) {
+  SimulatedEngine engine(HostOnly(8), SimEngineOptions{});
+  KvbmWorker& w = engine.worker();
+  StepMetadata store;
+  store.host_blocks = 8;
+  store.ops.push_back({1, OpKind::kStoreHost, "a", {{0, 0, 7}}});  // G1 block 0 -> G2 slot 0
+  ASSERT_TRUE(w.BindStep(store).has_value());
+  ASSERT_TRUE(w.ForwardPassDone().has_value());
+  w.SetLoadDelayForTesting(std::chrono::milliseconds(1000));
+  StepMetadata m;
+  m.host_blocks = 8;
+  m.ops.push_back({2, OpKind::kLoadHost, "r", {{0, 5, 7}}});  // G2 slot 0 -> G1 block 5
+  m.finished_while_loading = {"r"};
+  ASSERT_TRUE(w.BindStep(m).has_value());
+  auto [early_sending, early_recving] = w.GetFinished();
+  EXPECT_TRUE(early_sending.empty()) << "reported as sent while its load was still in flight";
+  EXPECT_TRUE(early_recving.empty());
+  w.WaitIdle();
+  auto [sending, recving] = w.GetFinished();
+  EXPECT_EQ(sending, std::vector<std::string>{"r"});
+  EXPECT_TRUE(recving.empty());  // reported once, as sent
 }
 
 }  // namespace
