@@ -401,10 +401,16 @@ void KvbmWorker::StartDiskWrite(const TransferOp& op, TransferPath path, const T
     copies.push_back({b.src, b.dst, SequenceHash(b.hash)});
     slots.push_back(b.dst);
   }
+  const bool reads_host = op.kind == OpKind::kOffloadDisk;
   auto deps = PendingWrites(disk_writes_, slots);
+  if (reads_host) {
+    // A G4 fetch or a promotion still landing in a source host slot lands first.
+    std::vector<uint32_t> host_slots;
+    for (const BlockOp& b : op.blocks) host_slots.push_back(b.src);
+    for (auto& w : PendingWrites(host_writes_, host_slots)) deps.push_back(std::move(w));
+  }
   // This write's completion gates later reads and writes of the same slots.
   auto gate = std::make_shared<TransferCompletion>();
-  bool reads_host = op.kind == OpKind::kOffloadDisk;
   std::vector<BlockOp> readers;
   {
     std::lock_guard lock(mu_);
@@ -417,7 +423,30 @@ void KvbmWorker::StartDiskWrite(const TransferOp& op, TransferPath path, const T
       }
   }
   const TierMemory* src_ptr = &src;
-  AfterAll(deps, [this, copies, path, src_ptr, gate, readers, id = op.id]() {
+  AfterAll(deps, [this, copies, path, src_ptr, gate, readers, reads_host, id = op.id]() mutable {
+    if (reads_host) {
+      // Only a host slot that holds its block (its store, fetch or promotion landed) is written
+      // down. The disk slot of any other is left holding nothing valid, so a read of it fails
+      // verification instead of serving the stale bytes the host slot still had.
+      std::vector<BlockCopy> valid;
+      uint64_t skipped = 0;
+      {
+        std::lock_guard lock(mu_);
+        for (const BlockCopy& c : copies) {
+          if (c.src < host_valid_.size() && host_valid_[c.src]) {
+            valid.push_back(c);
+          } else {
+            disk_mem_.side->Invalidate(c.dst);
+            ++skipped;
+          }
+        }
+      }
+      copies.swap(valid);
+      if (skipped > 0) {
+        Log(LogLevel::kWarn, "disk offload op {}: {} blocks skipped, their host slots hold no valid block", id, skipped);
+        if (metrics_) metrics_->dropped_offloads[static_cast<size_t>(DropReason::kIoError)] += skipped;
+      }
+    }
     auto completion = engine_->Submit(path, *src_ptr, disk_mem_, copies);
     completion->OnDone([this, gate, readers, id](const TransferResult& r) {
       if (!r.ok()) {

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstring>
 
 #include "kvbm/sim_engine.h"
 
@@ -90,6 +91,48 @@ TEST(Worker, FinishedInTheStepThatStartsItsLoadWaitsForTheLoad) {
   auto [sending, recving] = w.GetFinished();
   EXPECT_EQ(sending, std::vector<std::string>{"r"});
   EXPECT_TRUE(recving.empty());  // reported once, as sent
+}
+
+// A host slot whose promotion (G3 -> G2) failed holds no block; writing it down to G3 again
+// must not give a disk slot that verifies with the stale bytes the host slot still had (the
+// checksum is computed over what is written). Seen by the soak with G4 fetches, whose slots are
+// offloaded to G3 while the fetch may still be landing.
+TEST(Worker, OffloadOfAHostSlotThatHoldsNoBlockIsNeverServedFromDisk) {
+  KvbmConfig c = HostOnly(8);
+  c.disk_cache_num_blocks = 8;
+  c.disk_cache_dir = ::testing::TempDir();
+  SimulatedEngine engine(c, SimEngineOptions{});
+  KvbmWorker& w = engine.worker();
+  const Layout& g1 = *w.device_layout();
+  const uint64_t chunk = g1.dims().chunk_bytes();
+  for (uint64_t l = 0; l < g1.dims().num_layers; ++l)
+    for (uint64_t o = 0; o < g1.dims().outer_dim; ++o) std::memset(w.device_memory().ChunkAddress(0, l, o), 0xAB, chunk);
+  auto step = [&](std::vector<TransferOp> ops) {
+    StepMetadata m;
+    m.host_blocks = 8;
+    m.disk_blocks = 8;
+    m.ops = std::move(ops);
+    ASSERT_TRUE(w.BindStep(m).has_value());
+    ASSERT_TRUE(w.ForwardPassDone().has_value());
+    w.WaitIdle();
+  };
+  constexpr uint64_t kHash = 7;
+  step({{1, OpKind::kStoreHost, "", {{0, 0, kHash}}}});    // G1 0 -> G2 0
+  step({{2, OpKind::kOffloadDisk, "", {{0, 0, kHash}}}});  // G2 0 -> G3 0
+  IoQueue& io = w.transfer_engine().io_queue();
+  io.InjectFailure(w.disk_memory().fd, 0, uint64_t{1} << 40);
+  step({{3, OpKind::kPromoteHost, "", {{0, 1, kHash}}}});  // G3 0 -> G2 1: fails, slot 1 holds nothing
+  io.ClearFailures();
+  step({{4, OpKind::kOffloadDisk, "", {{1, 1, kHash}}}});  // G2 1 -> G3 1
+  StepMetadata load;
+  load.host_blocks = 8;
+  load.disk_blocks = 8;
+  load.ops.push_back({5, OpKind::kLoadDisk, "r", {{1, 3, kHash}}});  // G3 1 -> G1 3
+  ASSERT_TRUE(w.BindStep(load).has_value());
+  w.WaitIdle();
+  auto [sending, recving] = w.GetFinished();
+  EXPECT_EQ(recving, std::vector<std::string>{"r"});
+  EXPECT_EQ(w.TakeLoadErrors(), std::vector<uint32_t>{3}) << "G3 slot 1 was served, with bytes no store put there";
 }
 
 }  // namespace
