@@ -98,18 +98,21 @@ class RedisCluster:
         self.node_timeout_ms = 1000
         self.base = None
         self.down: int | None = None  # port of the killed node
-        for _ in range(5):
-            base = rng.randrange(20000, 29000)
-            if all(self._free(p) and self._free(p + 10000) for p in range(base, base + self.NODES)):
+        errors = []
+        for _ in range(3):  # other processes may take ports between the check and the start
+            base = next((b for b in (rng.randrange(20000, 29000) for _ in range(20))
+                         if all(self._free(p) and self._free(p + 10000) for p in range(b, b + self.NODES))), None)
+            if base is None:
+                continue
+            out = subprocess.run(["bash", str(self.script), "start", "--base-port", str(base), "--dir", str(self.dir),
+                                  "--node-timeout", str(self.node_timeout_ms)], capture_output=True, text=True,
+                                 timeout=180, preexec_fn=no_fsize_limit)
+            if out.returncode == 0:
                 self.base = base
                 break
+            errors.append(out.stderr.strip()[-500:])
         if self.base is None:
-            raise RuntimeError("no free ports for the Redis Cluster")
-        out = subprocess.run(["bash", str(self.script), "start", "--base-port", str(self.base), "--dir", str(self.dir),
-                              "--node-timeout", str(self.node_timeout_ms)], capture_output=True, text=True, timeout=120,
-                             preexec_fn=no_fsize_limit)
-        if out.returncode != 0:
-            raise RuntimeError(f"redis_cluster.sh start failed: {out.stderr.strip()}")
+            raise RuntimeError("redis_cluster.sh start failed: " + " | ".join(errors or ["no free ports"]))
         for p in self.ports:
             self._cli(p, "config", "set", "maxmemory", self.maxmemory)
             self._cli(p, "config", "set", "maxmemory-policy", "allkeys-lru")
@@ -357,7 +360,8 @@ class Soak:
         io = self.worker.disk_io_stats()
         return {"io_errors": io["errors"], "corrupt_blocks": m["corrupt_blocks"], "remote_errors": m["remote_errors"],
                 "remote_verify_failures": m["remote_verify_failures"],
-                "leader_remote_errors": self.leader.metrics()["remote_errors"]}
+                "leader_remote_errors": self.leader.metrics()["remote_errors"],
+                "onboard_missing_blocks": self.leader.stats()["onboard_missing_blocks"]}
 
     def fault_counter_sum(self) -> int:
         return sum(self.fault_counters().values())

@@ -202,6 +202,7 @@ void BindConnector(nb::module_& m) {
              d["dropped_filter"] = s.dropped_filter;
              d["dropped_queue"] = s.dropped_queue;
              d["load_errors"] = s.load_errors;
+             d["onboard_missing_blocks"] = s.onboard_missing_blocks;
              return d;
            })
       .def("metrics", [](PyLeader& l) { return MetricsDict(*l.manager().metrics()); })
