@@ -143,7 +143,14 @@ Status KvbmWorker::AllocateTiers(uint64_t host_blocks, uint64_t disk_blocks) {
     } catch (const ConfigError& e) {
       return MakeError(ErrorCode::kInvalidArgument, fmt::format("G2 sized by DYN_KVBM_CPU_CACHE_*: {}", e.what()));
     }
-    auto host = HostStorage::Allocate(host_layout_->allocation_bytes(0));
+    HostStorageOptions host_options;
+    if (config_.enable_numa.value_or(false)) {
+      // DYN_KVBM_ENABLE_NUMA: G2 on the GPU's node, or, without a GPU (or when its node is
+      // unknown), on the node of the thread that allocates it (the engine's worker thread).
+      int node = device_mem_.kind == MemoryKind::kDevice ? CudaDeviceNumaNode(device_mem_.device_index) : -1;
+      host_options.numa_node = node >= 0 ? node : CurrentNumaNode();
+    }
+    auto host = HostStorage::Allocate(host_layout_->allocation_bytes(0), host_options);
     if (!host)
       return MakeError(host.error().code(), fmt::format("G2 ({} blocks, from DYN_KVBM_CPU_CACHE_*): {}", host_blocks,
                                                         host.error().message()));

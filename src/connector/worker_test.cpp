@@ -190,3 +190,33 @@ TEST(Worker, SecondEngineWithAnotherLayoutFingerprintIsRefused) {
 
 }  // namespace
 }  // namespace kvbm
+
+namespace kvbm {
+namespace {
+
+}  // namespace
+bool KernelAllowsMbind(int node);  // src/memory/host_storage_test.cpp
+namespace {
+
+// DYN_KVBM_ENABLE_NUMA: G2 comes from the one host allocator bound to a node (here, without a
+// GPU, the node of the allocating thread); off, it is placed by first touch.
+TEST(Worker, EnableNumaBindsG2ToTheNodeWhereTheKernelAllows) {
+  const int node = CurrentNumaNode();
+  if (node < 0) GTEST_SKIP() << "getcpu does not report a NUMA node here";
+  for (bool enable : {false, true}) {
+    KvbmConfig c = HostOnly(8);
+    if (enable) c.enable_numa = true;
+    SimulatedEngine engine(c, SimEngineOptions{});
+    const HostStorage* g2 = engine.worker().host_storage();
+    ASSERT_NE(g2, nullptr);
+    if (!enable) {
+      EXPECT_EQ(g2->numa_node(), kNoNumaNode);
+      continue;
+    }
+    if (!KernelAllowsMbind(node)) GTEST_SKIP() << "this kernel refuses mbind (no NUMA support or a seccomp filter)";
+    EXPECT_EQ(g2->numa_node(), node);
+  }
+}
+
+}  // namespace
+}  // namespace kvbm
