@@ -36,6 +36,7 @@ Checked continuously (any failure makes the exit status 1; the JSON summary says
 from __future__ import annotations
 
 import argparse
+import collections
 import faulthandler
 import json
 import math
@@ -314,8 +315,10 @@ class Soak:
         self.wrong_bytes = 0
         self.wrong_blocks = 0
         self.wrong_examples: list[dict] = []
-        self.seed_names: dict[int, str] = {}  # diagnostics: which prefix a wrong block holds
-        self.history: dict[str, list] = {}  # diagnostics: each request's events (bounded)
+        # Diagnostics, bounded (they count in the RSS check): the latest requests' block seeds
+        # (which prefix a wrong block holds) and events.
+        self.recent: collections.deque = collections.deque(maxlen=1000)
+        self.history: dict[str, list] = {}
         self.failed_blocks = 0
         self.failed_pending: set[int] = set()
         self.unexplained = 0
@@ -397,14 +400,16 @@ class Soak:
                 got = self.words[li][block]
                 found = int(got.flat[0] ^ self.base[li].flat[0])
                 uniform = bool(np.array_equal(got, self.base[li] ^ np.uint64(found)))
+                other = next((f"{rid}[{i}]" for rid, seeds in reversed(self.recent) for i, sd in enumerate(seeds)
+                              if sd == found), None) if uniform else None
                 self.wrong_examples.append({
                     "where": where, "rid": req.rid if req else None, "index": index, "block": block,
                     "ext_blocks": req.ext // BLOCK if req else None, "computed_blocks": req.computed // BLOCK if req else None,
                     "num_blocks": len(req.blocks) if req else None, "match": req.match if req else None,
                     "bad_layers": bad_layers, "wrong_bytes": wrong, "poison": bool(np.all(got == POISON)),
-                    "holds_other_prefix": uniform, "other_prefix": self.seed_names.get(found) if uniform else None,
+                    "holds_other_prefix": uniform, "other_prefix": other,
                     "phase": self.phases[-1].faults if self.phases else None, "step": self.steps,
-                    "other_history": self.history.get(self.seed_names.get(found, "?[").split("[")[0]) if uniform else None,
+                    "other_history": self.history.get(other.split("[")[0]) if other else None,
                     "history": self.history.get(req.rid) if req else None})
         return wrong
 
@@ -425,17 +430,14 @@ class Soak:
             self.leader.update_state_after_alloc(rid, blocks, ext)
             req = Request(rid, tokens, blocks, ext, "loading" if ext else "ready", time.monotonic(),
                           seeds=self.seeds_of(tokens), match=(h, d))
-            if len(self.seed_names) > 200000:
-                self.seed_names.clear()
-            for i, sd in enumerate(req.seeds):
-                self.seed_names[sd] = f"{rid}[{i}]"
+            self.recent.append((rid, req.seeds))
             self.active[rid] = req
             self.note(rid, f"admit ext={ext // BLOCK} match={h},{d} blocks={blocks}")
             if ext and self.rng.random() < self.abort_p / 4:
                 self.abort(req, "aborts_before_load")
 
     def note(self, rid: str, event: str) -> None:
-        if len(self.history) > 5000:
+        if len(self.history) > 1000:
             self.history.pop(next(iter(self.history)))
         self.history.setdefault(rid, []).append((self.steps, event))
 
