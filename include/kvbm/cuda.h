@@ -18,6 +18,7 @@
 #include <string>
 
 #include "kvbm/error.h"
+#include "kvbm/storage.h"
 #include "kvbm/transfer.h"
 
 namespace kvbm {
@@ -65,22 +66,23 @@ struct PinnedHostOptions {
   bool require_pinned = false;      // fail instead of returning plain memory when pinning fails
 };
 
-// Page-aligned host memory, bound to a NUMA node (mbind, preferred policy), first touched in
-// parallel, then page-locked and mapped for the device (cuMemHostRegister portable|devicemap).
-// Move-only; unpins and unmaps on destruction.
+// Host memory from HostStorage::Allocate (kvbm/storage.h: the one host allocator, also G2's),
+// bound to a NUMA node, huge pages, first touched in parallel, then page-locked and mapped for
+// the device through the driver API of a device's primary context (cuMemHostRegister
+// portable|devicemap). Move-only; unpins and unmaps on destruction.
 class PinnedHostMemory {
  public:
-  PinnedHostMemory() = default;
+  PinnedHostMemory();
   PinnedHostMemory(PinnedHostMemory&& other) noexcept;
   PinnedHostMemory& operator=(PinnedHostMemory&& other) noexcept;
   ~PinnedHostMemory();
   PinnedHostMemory(const PinnedHostMemory&) = delete;
   PinnedHostMemory& operator=(const PinnedHostMemory&) = delete;
 
-  uint8_t* data() const { return data_; }
-  uint64_t size() const { return size_; }
+  uint8_t* data() const;
+  uint64_t size() const;
   bool pinned() const { return pinned_; }
-  int numa_node() const { return numa_node_; }  // the node the pages were bound to, -1 none
+  int numa_node() const;  // the node the pages were bound to, -1 none
   double touch_seconds() const { return touch_seconds_; }
   double pin_seconds() const { return pin_seconds_; }
 
@@ -88,10 +90,8 @@ class PinnedHostMemory {
   friend Result<PinnedHostMemory> AllocatePinnedHost(uint64_t bytes,
                                                      const PinnedHostOptions& options);
   void Release();
-  uint8_t* data_ = nullptr;
-  uint64_t size_ = 0;
+  std::unique_ptr<HostStorage> storage_;
   bool pinned_ = false;
-  int numa_node_ = -1;
   int device_ = -1;
   double touch_seconds_ = 0;
   double pin_seconds_ = 0;

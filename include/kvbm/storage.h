@@ -20,13 +20,36 @@ namespace kvbm {
 
 inline constexpr uint64_t kDiskAlignment = 4096;
 
-// Host memory for G2: one allocation, 4096-aligned, page-locked through the CUDA runtime when
-// one is present at run time (loaded dynamically), plain otherwise. First touch runs in
-// parallel before pinning; the time is logged.
+inline constexpr int kNoNumaNode = -1;
+
+// How host memory is allocated (HostStorage::Allocate).
+struct HostStorageOptions {
+  bool try_pin = true;  // page-lock through the CUDA runtime when one is present
+  // >= 0: the pages are bound to this NUMA node (mbind, preferred policy: a full node spills to
+  // another instead of failing) before they are first touched. G2 sets it when
+  // DYN_KVBM_ENABLE_NUMA is on (the GPU's node, or the allocating thread's without a GPU).
+  int numa_node = kNoNumaNode;
+  bool huge_pages = false;  // madvise(MADV_HUGEPAGE): cheaper first touch and pinning
+};
+
+// The NUMA node of the CPU the calling thread runs on (getcpu), or kNoNumaNode.
+int CurrentNumaNode();
+
+// Host memory: one allocation, 4096-aligned (mmap), bound to a NUMA node on request, first
+// touched in parallel, then page-locked through the CUDA runtime when one is present at run
+// time (loaded dynamically, portable + mapped), plain otherwise. The one allocator of kvbm's
+// host memory: G2 (KvbmWorker), the page store, and AllocatePinnedHost (kvbm/cuda.h) over it.
 class HostStorage {
  public:
-  // ResourceExhausted when the memory cannot be had; the message names the size.
-  static Result<std::unique_ptr<HostStorage>> Allocate(uint64_t bytes, bool try_pin = true);
+  // ResourceExhausted when the memory cannot be had; the message names the size. A NUMA binding
+  // the kernel refuses (no NUMA support, a node that does not exist) is logged, not an error:
+  // the memory is then placed by first touch (numa_node() is kNoNumaNode).
+  static Result<std::unique_ptr<HostStorage>> Allocate(uint64_t bytes, const HostStorageOptions& options);
+  static Result<std::unique_ptr<HostStorage>> Allocate(uint64_t bytes, bool try_pin = true) {
+    HostStorageOptions options;
+    options.try_pin = try_pin;
+    return Allocate(bytes, options);
+  }
   ~HostStorage();
   HostStorage(const HostStorage&) = delete;
   HostStorage& operator=(const HostStorage&) = delete;
@@ -34,14 +57,16 @@ class HostStorage {
   uint8_t* data() const { return data_; }
   uint64_t size() const { return size_; }
   bool pinned() const { return pinned_; }
+  int numa_node() const { return numa_node_; }  // the node the pages were bound to, or kNoNumaNode
   double allocation_seconds() const { return allocation_seconds_; }
 
  private:
-  HostStorage(uint8_t* data, uint64_t size, bool pinned, double seconds)
-      : data_(data), size_(size), pinned_(pinned), allocation_seconds_(seconds) {}
+  HostStorage(uint8_t* data, uint64_t size, bool pinned, int numa_node, double seconds)
+      : data_(data), size_(size), pinned_(pinned), numa_node_(numa_node), allocation_seconds_(seconds) {}
   uint8_t* data_;
   uint64_t size_;
   bool pinned_;
+  int numa_node_;
   double allocation_seconds_;
 };
 

@@ -99,6 +99,9 @@ struct TierChainStats {
   uint64_t skipped_cached_blocks = 0;
   uint64_t dropped_full = 0, dropped_filter = 0, dropped_queue = 0;
   uint64_t load_errors = 0;
+  // Blocks a match offered that Onboard could not place (G2 full of pinned blocks for a G4 fetch,
+  // or gone): each becomes a load error the engine recomputes.
+  uint64_t onboard_missing_blocks = 0;
   uint64_t restored_disk_blocks = 0;  // put back into G3 at start (warm restart)
 };
 

@@ -119,6 +119,7 @@ class KvbmWorker {
 
   // Direct access for tests and benchmarks (the simulated engine fills G1 through these).
   uint8_t* host_data() const { return host_ ? host_->data() : nullptr; }
+  const HostStorage* host_storage() const { return host_.get(); }
   const TierMemory& device_memory() const { return device_mem_; }
   const TierMemory& host_memory() const { return host_mem_; }
   const TierMemory& disk_memory() const { return disk_mem_; }

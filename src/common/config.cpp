@@ -228,10 +228,6 @@ std::vector<std::string> KvbmConfig::Notices() const {
     note("DYN_KVBM_DISABLE_WRITE_COMBINED", b(*disable_write_combined),
          "kvbm never allocates write-combined host memory (G2 is mapped with mmap and page-locked with "
          "cuMemHostRegister, which has no write-combined mode), so there is nothing to disable");
-  if (enable_numa)
-    note("DYN_KVBM_ENABLE_NUMA", b(*enable_numa),
-         "the worker's G2 memory follows the kernel's first-touch placement (the node of the worker thread "
-         "that allocates it); kvbm does not bind it to the GPU's node on request");
   if (kv_events_enable_consolidator)
     note("DYN_KVBM_KV_EVENTS_ENABLE_CONSOLIDATOR", b(*kv_events_enable_consolidator),
          "kvbm has no event consolidator; it publishes its own G2/G3 events on DYN_KVBM_EVENTS_ENDPOINT "

@@ -143,7 +143,14 @@ Status KvbmWorker::AllocateTiers(uint64_t host_blocks, uint64_t disk_blocks, con
     } catch (const ConfigError& e) {
       return MakeError(ErrorCode::kInvalidArgument, fmt::format("G2 sized by DYN_KVBM_CPU_CACHE_*: {}", e.what()));
     }
-    auto host = HostStorage::Allocate(host_layout_->allocation_bytes(0));
+    HostStorageOptions host_options;
+    if (config_.enable_numa.value_or(false)) {
+      // DYN_KVBM_ENABLE_NUMA: G2 on the GPU's node, or, without a GPU (or when its node is
+      // unknown), on the node of the thread that allocates it (the engine's worker thread).
+      int node = device_mem_.kind == MemoryKind::kDevice ? CudaDeviceNumaNode(device_mem_.device_index) : -1;
+      host_options.numa_node = node >= 0 ? node : CurrentNumaNode();
+    }
+    auto host = HostStorage::Allocate(host_layout_->allocation_bytes(0), host_options);
     if (!host)
       return MakeError(host.error().code(), fmt::format("G2 ({} blocks, from DYN_KVBM_CPU_CACHE_*): {}", host_blocks,
                                                         host.error().message()));
@@ -242,6 +249,13 @@ Status KvbmWorker::BindStep(const StepMetadata& meta) {
   }
   {
     std::lock_guard lock(mu_);
+    // Count every load of a request before starting any, so that a fast first load cannot
+    // report the request finished while a second one is still running; and before the
+    // finished requests below, so that a request finished in the step that starts its load
+    // (this metadata) waits for that load instead of being reported as sent at once while
+    // the load still writes into its blocks.
+    for (const TransferOp& op : meta.ops)
+      if (IsLoad(op.kind)) ++loads_in_flight_[op.request_id];
     for (const std::string& r : meta.finished_while_loading) {
       if (loads_in_flight_.count(r)) {
         report_sending_.insert(r);
@@ -253,13 +267,6 @@ Status KvbmWorker::BindStep(const StepMetadata& meta) {
       std::erase(done_recving_, r);
       done_sending_.push_back(r);
     }
-  }
-  // Count every load of a request before starting any, so that a fast first load cannot
-  // report the request finished while a second one is still running.
-  {
-    std::lock_guard lock(mu_);
-    for (const TransferOp& op : meta.ops)
-      if (IsLoad(op.kind)) ++loads_in_flight_[op.request_id];
   }
   for (const TransferOp& op : meta.ops) {
     if (IsLoad(op.kind)) StartLoad(op);
@@ -432,10 +439,16 @@ void KvbmWorker::StartDiskWrite(const TransferOp& op, TransferPath path, const T
     copies.push_back(c);
     slots.push_back(b.dst);
   }
+  const bool reads_host = op.kind == OpKind::kOffloadDisk;
   auto deps = PendingWrites(disk_writes_, slots);
+  if (reads_host) {
+    // A G4 fetch or a promotion still landing in a source host slot lands first.
+    std::vector<uint32_t> host_slots;
+    for (const BlockOp& b : op.blocks) host_slots.push_back(b.src);
+    for (auto& w : PendingWrites(host_writes_, host_slots)) deps.push_back(std::move(w));
+  }
   // This write's completion gates later reads and writes of the same slots.
   auto gate = std::make_shared<TransferCompletion>();
-  bool reads_host = op.kind == OpKind::kOffloadDisk;
   std::vector<BlockOp> readers;
   {
     std::lock_guard lock(mu_);
@@ -448,7 +461,30 @@ void KvbmWorker::StartDiskWrite(const TransferOp& op, TransferPath path, const T
       }
   }
   const TierMemory* src_ptr = &src;
-  AfterAll(deps, [this, copies, path, src_ptr, gate, readers, id = op.id]() {
+  AfterAll(deps, [this, copies, path, src_ptr, gate, readers, reads_host, id = op.id]() mutable {
+    if (reads_host) {
+      // Only a host slot that holds its block (its store, fetch or promotion landed) is written
+      // down. The disk slot of any other is left holding nothing valid, so a read of it fails
+      // verification instead of serving the stale bytes the host slot still had.
+      std::vector<BlockCopy> valid;
+      uint64_t skipped = 0;
+      {
+        std::lock_guard lock(mu_);
+        for (const BlockCopy& c : copies) {
+          if (c.src < host_valid_.size() && host_valid_[c.src]) {
+            valid.push_back(c);
+          } else {
+            disk_mem_.side->Invalidate(c.dst);
+            ++skipped;
+          }
+        }
+      }
+      copies.swap(valid);
+      if (skipped > 0) {
+        Log(LogLevel::kWarn, "disk offload op {}: {} blocks skipped, their host slots hold no valid block", id, skipped);
+        if (metrics_) metrics_->dropped_offloads[static_cast<size_t>(DropReason::kIoError)] += skipped;
+      }
+    }
     auto completion = engine_->Submit(path, *src_ptr, disk_mem_, copies);
     completion->OnDone([this, gate, readers, id](const TransferResult& r) {
       if (!r.ok()) {

@@ -1,6 +1,8 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <chrono>
+#include <cstring>
 
 #include "kvbm/sim_engine.h"
 
@@ -64,6 +66,75 @@ TEST(Worker, FinishedWhileLoadingIsReportedAsSent) {
   EXPECT_TRUE(recving.empty());
 }
 
+// A request finished in the step whose metadata starts its load (an engine that aborts between
+// UpdateStateAfterAlloc and BuildStepMetadata): it is reported as sent only once the load has
+// stopped writing into its G1 blocks, never at once (the engine would hand them to another
+// request while the load still writes).
+TEST(Worker, FinishedInTheStepThatStartsItsLoadWaitsForTheLoad) {
+  SimulatedEngine engine(HostOnly(8), SimEngineOptions{});
+  KvbmWorker& w = engine.worker();
+  StepMetadata store;
+  store.host_blocks = 8;
+  store.ops.push_back({1, OpKind::kStoreHost, "a", {{0, 0, 7}}});  // G1 block 0 -> G2 slot 0
+  ASSERT_TRUE(w.BindStep(store).has_value());
+  ASSERT_TRUE(w.ForwardPassDone().has_value());
+  w.SetLoadDelayForTesting(std::chrono::milliseconds(1000));
+  StepMetadata m;
+  m.host_blocks = 8;
+  m.ops.push_back({2, OpKind::kLoadHost, "r", {{0, 5, 7}}});  // G2 slot 0 -> G1 block 5
+  m.finished_while_loading = {"r"};
+  ASSERT_TRUE(w.BindStep(m).has_value());
+  auto [early_sending, early_recving] = w.GetFinished();
+  EXPECT_TRUE(early_sending.empty()) << "reported as sent while its load was still in flight";
+  EXPECT_TRUE(early_recving.empty());
+  w.WaitIdle();
+  auto [sending, recving] = w.GetFinished();
+  EXPECT_EQ(sending, std::vector<std::string>{"r"});
+  EXPECT_TRUE(recving.empty());  // reported once, as sent
+}
+
+// A host slot whose promotion (G3 -> G2) failed holds no block; writing it down to G3 again
+// must not give a disk slot that verifies with the stale bytes the host slot still had (the
+// checksum is computed over what is written). Seen by the soak with G4 fetches, whose slots are
+// offloaded to G3 while the fetch may still be landing.
+TEST(Worker, OffloadOfAHostSlotThatHoldsNoBlockIsNeverServedFromDisk) {
+  KvbmConfig c = HostOnly(8);
+  c.disk_cache_num_blocks = 8;
+  c.disk_cache_dir = ::testing::TempDir();
+  SimulatedEngine engine(c, SimEngineOptions{});
+  KvbmWorker& w = engine.worker();
+  const Layout& g1 = *w.device_layout();
+  const uint64_t chunk = g1.dims().chunk_bytes();
+  for (uint64_t l = 0; l < g1.dims().num_layers; ++l)
+    for (uint64_t o = 0; o < g1.dims().outer_dim; ++o) std::memset(w.device_memory().ChunkAddress(0, l, o), 0xAB, chunk);
+  auto step = [&](std::vector<TransferOp> ops) {
+    StepMetadata m;
+    m.host_blocks = 8;
+    m.disk_blocks = 8;
+    m.ops = std::move(ops);
+    ASSERT_TRUE(w.BindStep(m).has_value());
+    ASSERT_TRUE(w.ForwardPassDone().has_value());
+    w.WaitIdle();
+  };
+  constexpr uint64_t kHash = 7;
+  step({{1, OpKind::kStoreHost, "", {{0, 0, kHash}}}});    // G1 0 -> G2 0
+  step({{2, OpKind::kOffloadDisk, "", {{0, 0, kHash}}}});  // G2 0 -> G3 0
+  IoQueue& io = w.transfer_engine().io_queue();
+  io.InjectFailure(w.disk_memory().fd, 0, uint64_t{1} << 40);
+  step({{3, OpKind::kPromoteHost, "", {{0, 1, kHash}}}});  // G3 0 -> G2 1: fails, slot 1 holds nothing
+  io.ClearFailures();
+  step({{4, OpKind::kOffloadDisk, "", {{1, 1, kHash}}}});  // G2 1 -> G3 1
+  StepMetadata load;
+  load.host_blocks = 8;
+  load.disk_blocks = 8;
+  load.ops.push_back({5, OpKind::kLoadDisk, "r", {{1, 3, kHash}}});  // G3 1 -> G1 3
+  ASSERT_TRUE(w.BindStep(load).has_value());
+  w.WaitIdle();
+  auto [sending, recving] = w.GetFinished();
+  EXPECT_EQ(recving, std::vector<std::string>{"r"});
+  EXPECT_EQ(w.TakeLoadErrors(), std::vector<uint32_t>{3}) << "G3 slot 1 was served, with bytes no store put there";
+}
+
 }  // namespace
 }  // namespace kvbm
 
@@ -115,6 +186,36 @@ TEST(Worker, SecondEngineWithAnotherLayoutFingerprintIsRefused) {
   EXPECT_NE(st.error().message().find("layout fingerprint differs"), std::string::npos);
   EXPECT_NE(w.block_format().find("order=token,head,dim"), std::string::npos);  // unchanged
   EXPECT_FALSE(w.AllocateTiers(4, 0).has_value());  // once only
+}
+
+}  // namespace
+}  // namespace kvbm
+
+namespace kvbm {
+namespace {
+
+}  // namespace
+bool KernelAllowsMbind(int node);  // src/memory/host_storage_test.cpp
+namespace {
+
+// DYN_KVBM_ENABLE_NUMA: G2 comes from the one host allocator bound to a node (here, without a
+// GPU, the node of the allocating thread); off, it is placed by first touch.
+TEST(Worker, EnableNumaBindsG2ToTheNodeWhereTheKernelAllows) {
+  const int node = CurrentNumaNode();
+  if (node < 0) GTEST_SKIP() << "getcpu does not report a NUMA node here";
+  for (bool enable : {false, true}) {
+    KvbmConfig c = HostOnly(8);
+    if (enable) c.enable_numa = true;
+    SimulatedEngine engine(c, SimEngineOptions{});
+    const HostStorage* g2 = engine.worker().host_storage();
+    ASSERT_NE(g2, nullptr);
+    if (!enable) {
+      EXPECT_EQ(g2->numa_node(), kNoNumaNode);
+      continue;
+    }
+    if (!KernelAllowsMbind(node)) GTEST_SKIP() << "this kernel refuses mbind (no NUMA support or a seccomp filter)";
+    EXPECT_EQ(g2->numa_node(), node);
+  }
 }
 
 }  // namespace

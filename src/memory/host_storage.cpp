@@ -1,4 +1,5 @@
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -37,9 +38,29 @@ void FirstTouch(uint8_t* data, uint64_t bytes) {
   for (auto& w : workers) w.join();
 }
 
+// MPOL_PREFERRED through the raw syscall (no libnuma at link or run time): the pages go to
+// `node` while it has room. Empty when bound, else why not (errno of the kernel).
+std::string BindToNode(void* addr, uint64_t bytes, int node) {
+  constexpr int kMpolPreferred = 1;
+  constexpr unsigned long kBits = 8 * sizeof(unsigned long);
+  constexpr unsigned long kMaxNodes = 1024;
+  if (node < 0 || static_cast<unsigned long>(node) >= kMaxNodes) return fmt::format("node {} out of range", node);
+  unsigned long mask[kMaxNodes / kBits] = {};
+  mask[node / kBits] |= 1UL << (node % kBits);
+  // The kernel reads maxnode - 1 bits.
+  if (syscall(SYS_mbind, addr, bytes, kMpolPreferred, mask, kMaxNodes + 1, 0) == 0) return {};
+  return std::strerror(errno);
+}
+
 }  // namespace
 
-Result<std::unique_ptr<HostStorage>> HostStorage::Allocate(uint64_t bytes, bool try_pin) {
+int CurrentNumaNode() {
+  unsigned cpu = 0, node = 0;
+  if (syscall(SYS_getcpu, &cpu, &node, nullptr) != 0) return kNoNumaNode;
+  return static_cast<int>(node);
+}
+
+Result<std::unique_ptr<HostStorage>> HostStorage::Allocate(uint64_t bytes, const HostStorageOptions& options) {
   if (bytes == 0)
     return MakeError(ErrorCode::kInvalidArgument, "host storage of 0 bytes requested");
   const auto start = std::chrono::steady_clock::now();
@@ -51,18 +72,26 @@ Result<std::unique_ptr<HostStorage>> HostStorage::Allocate(uint64_t bytes, bool 
         fmt::format("cannot map {} bytes ({:.2f} GB) of host memory for the host tier: {}", bytes,
                     bytes / 1e9, std::strerror(errno)));
   auto* data = static_cast<uint8_t*>(mapped);
+  if (options.huge_pages) madvise(mapped, bytes, MADV_HUGEPAGE);
+  int node = kNoNumaNode;
+  if (options.numa_node != kNoNumaNode) {
+    // Before the first touch: that is when the pages are placed.
+    std::string why = BindToNode(mapped, bytes, options.numa_node);
+    if (why.empty()) node = options.numa_node;
+    else Log(LogLevel::kWarn, "host memory not bound to NUMA node {}: {}; placed by first touch", options.numa_node, why);
+  }
   FirstTouch(data, bytes);
   bool pinned = false;
-  if (try_pin) {
+  if (options.try_pin) {
     std::string why;
     pinned = cuda::HostRegister(data, bytes, &why);
     if (!pinned) Log(LogLevel::kInfo, "host tier memory is not pinned: {}", why);
   }
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  Log(LogLevel::kInfo, "allocated {} bytes ({:.2f} GB) of {} host memory in {:.3f} s", bytes,
-      bytes / 1e9, pinned ? "pinned" : "plain", seconds);
-  return std::unique_ptr<HostStorage>(new HostStorage(data, bytes, pinned, seconds));
+  Log(LogLevel::kInfo, "allocated {} bytes ({:.2f} GB) of {} host memory (NUMA node {}) in {:.3f} s", bytes,
+      bytes / 1e9, pinned ? "pinned" : "plain", node, seconds);
+  return std::unique_ptr<HostStorage>(new HostStorage(data, bytes, pinned, node, seconds));
 }
 
 HostStorage::~HostStorage() {

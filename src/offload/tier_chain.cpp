@@ -244,6 +244,7 @@ OnboardPins TierChain::Onboard(const std::string& request_id, std::span<const Bl
   stats_.onboard_host_blocks += pins.host;
   stats_.onboard_disk_blocks += pins.disk;
   stats_.onboard_remote_blocks += pins.remote;
+  stats_.onboard_missing_blocks += pins.missing;
   // A G2 hit is a reuse: it counts toward disk (and G4) admission, so reused prefixes go down.
   for (size_t i = 0; i < host_hits.size(); ++i) {
     SeeForDisk(host_hits, i, keys[i], priority);

@@ -206,6 +206,7 @@ void BindConnector(nb::module_& m) {
              d["dropped_filter"] = s.dropped_filter;
              d["dropped_queue"] = s.dropped_queue;
              d["load_errors"] = s.load_errors;
+             d["onboard_missing_blocks"] = s.onboard_missing_blocks;
              d["restored_disk_blocks"] = s.restored_disk_blocks;
              return d;
            })
@@ -297,6 +298,29 @@ void BindConnector(nb::module_& m) {
            },
            "milliseconds"_a,
            "Test seam: holds back the completion of every load started from now on, as a slow tier would.")
+      .def("inject_disk_failure_for_testing",
+           [](PyWorker& w, uint64_t offset, uint64_t length) {
+             int fd = w.w().disk_memory().fd;
+             if (fd < 0) throw ConfigError("inject_disk_failure_for_testing: this worker has no disk tier (G3)");
+             if (length == 0) throw ConfigError("inject_disk_failure_for_testing: the length must be > 0 bytes");
+             w.w().transfer_engine().io_queue().InjectFailure(fd, offset, length);
+           },
+           "offset"_a, "length"_a,
+           "Test seam (the I/O queue's failpoint): every read and write of the G3 file touching "
+           "[offset, offset + length) fails with EIO until clear_disk_failures_for_testing().")
+      .def("clear_disk_failures_for_testing", [](PyWorker& w) { w.w().transfer_engine().io_queue().ClearFailures(); })
+      .def("disk_io_stats",
+           [](PyWorker& w) {
+             const IoStats& s = w.w().transfer_engine().io_queue().stats();
+             nb::dict d;
+             d["reads"] = s.reads.load();
+             d["writes"] = s.writes.load();
+             d["bytes_read"] = s.bytes_read.load();
+             d["bytes_written"] = s.bytes_written.load();
+             d["errors"] = s.errors.load();
+             return d;
+           },
+           "The G3 I/O queue's counters (cumulative): reads, writes, bytes, and failed I/Os (errors).")
       .def("metrics", [](PyWorker& w) { return MetricsDict(*w.w().metrics()); })
       .def("transfer_counters", [](PyWorker& w) { return TransferCounters(*w.w().metrics()); },
            "Every counter this worker updates (cumulative), for Leader.add_worker_counters.");

@@ -128,7 +128,7 @@ void BindReplay(nanobind::module_& m) {
          std::optional<uint64_t> g2_blocks, std::optional<uint64_t> g3_blocks,
          const std::string& policy, std::optional<std::string> disk_policy, double prefill_tokens_per_s, double decode_tokens_per_s,
          bool move_bytes, uint32_t bytes_per_token, nb::object progress, uint64_t progress_every,
-         double linger_seconds, nb::object on_metrics_port) {
+         double linger_seconds, nb::object on_metrics_port, uint32_t load_steps) {
         ReplayOptions o;
         o.page_size = block_size;
         o.g1_blocks = g1_blocks;
@@ -142,6 +142,12 @@ void BindReplay(nanobind::module_& m) {
         o.prefill_tokens_per_s = prefill_tokens_per_s;
         o.decode_tokens_per_s = decode_tokens_per_s;
         o.move_bytes = move_bytes;
+        if (move_bytes && load_steps > 0)
+          throw ConfigError(fmt::format(
+              "run_replay: load_steps={} applies without move_bytes (with real bytes the worker's loads take "
+              "the steps they take)",
+              load_steps));
+        o.load_steps = load_steps;
         o.bytes_per_token = bytes_per_token;
         o.config = KvbmConfig::FromEnvironment();
         o.progress_every = progress_every ? progress_every : 1;
@@ -181,7 +187,7 @@ void BindReplay(nanobind::module_& m) {
       "disk_policy"_a.none() = nb::none(),
       "prefill_tokens_per_s"_a = 10000.0, "decode_tokens_per_s"_a = 50.0, "move_bytes"_a = false,
       "bytes_per_token"_a = 8, "progress"_a.none() = nb::none(), "progress_every"_a = 256,
-      "linger_seconds"_a = 0.0, "on_metrics_port"_a.none() = nb::none(),
+      "linger_seconds"_a = 0.0, "on_metrics_port"_a.none() = nb::none(), "load_steps"_a = 0,
       "Replays `trace` through the connector core; returns the figures as a dict (see "
       "docs/REPLAY.md).\n"
       "Sizes in blocks: None = unlimited (computed from the trace), 0 = off (G1: no prefix "
@@ -192,5 +198,7 @@ void BindReplay(nanobind::module_& m) {
       "`progress_every`\n"
       "finished requests; returning False cancels (CancelledError).\n"
       "`on_metrics_port(port)` is called once, at the first progress point, with the port the\n"
-      "DYN_KVBM_METRICS endpoint bound (0 when it is off or could not bind).");
+      "DYN_KVBM_METRICS endpoint bound (0 when it is off or could not bind).\n"
+      "`load_steps`: engine steps each load takes (0: within its step; not with move_bytes), so that\n"
+      "policies that treat blocks held by a load differently can differ.");
 }

@@ -71,6 +71,7 @@ _gb = finite_float("a size in GB", lo=0.0, hi=MAX_GB)
 _seconds = finite_float("SECONDS", lo=0.0, hi=365 * 86400.0)
 _limit = decimal("--limit (a number of requests)", 0, 1 << 62)
 _block_size = decimal("--block-size (tokens per block)", 1, 1 << 31)
+_load_steps = decimal("--load-steps (engine steps a load takes)", 0, 1_000_000)
 
 
 def _bytes_per_token(value: str) -> int:
@@ -115,6 +116,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="eviction policy of G2 and G3 (default leaf-first; opt = Belady's MIN from the trace's future, "
                    "the upper limit; G1 is always LRU, like the engine's)")
     p.add_argument("--disk-policy", choices=list(POLICIES), help="eviction policy of G3 (default: --policy)")
+    p.add_argument("--load-steps", type=_load_steps, default=0, metavar="N",
+                   help="engine steps each load takes (default 0: within its step); with N > 0 the loaded blocks "
+                   "stay pinned while other requests are admitted and stored, as with a slow tier, so eviction "
+                   "policies that treat held blocks differently differ (not with --bytes)")
     p.add_argument("--prefill-tokens-per-s", type=_rate, default=10_000.0, help="prefill speed (default 10000; 'inf')")
     p.add_argument("--decode-tokens-per-s", type=_rate, default=50.0, help="decode speed per request (default 50; 'inf')")
     p.add_argument("--bytes", action="store_true",
@@ -238,6 +243,9 @@ def _options(args: argparse.Namespace) -> dict:
     g3 = _blocks_from_gb(args.g3_gb, bpt, bs, "--g3-gb") if args.g3_gb is not None else args.g3_blocks
     if args.bytes and args.g1_blocks is None and args.g1_gb is None:
         raise ConfigError("--bytes needs a finite G1 (--g1-blocks N): its tensors are allocated in host memory")
+    if args.bytes and args.load_steps:
+        raise ConfigError(f"--load-steps {args.load_steps} cannot be combined with --bytes: with real bytes the "
+                          "worker's loads take the steps they take")
     return dict(
         block_size=bs,
         g1_blocks=g1,
@@ -247,6 +255,7 @@ def _options(args: argparse.Namespace) -> dict:
         disk_policy=args.disk_policy,
         prefill_tokens_per_s=args.prefill_tokens_per_s,
         decode_tokens_per_s=args.decode_tokens_per_s,
+        load_steps=args.load_steps,
         move_bytes=args.bytes,
         bytes_per_token=(bpt if (args.bytes and bpt is not None) else 8),
     )
@@ -294,6 +303,7 @@ def _run_one(trace, opts: dict, args, source: str) -> dict:
     r = _core.run_replay(trace, **opts, progress=progress, progress_every=64, linger_seconds=args.linger,
                          on_metrics_port=on_port)
     r["policy"] = opts["policy"]
+    r["load_steps"] = opts["load_steps"]
     r["move_bytes"] = opts["move_bytes"]
     r["trace"] = source
     r["prefill_tokens_per_s"] = opts["prefill_tokens_per_s"]
