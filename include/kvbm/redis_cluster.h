@@ -5,7 +5,9 @@
 // is loaded with CLUSTER SLOTS and reloaded after a MOVED or a node failure; MOVED and ASK
 // (with ASKING) are followed up to `max_redirects` times per key; one connection per master;
 // each batch is pipelined: all of a node's commands are written, then all its replies read,
-// every node's writes before any node's reads.
+// every node's writes before any node's reads. Commands are sent with non-blocking sendmsg
+// straight from the callers' buffers (no copy into a command buffer), to every node in
+// parallel; replies are read as they arrive from any node.
 //
 // Failures: every socket operation carries a timeout (connect and command), and a whole call
 // carries `call_timeout`, so a dead or stalled node costs an error, never a hang. A node whose
@@ -25,6 +27,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -68,6 +71,12 @@ struct RedisClusterOptions {
   Status Validate() const;
 };
 
+// A SET whose value is `head` followed by `tail` (a block's header and its bytes), sent without
+// joining them.
+struct RedisSetItem {
+  std::string_view key, head, tail;
+};
+
 struct RedisClusterStats {
   uint64_t calls = 0;           // batch calls (Exists, Get, Set, Del)
   uint64_t commands = 0;        // key commands sent, redirected retries included
@@ -95,8 +104,14 @@ class RedisCluster {
   Result<std::vector<bool>> Exists(std::span<const std::string> keys);
   // One GET per key; nullopt where the key is not there.
   Result<std::vector<std::optional<std::string>>> Get(std::span<const std::string> keys);
+  // Like Get without copying the values: once every key has its reply, `visit(i, value)` runs
+  // for each key in order (nullopt where it is not there); the view is valid during the call.
+  Status GetEach(std::span<const std::string> keys,
+                 const std::function<void(size_t, std::optional<std::string_view>)>& visit);
   // One SET per item (key, value).
   Status Set(std::span<const std::pair<std::string, std::string_view>> items);
+  // One SET per item, the value head + tail.
+  Status SetParts(std::span<const RedisSetItem> items);
   // One DEL per key; how many existed.
   Result<uint64_t> Del(std::span<const std::string> keys);
 

@@ -4,10 +4,12 @@
 // A RemoteBench owns a G2-like host buffer of `num_blocks` blocks of `block_bytes` (seeded
 // bytes) and one RedisCluster client. A pass runs the calls the worker makes for G4
 // (KvbmWorker::StartRemotePut / StartFetch in src/connector/worker.cpp), on the calling thread:
-//   - Put (G2 -> G4): every block named with RemoteBlockKey, framed with EncodeRemoteBlock
-//     (header + XXH3 of the bytes) and SET, `batch_blocks` blocks per pipelined call;
-//   - Get (G4 -> G2): GET of the same keys, `batch_blocks` per call, each value verified with
-//     DecodeRemoteBlock and copied into its G2 block. A missing or rejected block is an error.
+//   - Put (G2 -> G4): every block named with RemoteBlockKey, given a header with
+//     EncodeRemoteBlockHeader (XXH3 of the bytes) and SET as header + the G2 block's own bytes
+//     (RedisCluster::SetParts), `batch_blocks` blocks per pipelined call;
+//   - Get (G4 -> G2): GET of the same keys, `batch_blocks` per call (RedisCluster::GetEach),
+//     each value verified with DecodeRemoteBlock and copied into its G2 block straight from the
+//     reply. A missing or rejected block is an error.
 // Keys live under `name_space` ("kvbm-bench" by default) with a per-bench random fingerprint, so
 // two benches on one cluster never read each other's blocks; Clear() deletes them.
 //

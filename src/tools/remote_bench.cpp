@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <optional>
 #include <cstring>
 #include <random>
 #include <set>
@@ -59,17 +60,21 @@ uint32_t RemoteBench::masters() const {
 Result<double> RemoteBench::PutSeconds() {
   const uint64_t bs = options_.block_bytes;
   const auto start = Clock::now();
-  std::vector<std::string> values;
-  std::vector<std::pair<std::string, std::string_view>> items;
+  std::vector<RemoteBlockHeader> headers;
+  std::vector<RedisSetItem> items;
   for (uint64_t first = 0; first < options_.num_blocks; first += options_.batch_blocks) {
     const uint64_t end = std::min<uint64_t>(first + options_.batch_blocks, options_.num_blocks);
-    // As the worker's StartRemotePut: frame every block of the op, then one pipelined SET call.
-    values.clear();
+    // As the worker's StartRemotePut: a header per block (its checksum over the bytes), then one
+    // pipelined SET call sending header and bytes from the G2 block itself.
+    headers.clear();
     items.clear();
     for (uint64_t i = first; i < end; ++i)
-      values.push_back(EncodeRemoteBlock(fingerprint_, i, std::span<const uint8_t>(g2_.data() + i * bs, bs)));
-    for (uint64_t i = first; i < end; ++i) items.emplace_back(keys_[i], values[i - first]);
-    if (auto s = client_->Set(items); !s) return std::unexpected(s.error());
+      headers.push_back(EncodeRemoteBlockHeader(fingerprint_, i, std::span<const uint8_t>(g2_.data() + i * bs, bs)));
+    for (uint64_t i = first; i < end; ++i)
+      items.push_back({keys_[i],
+                       std::string_view(reinterpret_cast<const char*>(headers[i - first].data()), kRemoteBlockHeaderBytes),
+                       std::string_view(reinterpret_cast<const char*>(g2_.data() + i * bs), bs)});
+    if (auto s = client_->SetParts(items); !s) return std::unexpected(s.error());
   }
   return std::chrono::duration<double>(Clock::now() - start).count();
 }
@@ -79,18 +84,28 @@ Result<double> RemoteBench::GetSeconds() {
   const auto start = Clock::now();
   for (uint64_t first = 0; first < options_.num_blocks; first += options_.batch_blocks) {
     const uint64_t end = std::min<uint64_t>(first + options_.batch_blocks, options_.num_blocks);
-    // As the worker's StartFetch: one pipelined GET call, every value verified, then copied.
-    auto values = client_->Get(std::span<const std::string>(keys_).subspan(first, end - first));
-    if (!values) return std::unexpected(values.error());
-    for (uint64_t i = first; i < end; ++i) {
-      const auto& v = (*values)[i - first];
-      if (!v)
-        return MakeError(ErrorCode::kNotFound,
-                         fmt::format("kvbm bench remote: block {} is gone from G4 (evicted? check maxmemory)", i));
-      auto bytes = DecodeRemoteBlock(*v, fingerprint_, i, bs);
-      if (!bytes) return std::unexpected(bytes.error());
-      std::memcpy(g2_.data() + i * bs, bytes->data(), bs);
-    }
+    // As the worker's StartFetch: one pipelined GET call, every value verified and copied into
+    // its G2 block straight from the reply.
+    std::optional<Error> bad;
+    auto st = client_->GetEach(
+        std::span<const std::string>(keys_).subspan(first, end - first),
+        [&](size_t k, std::optional<std::string_view> v) {
+          const uint64_t i = first + k;
+          if (bad) return;
+          if (!v) {
+            bad = Error(ErrorCode::kNotFound,
+                        fmt::format("kvbm bench remote: block {} is gone from G4 (evicted? check maxmemory)", i));
+            return;
+          }
+          auto bytes = DecodeRemoteBlock(*v, fingerprint_, i, bs);
+          if (!bytes) {
+            bad = bytes.error();
+            return;
+          }
+          std::memcpy(g2_.data() + i * bs, bytes->data(), bs);
+        });
+    if (!st) return std::unexpected(st.error());
+    if (bad) return std::unexpected(*bad);
   }
   return std::chrono::duration<double>(Clock::now() - start).count();
 }
