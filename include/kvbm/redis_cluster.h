@@ -39,6 +39,8 @@
 
 #include "kvbm/error.h"
 
+struct redisReply;  // hiredis
+
 namespace kvbm {
 
 inline constexpr uint32_t kRedisClusterSlots = 16384;
@@ -104,8 +106,9 @@ class RedisCluster {
   Result<std::vector<bool>> Exists(std::span<const std::string> keys);
   // One GET per key; nullopt where the key is not there.
   Result<std::vector<std::optional<std::string>>> Get(std::span<const std::string> keys);
-  // Like Get without copying the values: once every key has its reply, `visit(i, value)` runs
-  // for each key in order (nullopt where it is not there); the view is valid during the call.
+  // Like Get without copying the values: `visit(i, value)` runs for each key as its reply is
+  // read (any order; nullopt where the key is not there), the view valid during the call only.
+  // On an error some keys may have been visited and others not.
   Status GetEach(std::span<const std::string> keys,
                  const std::function<void(size_t, std::optional<std::string_view>)>& visit);
   // One SET per item (key, value).
@@ -127,9 +130,11 @@ class RedisCluster {
   struct Command;
   explicit RedisCluster(const RedisClusterOptions& options);
 
-  // Runs `commands` (each routed by its slot) and leaves each one's reply in it; the first
-  // failure otherwise. REQUIRES mu_ held.
-  Status Execute(std::vector<Command>& commands);
+  // Runs `commands` (each routed by its slot) and leaves each one's reply in it, or, with
+  // `on_reply`, hands each non-error reply to it as it is read and frees it; the first failure
+  // otherwise. REQUIRES mu_ held.
+  using ReplyHook = std::function<void(size_t, const ::redisReply&)>;
+  Status Execute(std::vector<Command>& commands, const ReplyHook* on_reply = nullptr);
   // Asks known masters, then seeds, then any other node seen, for CLUSTER SLOTS until one
   // answers or `deadline` passes. REQUIRES mu_ held.
   Status LoadSlotMapLocked(std::chrono::steady_clock::time_point deadline);
@@ -142,6 +147,8 @@ class RedisCluster {
   std::vector<std::unique_ptr<Node>> nodes_;  // GUARDED_BY(mu_); never shrinks (stable pointers)
   std::vector<int32_t> slot_owner_;           // GUARDED_BY(mu_); index into nodes_, -1 unknown
   bool slot_map_stale_ = false;               // GUARDED_BY(mu_)
+  static constexpr size_t kRecvBufferBytes = 256 << 10;
+  std::vector<char> recv_buffer_;             // GUARDED_BY(mu_); replies are read through it
 
   struct Counters {
     std::atomic<uint64_t> calls{0}, commands{0}, errors{0}, moved{0}, ask{0}, timeouts{0},

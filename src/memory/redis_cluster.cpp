@@ -270,7 +270,7 @@ class RespBatch {
 }  // namespace
 
 RedisCluster::RedisCluster(const RedisClusterOptions& options)
-    : options_(options), slot_owner_(kRedisClusterSlots, -1) {}
+    : options_(options), slot_owner_(kRedisClusterSlots, -1), recv_buffer_(kRecvBufferBytes) {}
 
 RedisCluster::~RedisCluster() {
   for (auto& n : nodes_)
@@ -473,7 +473,7 @@ std::optional<RedisNodeAddress> RedisCluster::MasterOf(uint16_t slot) const {
   return nodes_[slot_owner_[slot]]->address;
 }
 
-Status RedisCluster::Execute(std::vector<Command>& commands) {
+Status RedisCluster::Execute(std::vector<Command>& commands, const ReplyHook* on_reply) {
   counters_.calls.fetch_add(1, std::memory_order_relaxed);
   const auto deadline = Clock::now() + options_.call_timeout;
   if (slot_map_stale_)
@@ -596,6 +596,10 @@ Status RedisCluster::Execute(std::vector<Command>& commands) {
       const RedisNodeAddress& from = node.address;
       cmd.ask.reset();
       if (reply->type != REDIS_REPLY_ERROR) {
+        if (on_reply != nullptr) {
+          (*on_reply)(index, *reply);  // then freed at once: one large value alive at a time
+          return;
+        }
         cmd.reply = std::move(reply);
         return;
       }
@@ -696,12 +700,21 @@ Status RedisCluster::Execute(std::vector<Command>& commands) {
       for (size_t f = 0; f < fds.size(); ++f) {
         if (fds[f].revents == 0) continue;
         const size_t g = fd_group[f];
-        errno = 0;
-        // One read(2): the socket is readable, so it does not block.
-        if (redisBufferRead(groups[g].first->context) != REDIS_OK) {
-          node_failed(*groups[g].first, std::span(groups[g].second).subspan(progress[g].op),
-                      "reading replies", errno);
-          alive[g] = false;
+        // Everything the socket holds, in large non-blocking reads, each fed to the reply
+        // reader and its complete replies taken at once (so large values do not pile up).
+        redisContext* ctx = groups[g].first->context;
+        for (;;) {
+          const ssize_t n = recv(ctx->fd, recv_buffer_.data(), recv_buffer_.size(), MSG_DONTWAIT);
+          if (n < 0 && errno == EINTR) continue;
+          if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
+          if (n <= 0 || redisReaderFeed(ctx->reader, recv_buffer_.data(), static_cast<size_t>(n)) != REDIS_OK ||
+              !drain(g)) {
+            node_failed(*groups[g].first, std::span(groups[g].second).subspan(progress[g].op),
+                        "reading replies", n == 0 ? ECONNRESET : errno);
+            alive[g] = false;
+            break;
+          }
+          if (progress[g].op == groups[g].second.size()) break;
         }
       }
     }
@@ -743,21 +756,18 @@ Status RedisCluster::GetEach(
   std::vector<Command> commands;
   commands.reserve(keys.size());
   for (const auto& k : keys) commands.emplace_back("GET", k);
-  std::lock_guard lock(mu_);
-  if (auto st = Execute(commands); !st) return st;
-  for (size_t i = 0; i < keys.size(); ++i) {
-    const redisReply* r = commands[i].reply.get();
-    if (r->type != REDIS_REPLY_STRING && r->type != REDIS_REPLY_NIL)
-      return MakeError(ErrorCode::kInternal,
-                       fmt::format("GET {} answered with reply type {}", keys[i], r->type));
-  }
-  for (size_t i = 0; i < keys.size(); ++i) {
-    ReplyPtr r = std::move(commands[i].reply);  // freed as soon as it was seen
-    if (r->type == REDIS_REPLY_STRING)
-      visit(i, std::string_view(r->str, r->len));
-    else
+  std::optional<Error> bad_reply;
+  const ReplyHook hook = [&](size_t i, const redisReply& r) {
+    if (r.type == REDIS_REPLY_STRING)
+      visit(i, std::string_view(r.str, r.len));
+    else if (r.type == REDIS_REPLY_NIL)
       visit(i, std::nullopt);
-  }
+    else if (!bad_reply)
+      bad_reply = Error(ErrorCode::kInternal, fmt::format("GET {} answered with reply type {}", keys[i], r.type));
+  };
+  std::lock_guard lock(mu_);
+  if (auto st = Execute(commands, &hook); !st) return st;
+  if (bad_reply) return std::unexpected(*bad_reply);
   return {};
 }
 
