@@ -1,6 +1,7 @@
 // The tier chain: the tiers below the engine's G1 (G2 host, G3 disk) and the policy that moves
-// blocks along them. Every caller drives tiers through it: the connector leader (vLLM today,
-// TensorRT-LLM and SGLang adapters), the simulated engine and trace replay. It owns
+// blocks along them. Every caller drives tiers through it: the connector leader (the vLLM and
+// TensorRT-LLM adapters), the page connector (SGLang's adapter, page_connector.h), the
+// simulated engine and trace replay. It owns
 //
 //   - the order of tiers and one block pool per tier (metadata: the bytes live in workers);
 //   - write-through: a block the engine completed is stored G1 -> G2 (G1 -> G3 when only disk
@@ -133,6 +134,18 @@ class TierChain {
 
   const TierChainStats& stats() const { return stats_; }
   size_t disk_queue_size() const { return disk_queue_.size(); }
+
+  // For callers whose keys are independent pages (no parent links: an engine's own page keys,
+  // see page_connector.h) and whose worker finishes each step's operations before the next.
+
+  // Where each key is held, each key on its own: G2, else G3; the keys held in neither are
+  // asked of G4 in one pipelined check, in order, and its leading hits are kRemote. nullopt:
+  // not held. No side effects on the pools. (Count wants a parent-linked run; these keys
+  // have no parents.)
+  std::vector<std::optional<TierId>> Locate(std::span<const BlockKey> keys) const;
+  // Drops the pins of every step ended so far and of the current one (stores, offloads,
+  // promotions). Only for a caller whose worker has finished every transfer of those steps.
+  void ReleaseStepPins();
 
  private:
   struct DiskOffload {

@@ -287,4 +287,29 @@ void TierChain::EndStep(std::vector<TransferOp>& ops, uint64_t& next_op_id) {
   if (disk_) metrics_->pool_used[static_cast<size_t>(TierId::kDisk)] = disk_->stats().registered;
 }
 
+std::vector<std::optional<TierId>> TierChain::Locate(std::span<const BlockKey> keys) const {
+  std::vector<std::optional<TierId>> where(keys.size());
+  std::vector<BlockKey> elsewhere;
+  std::vector<size_t> at;
+  for (size_t i = 0; i < keys.size(); ++i) {
+    if (host_ && host_->Contains(keys[i])) where[i] = TierId::kHost;
+    else if (disk_ && disk_->Contains(keys[i])) where[i] = TierId::kDisk;
+    else {
+      elsewhere.push_back(keys[i]);
+      at.push_back(i);
+    }
+  }
+  if (remote_ && !elsewhere.empty()) {
+    size_t n = remote_->CountPrefix(elsewhere);
+    for (size_t k = 0; k < n; ++k) where[at[k]] = TierId::kRemote;
+  }
+  return where;
+}
+
+void TierChain::ReleaseStepPins() {
+  step_pins_.clear();
+  current_pins_.clear();
+  current_single_pins_.clear();
+}
+
 }  // namespace kvbm

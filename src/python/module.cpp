@@ -9,7 +9,7 @@
 void BindConnector(nanobind::module_& m);
 void BindTransferBench(nanobind::module_& m);  // bench_bindings.cpp: data-path benchmark
 void BindReplay(nanobind::module_& m);       // replay_bindings.cpp: `kvbm replay`
-void BindStore(nanobind::module_& m);        // store_bindings.cpp: PageStore (G2/G3 by key)
+void BindPageConnector(nanobind::module_& m);  // connector_bindings.cpp: PageConnector (pages by key)
 void BindStats(nanobind::module_& m);        // stats_bindings.cpp: worker counters, recording settings
 void BindBuildInfo(nanobind::module_& m);    // build_info_bindings.cpp: `kvbm build-info`
 
@@ -31,7 +31,7 @@ NB_MODULE(_core, m) {
   BindConnector(m);
   BindTransferBench(m);
   BindReplay(m);
-  BindStore(m);
+  BindPageConnector(m);
   BindStats(m);
   BindBuildInfo(m);
 }

@@ -4,12 +4,14 @@ SGLang's server needs CUDA; what runs here is its storage interface: the backend
 SGLang's real ``HiCacheStorage`` when ``sglang.srt.mem_cache.hicache_storage`` imports (the
 PyPI wheel, see docs/ENGINES.md) and kvbm's stand-ins of the same names otherwise
 (``kvbm.sglang_integration.INTERFACE`` says which). Host pools are CPU tensors in SGLang's MHA
-host pool layouts (kvbm.testing.sglang_pool); the store is kvbm's real G2/G3 (PageStore)."""
+host pool layouts (kvbm.testing.sglang_pool); the store is kvbm's real tier chain (the
+PageConnector: the same pools, policies, worker and metrics as the vLLM path, a real G3 file)."""
 
 from __future__ import annotations
 
 import importlib
 import itertools
+import os
 
 import pytest
 
@@ -30,9 +32,14 @@ PAGE, LAYERS, HEADS, HD, SIZE = 4, 3, 2, 8, 64
 _names = itertools.count()
 
 
-def _config(tmp_path, **extra):
+def _config(tmp_path, env_extra=None, **extra):
     env = {"DYN_KVBM_DISK_CACHE_DIR": str(tmp_path), "DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS": "8",
            "DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS": "32", "DYN_KVBM_DISK_DISABLE_O_DIRECT": "true"}
+    for k, v in (env_extra or {}).items():
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = v
     cfg = {"backend_name": "kvbm", "module_path": "kvbm.sglang_integration", "class_name": "KvbmHiCacheStorage",
            "store": f"test-{next(_names)}", "env": env, **extra}
     return _sgl().HiCacheStorageConfig(tp_rank=0, tp_size=1, pp_rank=0, pp_size=1, attn_cp_rank=0, attn_cp_size=1,
@@ -95,18 +102,109 @@ def test_zero_copy_round_trip_across_host_layouts(tmp_path, src_layout, dst_layo
 
 
 def test_pages_spill_to_disk_and_come_back_exact(tmp_path):
-    config = _config(tmp_path)
+    # Write-through with the admission filter off: every page goes G2 and G3; G2 keeps the
+    # last 8 (its policy evicts the rest) and the first 6 come back from the G3 file.
+    config = _config(tmp_path, {"DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER": "true"})
     pool = _pool("layer_first", seed=3)
     b = _backend(config, pool)
-    keys = [f"p{i}" for i in range(14)]  # 8 host slots: 6 pages go down to G3
+    keys = [f"p{i}" for i in range(14)]
     idx = torch.arange(0, 14 * PAGE)
     assert all(b.batch_set_v1(keys, idx))
-    assert b.kvbm_stats()["host_to_disk"] == 6
+    st = b.kvbm_stats()
+    assert (st["store_host_blocks"], st["offload_disk_blocks"]) == (14, 14)
+    assert b.store.pool_stats("host")["registered"] == 8
     out = _pool("layer_first", seed=4)
     r = _backend(config, out)
     assert all(r.batch_get_v1(keys, idx))
-    assert r.kvbm_stats()["disk_hits"] == 6
+    st = r.kvbm_stats()
+    assert (st["onboard_host_blocks"], st["onboard_disk_blocks"]) == (8, 6)
     assert _same_tokens(pool, idx.tolist(), out, idx.tolist())
+
+
+def test_an_sglang_put_shows_in_the_chain_stats_and_metrics(tmp_path):
+    """The SGLang path is the tier chain's: its stores, loads and hit rates are counted where
+    the vLLM path's are (chain stats, transfer metrics, the Prometheus text)."""
+    b = _backend(_config(tmp_path), _pool("page_first", seed=7))
+    keys = ["m0", "m1", "m2"]
+    idx = torch.arange(0, 3 * PAGE)
+    before = b.kvbm_metrics()
+    assert b.batch_set_v1(keys, idx) == [True] * 3
+    st, m = b.kvbm_stats(), b.kvbm_metrics()
+    assert st["store_host_blocks"] == 3 and st["dropped_filter"] == 3  # first sight: G2 only
+    assert m["blocks_d2h"] - before["blocks_d2h"] == 3
+    assert m["bytes_d2h"] - before["bytes_d2h"] == 3 * b.geometry.block_bytes
+    assert m["pool_used_host"] == 3
+    assert b.batch_exists(keys + ["absent"]) == 3
+    assert b.batch_get_v1(keys, torch.arange(16, 16 + 3 * PAGE)) == [True] * 3
+    m = b.kvbm_metrics()
+    assert m["blocks_h2d"] - before["blocks_h2d"] == 3  # G2 -> G1 (here: SGLang's host pool)
+    assert m["matched_tokens"] - before["matched_tokens"] == 3 * PAGE
+    assert m["host_hit_rate"] > 0
+    assert b.kvbm_stats()["onboard_host_blocks"] == 3
+    text = b.store.prometheus_text()
+    assert f"kvbm_offload_blocks_d2h {m['blocks_d2h']}" in text
+    assert f"kvbm_onboard_blocks_h2d {m['blocks_h2d']}" in text
+    # A repeat sight (the G2 hits above) admitted them to G3: the chain's filter, not a second policy.
+    assert b.kvbm_stats()["offload_disk_blocks"] == 3
+
+
+@pytest.mark.parametrize("policy,held", [("lru", ["c", "d", "e"]), ("leaf-first", ["c", "d", "e"]),
+                                         ("reuse", ["a", "d", "e"])])
+def test_eviction_follows_the_configured_policy(tmp_path, policy, held):
+    """G2 of 3 pages, no G3; a is read back twice. lru (and leaf-first: every page is a leaf)
+    evict the least recently used: b for d, then a for e. reuse predicts a's next use from its
+    regular reuse and evicts the pages never reused (b, c) first. (The C++ test
+    PageConnector.EvictionFollowsTheConfiguredPolicy checks each policy against a bare pool.)"""
+    config = _config(tmp_path, {"DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS": "3",
+                                "DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS": None,
+                                "DYN_KVBM_HOST_EVICTION_POLICY": policy})
+    b = _backend(config, _pool("layer_first", seed=8))
+    assert b.store.host_blocks == 3 and b.store.disk_blocks == 0
+    page = torch.arange(0, PAGE)
+    for put, key in [(True, "a"), (False, "a"), (True, "b"), (False, "a"), (True, "c"), (True, "d"), (True, "e")]:
+        assert (b.batch_set_v1 if put else b.batch_get_v1)([key], page) == [True]
+    assert [k for k in "abcde" if b.exists(k)] == held
+
+
+def _open_kvbm_disk_file(disk_dir: str) -> int:
+    """An fd of kvbm's (unlinked, still open) G3 file under `disk_dir`, found through /proc."""
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(os.path.join(disk_dir, "dynamo-kvbm-disk-cache-")):
+            return os.open(f"/proc/self/fd/{fd}", os.O_RDWR)
+    raise AssertionError(f"no open kvbm disk file under {disk_dir}")
+
+
+def test_a_corrupted_disk_page_is_a_miss(tmp_path):
+    """G3 only: pages go straight to the file. Overwritten behind kvbm's back, each fails its
+    checksum on the way up: batch_get says False, the host pool is not written, and the page is
+    invalidated in the chain (a miss from then on), as on the vLLM path."""
+    disk_dir = tmp_path / "g3"
+    disk_dir.mkdir()
+    config = _config(tmp_path, {"DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS": None,
+                                "DYN_KVBM_DISK_CACHE_DIR": str(disk_dir)})
+    src = _pool("layer_first", seed=9)
+    b = _backend(config, src)
+    keys = ["c0", "c1"]
+    assert b.batch_set_v1(keys, torch.arange(0, 2 * PAGE)) == [True, True]
+    assert b.kvbm_stats()["store_disk_blocks"] == 2
+    fd = _open_kvbm_disk_file(str(disk_dir))
+    try:
+        size = os.lseek(fd, 0, os.SEEK_END)
+        os.pwrite(fd, b"\x5a" * size, 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    before = src.kv_buffer.clone()
+    assert b.batch_get_v1(keys, torch.arange(32, 32 + 2 * PAGE)) == [False, False]
+    assert torch.equal(src.kv_buffer, before)  # nothing scattered into the host pool
+    st, m = b.kvbm_stats(), b.kvbm_metrics()
+    assert st["load_errors"] == 2 and st["get_failed"] == 2
+    assert m["corrupt_blocks"] == 2
+    assert b.batch_exists(keys) == 0 and not b.exists("c0")
 
 
 def test_flat_page_path(tmp_path):

@@ -112,3 +112,57 @@ def test_kvbm_command_runs_from_the_fresh_environment(venv, tmp_path):
     assert info["extension"].startswith(str(venv)), info
     for key in ("compiler", "zeromq", "zeromq_loaded", "xxhash", "liburing", "fmt", "nanobind"):
         assert info[key] and info[key] != "unknown", (key, info)
+
+
+# vLLM with the wheel: what a vLLM user does is `pip install kvbm` into the environment vLLM is
+# already in. The environment sees the machine's vLLM and torch (system site-packages) but its
+# own kvbm comes from the wheel; the script checks that, then runs the tiny model through
+# vLLM's offline engine without and with kvbm's connector.
+_VLLM_WITH_WHEEL = r"""
+import json, os, sys
+import kvbm
+assert kvbm.__file__.startswith(sys.prefix), (kvbm.__file__, sys.prefix)
+from kvbm.testing import vllm_runner as vr
+from kvbm.testing.chat_workload import chat_prompts
+from kvbm.testing.tiny_model import write_tiny_llama
+model = str(write_tiny_llama(sys.argv[1]))
+prompts = chat_prompts()
+llm = vr.make_llm(model, with_kvbm=False, gpu_blocks=48, max_model_len=1504)
+base = vr.run_sequential(llm, prompts).tokens
+vr.close_llm(llm)
+with vr.kvbm_env(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS=64, DYN_KVBM_CPU_CACHE_GB=None):
+    llm = vr.make_llm(model, with_kvbm=True, gpu_blocks=48, max_model_len=1504)
+    with_kvbm = vr.run_sequential(llm, prompts).tokens
+    counters = vr.kvbm_counters()
+    vr.close_llm(llm)
+print(json.dumps({"kvbm": kvbm.__file__, "same": base == with_kvbm, "leader": counters.get("leader", {})}))
+"""
+
+
+@pytest.fixture(scope="module")
+def vllm_venv(wheel, tmp_path_factory) -> Path:
+    """A second environment, on top of the machine's packages, with the wheel installed into it."""
+    from kvbm.testing.vllm_runner import vllm_available
+
+    reason = vllm_available()
+    if reason is not None:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            raise RuntimeError(f"CI is set but vLLM does not import ({reason})")
+        pytest.skip(f"vLLM not importable ({reason})")
+    root = tmp_path_factory.mktemp("venv-vllm")
+    r = _run([sys.executable, "-m", "venv", "--system-site-packages", str(root)])
+    assert r.returncode == 0, r.stderr
+    r = _run([str(root / "bin" / "pip"), "install", "-q", "--no-deps", str(wheel)], timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return root
+
+
+def test_vllm_serves_identical_outputs_with_the_installed_wheel(vllm_venv, tmp_path):
+    r = _run([str(vllm_venv / "bin" / "python"), "-c", _VLLM_WITH_WHEEL, str(tmp_path / "model")],
+             cwd=tmp_path, env=_clean_env(), timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    out = json.loads([ln for ln in r.stdout.splitlines() if ln.startswith("{")][-1])
+    assert out["kvbm"].startswith(str(vllm_venv)), out
+    assert out["same"], out
+    # later turns of the chat come back from kvbm's G2 (G1 is smaller than the live prefixes)
+    assert out["leader"].get("onboard_host_blocks", 0) > 0, out

@@ -36,13 +36,24 @@ def ratio_entries(obj, path: str = "") -> dict[str, dict]:
     """Every ratio summary in a result, by dotted path (``transfer.block_sizes.2m.g3_to_g2_vs_fio``)."""
     found: dict[str, dict] = {}
     if isinstance(obj, dict):
-        if {"median", "min", "max", "pairs", "ratios"} <= obj.keys():
+        # _pairs.summarize's form ("ratios" beside a pair count) or bench core's ("pairs": the ratios)
+        if {"median", "min", "max", "pairs"} <= obj.keys() and ("ratios" in obj or isinstance(obj["pairs"], list)):
             found[path] = obj
         for k, v in obj.items():
             if k in ("kvbm", "anchor", "ratios"):
                 continue
             found.update(ratio_entries(v, f"{path}.{k}" if path else k))
     return found
+
+
+def spread_of(invocations: list[dict]) -> dict[str, dict]:
+    """Each ratio's invocation medians and their spread (see _pairs.spread), by dotted path."""
+    per_path: dict[str, list[float]] = {}
+    for inv in invocations:
+        for path, entry in ratio_entries(inv).items():
+            if entry.get("median") is not None:
+                per_path.setdefault(path, []).append(entry["median"])
+    return {p: _pairs.spread(m) for p, m in sorted(per_path.items())}
 
 
 def run_one(name: str, quick: bool) -> dict:
@@ -80,12 +91,7 @@ def run(args: argparse.Namespace) -> int:
     }
     if args.invocations > 1:
         summary["runs"] = invocations
-        per_path: dict[str, list[float]] = {}
-        for inv in invocations:
-            for path, entry in ratio_entries(inv).items():
-                if entry.get("median") is not None:
-                    per_path.setdefault(path, []).append(entry["median"])
-        summary["spread"] = {p: _pairs.spread(m) for p, m in sorted(per_path.items())}
+        summary["spread"] = spread_of(invocations)
     text = json.dumps(summary, sort_keys=True)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:

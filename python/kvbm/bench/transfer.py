@@ -13,6 +13,9 @@ For each block size (256 KiB and 2 MiB by default), over the same buffers and th
   run first and end with an untimed kvbm write that restores checksummed blocks for the reads.
 
 Every ratio is the median of interleaved pairs (kvbm/_pairs.py), with min, max and the count.
+The disk ratios take more pairs (``--disk-pairs``, by default 3x ``--pairs``): a virtual disk's
+bandwidth swings up to 3x from one half-second pass to the next (fio alone, same file), so a
+single pair's ratio is noise and only the median of many pairs holds still (issue 14).
 fio comes from Debian (``apt-get install fio``); without it the disk ratios are null.
 """
 
@@ -29,6 +32,7 @@ from kvbm.bench import _pairs
 
 QUICK_TOTAL_MIB = 32
 QUICK_BLOCK_SIZES = "256K"
+DISK_PAIRS_FACTOR = 3
 
 from kvbm.commands._args import decimal
 
@@ -42,6 +46,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"bytes moved per pass, in MiB (default 512; {QUICK_TOTAL_MIB} with --quick)")
     p.add_argument("--block-sizes", default=None,
                    help=f"comma-separated block sizes, K/M suffix (default 256K,2M; {QUICK_BLOCK_SIZES} with --quick)")
+    p.add_argument("--disk-pairs", type=int, default=None,
+                   help=f"pairs for the disk ratios (default {DISK_PAIRS_FACTOR}x the pairs; the pairs with --quick)")
     return p
 
 
@@ -68,7 +74,7 @@ def fio_gbps(path: str, rw: str, bs: int, size: int, iodepth: int) -> float:
     return json.loads(out.stdout)["jobs"][0][rw]["bw_bytes"] / 1e9
 
 
-def measure_block_size(bs: int, total: int, directory: str, pairs: int) -> dict:
+def measure_block_size(bs: int, total: int, directory: str, pairs: int, disk_pairs: int) -> dict:
     """All ratios for one block size; see the module docstring."""
     from kvbm._core import TransferBench
 
@@ -93,9 +99,9 @@ def measure_block_size(bs: int, total: int, directory: str, pairs: int) -> dict:
     def fio(rw: str):
         return lambda _i: fio_gbps(path, rw, bs, tb.disk_bytes, tb.io_depth)
 
-    r["g2_to_g3_vs_fio"] = _pairs.run_pairs(gbps("g2_to_g3"), fio("write") if have_fio else None, pairs)
+    r["g2_to_g3_vs_fio"] = _pairs.run_pairs(gbps("g2_to_g3"), fio("write") if have_fio else None, disk_pairs)
     tb.pass_seconds("g2_to_g3")  # fio wrote over the file: kvbm's blocks back, checksums match
-    r["g3_to_g2_vs_fio"] = _pairs.run_pairs(gbps("g3_to_g2"), fio("read") if have_fio else None, pairs)
+    r["g3_to_g2_vs_fio"] = _pairs.run_pairs(gbps("g3_to_g2"), fio("read") if have_fio else None, disk_pairs)
     r["mismatched_blocks"] = tb.verify()
     return r
 
@@ -108,20 +114,24 @@ def run(args: argparse.Namespace) -> int:
         sizes = [(t.strip().lower(), parse_size(t)) for t in sizes_text.split(",")]
         if total <= 0:
             raise ValueError(f"--total-mib must be positive, got {args.total_mib}")
+        if args.disk_pairs is not None and args.disk_pairs < (1 if args.quick else _pairs.MIN_STABLE_PAIRS):
+            raise ValueError(f"--disk-pairs {args.disk_pairs} is too few"
+                             + ("" if args.quick else f" (at least {_pairs.MIN_STABLE_PAIRS} outside --quick)"))
+        disk_pairs = args.disk_pairs or (pairs if args.quick else DISK_PAIRS_FACTOR * pairs)
     except ValueError as e:
         print(f"kvbm bench transfer: error: {e}", file=sys.stderr)
         return 2
-    result: dict = {"bench": "transfer", "quick": bool(args.quick), "pairs": pairs, "dir": args.dir,
+    result: dict = {"bench": "transfer", "quick": bool(args.quick), "pairs": pairs, "disk_pairs": disk_pairs, "dir": args.dir,
                     "fio": shutil.which("fio") is not None, "block_sizes": {}}
     for label, bs in sizes:
-        result["block_sizes"][label] = measure_block_size(bs, total, args.dir, pairs)
+        result["block_sizes"][label] = measure_block_size(bs, total, args.dir, pairs, disk_pairs)
     result["machine"] = _pairs.machine(args.dir)
     ok = all(r["mismatched_blocks"] == 0 for r in result["block_sizes"].values())
     if args.json:
         print(json.dumps(result, sort_keys=True))
         return 0 if ok else 1
     f = _pairs.fmt_ratio
-    print(f"{pairs} interleaved pairs per ratio; median [min-max] of kvbm / anchor")
+    print(f"{pairs} interleaved pairs per memory ratio, {disk_pairs} per disk ratio; median [min-max] of kvbm / anchor")
     for label, r in result["block_sizes"].items():
         n = r["memcpy_threads"]
         print(f"block {label} ({r['bytes'] >> 20} MiB per pass):")

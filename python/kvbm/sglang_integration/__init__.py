@@ -8,21 +8,24 @@ Select it through SGLang's ``dynamic`` backend::
 
 SGLang's factory imports ``module_path``, checks that the class subclasses ``HiCacheStorage``
 and calls ``KvbmHiCacheStorage(storage_config, kwargs)``; the cache controller then calls
-``register_mem_pool_host(host_pool)``. Pages go into ``kvbm._core.PageStore``: kvbm's G2 (host
-memory) and G3 (disk file) tiers, sized by the usual ``DYN_KVBM_*`` variables, addressed by
-SGLang's page keys. A page is stored in kvbm's block format ``[layer][K|V][tokens, heads,
+``register_mem_pool_host(host_pool)``. Pages go into ``kvbm._core.PageConnector``
+(include/kvbm/page_connector.h): the same tier chain as the vLLM and TensorRT-LLM paths (G2 host
+memory, G3 disk file, G4 remote store when ``DYN_KVBM_REMOTE_URL`` is set), with its eviction
+policies, write-through, G3 admission filter, promotion and metrics, all from the usual
+``DYN_KVBM_*`` variables. A page is stored in kvbm's block format ``[layer][K|V][tokens, heads,
 head_dim]`` with its layout fingerprint; pools of another fingerprint are refused.
 
 Keys: SGLang hands a storage backend its own page keys (a SHA-256 chain over token ids), never
-the tokens, so pages are not shared with vLLM / TensorRT-LLM instances (their keys are kvbm's
-sequence hashes of the tokens). ``kvbm_keys`` computes kvbm's chain for a hook that has tokens;
-docs/ENGINES.md explains the limit.
+the tokens. kvbm identifies a page by XXH3-128 of its key (the block's 64-bit sequence hash and
+its 64-bit block hash): a 64-bit collision is a miss, never another page's bytes. Pages are not
+shared with vLLM / TensorRT-LLM instances (their keys are kvbm's sequence hashes of the tokens);
+``kvbm_keys`` computes kvbm's chain for a hook that has tokens; docs/ENGINES.md explains the limit.
 
-Extra config keys (all optional): ``store`` (name of the process-wide store to share, default
-"default"), ``env`` (a dict of DYN_KVBM_* settings instead of the environment).
+Extra config keys (all optional): ``store`` (name of the process-wide connector to share,
+default "default"), ``env`` (a dict of DYN_KVBM_* settings instead of the environment).
 
-Thread safety: SGLang calls from its prefetch and backup threads at once; the store serialises
-them (and releases the GIL while copying).
+Thread safety: SGLang calls from its prefetch and backup threads at once; the connector
+serialises them (and releases the GIL while copying).
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ except Exception as _e:  # noqa: BLE001 - any failure: the stand-ins, and say wh
 
     INTERFACE = f"kvbm stand-ins (sglang not importable: {type(_e).__name__}: {_e})"
 
-__all__ = ["KvbmHiCacheStorage", "INTERFACE", "kvbm_keys", "pool_geometry"]
+__all__ = ["KvbmHiCacheStorage", "INTERFACE", "kvbm_keys", "pool_geometry", "remote_descriptor"]
 
 logger = logging.getLogger("kvbm.sglang")
 
@@ -152,14 +155,27 @@ def pool_geometry(pool: Any) -> PoolGeometry:
                      "(layer_first, page_first, page_first_direct)")
 
 
-def _open_store(name: str, geometry: PoolGeometry, env: Optional[dict]) -> Any:
+def remote_descriptor(config: Optional[HiCacheStorageConfig], geometry: PoolGeometry) -> str:
+    """What names this rank's pages in G4: instances of the same model, tensor-parallel rank and
+    page format share them, nothing else does."""
+    model = getattr(config, "model_name", None) or "unknown"
+    tp_rank = getattr(config, "tp_rank", 0)
+    tp_size = getattr(config, "tp_size", 1)
+    return f"sglang model={model} tp={tp_rank}/{tp_size} pages=[{geometry.block_format}]"
+
+
+def _open_store(name: str, geometry: PoolGeometry, env: Optional[dict], descriptor: str) -> Any:
     with _stores_lock:
         store = _stores.get(name)
         if store is None:
-            store = _core.PageStore(geometry.block_bytes, geometry.block_format, env=env)
+            store = _core.PageConnector(geometry.layers, geometry.page_size, geometry.heads * geometry.head_dim,
+                                        geometry.itemsize, ELEMENT_ORDER, env=env, remote_descriptor=descriptor)
+            if store.block_format != geometry.block_format:  # the core's fingerprint must be this pool's
+                raise ValueError(f"kvbm: page format [{store.block_format}] != pool format [{geometry.block_format}]")
             _stores[name] = store
-            logger.info("kvbm store %r: %s; G2 %d blocks, G3 %d blocks of %d bytes", name, geometry.block_format,
-                        store.host_blocks, store.disk_blocks, geometry.block_bytes)
+            logger.info("kvbm store %r: %s; G2 %d blocks, G3 %d blocks of %d bytes, G4 %s", name,
+                        geometry.block_format, store.host_blocks, store.disk_blocks, geometry.block_bytes,
+                        "on" if store.has_remote else "off")
         elif store.block_format != geometry.block_format:
             raise ValueError(f"kvbm: layout fingerprint differs: this pool's pages are [{geometry.block_format}], "
                              f"store {name!r} holds [{store.block_format}]; refusing, they would be misread")
@@ -167,7 +183,7 @@ def _open_store(name: str, geometry: PoolGeometry, env: Optional[dict]) -> Any:
 
 
 class KvbmHiCacheStorage(HiCacheStorage):
-    """SGLang ``HiCacheStorage`` over kvbm's G2/G3 tiers."""
+    """SGLang ``HiCacheStorage`` over kvbm's tier chain (G2 / G3 / G4)."""
 
     def __init__(self, storage_config: HiCacheStorageConfig, kwargs: Optional[dict] = None):
         extra = dict(storage_config.extra_config or {}) if storage_config is not None else {}
@@ -185,7 +201,8 @@ class KvbmHiCacheStorage(HiCacheStorage):
     def register_mem_pool_host(self, mem_pool_host: Any):
         super().register_mem_pool_host(mem_pool_host)
         self.geometry = pool_geometry(mem_pool_host)
-        self.store = _open_store(self._store_name, self.geometry, self._env)
+        self.store = _open_store(self._store_name, self.geometry, self._env,
+                                 remote_descriptor(self.config, self.geometry))
 
     def _ready(self) -> None:
         if self.store is None:
@@ -292,4 +309,9 @@ class KvbmHiCacheStorage(HiCacheStorage):
         return None  # SGLang's storage metrics expect its own type; kvbm's are in kvbm_stats()
 
     def kvbm_stats(self) -> dict:
+        """The connector's and its tier chain's counters (kvbm._core.PageConnector.stats)."""
         return dict(self.store.stats()) if self.store is not None else {}
+
+    def kvbm_metrics(self) -> dict:
+        """kvbm's metrics of this store (what its Prometheus endpoint serves)."""
+        return dict(self.store.metrics()) if self.store is not None else {}
