@@ -237,6 +237,11 @@ class BlockPool : public std::enable_shared_from_this<BlockPool> {
   // matched again; an unreferenced block is freed at once, a referenced one when released.
   // Returns false when the pool did not hold it.
   bool Invalidate(const BlockKey& key);
+  // Registers each (id, key) at exactly that slot, inactive and matchable (KV events see them
+  // stored): blocks found intact in a tier's storage after a restart (the persistent G3). A slot
+  // that is not free, out of range or given twice, or a key the pool already holds, is skipped.
+  // Returns how many were registered. O(n + num_blocks).
+  size_t Restore(std::span<const std::pair<BlockId, BlockKey>> blocks);
   // Marks inactive blocks with these hashes as most recently used.
   void Touch(std::span<const SequenceHash> hashes);
   // Drops every registered block. FailedPrecondition when any block is still referenced.

@@ -16,7 +16,7 @@
 
 namespace kvbm {
 
-inline constexpr uint32_t kProtocolVersion = 3;  // 2: kPromoteHost; 3: G4 ops
+inline constexpr uint32_t kProtocolVersion = 4;  // 2: kPromoteHost; 3: G4 ops; 4: block lineage
 
 struct StepMetadata {
   uint64_t step = 0;

@@ -69,6 +69,13 @@ enum class DropReason : uint8_t { kTargetFull, kFilter, kPriority, kIoError, kQu
 inline constexpr size_t kNumDropReasons = static_cast<size_t>(DropReason::kCount);
 const char* DropReasonLabel(DropReason reason);
 
+// What a worker's persistent G3 (DYN_KVBM_DISK_PERSISTENT) found per slot when it opened: a
+// block that verified, a write cut off by a crash, bytes that no longer match their checksum,
+// a record of another layout, a second copy of a hash already recovered.
+enum class DiskRecoveryResult : uint8_t { kVerified, kTorn, kCorrupt, kOtherLayout, kDuplicate, kCount };
+inline constexpr size_t kNumDiskRecoveryResults = static_cast<size_t>(DiskRecoveryResult::kCount);
+const char* DiskRecoveryResultLabel(DiskRecoveryResult result);  // "verified", "torn", ...
+
 struct KvbmMetrics {
   explicit KvbmMetrics(size_t hit_rate_window = 1000)
       : host_hit_rate(hit_rate_window), disk_hit_rate(hit_rate_window) {}
@@ -90,6 +97,10 @@ struct KvbmMetrics {
   std::atomic<uint64_t> remote_verify_failures{0};  // G4 values rejected (gone, other layout, torn, corrupt)
   std::atomic<uint64_t> remote_errors{0};           // G4 calls that failed (unreachable, timeout)
   LatencyHistogram remote_lookup_latency;           // the scheduler's existence checks
+  // Warm restart of G3: the workers' recovery (per result, summed over ranks) and the blocks the
+  // scheduler side put back into its G3 pool (matchable again).
+  std::array<std::atomic<uint64_t>, kNumDiskRecoveryResults> disk_recovery_blocks{};
+  std::atomic<uint64_t> disk_restored_blocks{0};
   WindowedHitRate host_hit_rate;
   WindowedHitRate disk_hit_rate;
   // Pool occupancy per tier, refreshed by the manager when metrics are read.

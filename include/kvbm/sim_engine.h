@@ -26,7 +26,10 @@ struct SimEngineOptions {
   uint32_t dtype_bytes = 2;
   uint32_t device_blocks = 64;
   bool outer_first = false;  // FlashAttention-like (2, num_blocks, ...) instead of blocks first
-  std::string remote_descriptor = "sim-engine";  // G4 keys, when DYN_KVBM_REMOTE_URL is set
+  std::string remote_descriptor = "sim-engine";  // G4 keys and persistent G3 files
+  // Tests: build the leader before the worker opens its tiers (engines kvbm drives do the
+  // opposite), so a persistent G3's leader restores claims the worker has not verified yet.
+  bool leader_before_worker_tiers = false;
 };
 
 struct SimRequestOutcome {

@@ -12,7 +12,9 @@
 //   - pins: blocks matched for a load stay referenced until the caller drops the returned
 //     OnboardPins; blocks written by a step stay referenced for `pin_steps` more steps, so no
 //     slot is reused while a worker (which may run a step behind) still writes or reads it;
-//   - promotion: with `promote_disk_hits`, a G3 block onboarded to G1 is also copied G3 -> G2.
+//   - promotion: with `promote_disk_hits`, a G3 block onboarded to G1 is also copied G3 -> G2;
+//   - warm restart: with `persistent_disk`, the G3 pool starts with the blocks every rank's
+//     persistent disk file holds (RestoreDisk, at construction).
 //
 // It emits TransferOps (tier_ops.h); nothing here is engine-specific.
 //
@@ -53,11 +55,21 @@ struct TierChainOptions {
   bool promote_disk_hits = false;  // copy onboarded G3 blocks up to G2 (DYN_KVBM_PROMOTE_DISK_HITS)
   std::optional<RemoteTierOptions> remote;  // G4 (DYN_KVBM_REMOTE_*); needs G2
 
+  // DYN_KVBM_DISK_PERSISTENT: where the workers keep their persistent G3 files and what names
+  // them (storage.h PersistentDiskFileKey), so that the chain can take their blocks back.
+  struct PersistentDisk {
+    std::string directory;         // DYN_KVBM_DISK_CACHE_DIR
+    std::string model_descriptor;  // the engine adapter's (model, KV dtype, block size)
+    uint32_t world_size = 1;
+  };
+  std::optional<PersistentDisk> persistent_disk;
+
   // From the settings: sizes from the GB settings (or their block overrides) over
   // `bytes_per_block` (one block over every rank), eviction policies from
   // DYN_KVBM_{HOST,DISK}_EVICTION_POLICY, promotion from DYN_KVBM_PROMOTE_DISK_HITS. Arguments
   // that are given win over the settings. Throws ConfigError naming the setting at fault (no
-  // tier sized, an unknown policy, bytes_per_block 0 with GB sizes).
+  // tier sized, an unknown policy, bytes_per_block 0 with GB sizes, DYN_KVBM_DISK_PERSISTENT
+  // without a model descriptor). `remote_descriptor` names G4 keys and persistent G3 files.
   static TierChainOptions FromConfig(const KvbmConfig& config, uint64_t bytes_per_block,
                                      std::optional<uint64_t> host_blocks = std::nullopt,
                                      std::optional<uint64_t> disk_blocks = std::nullopt,
@@ -87,6 +99,7 @@ struct TierChainStats {
   uint64_t skipped_cached_blocks = 0;
   uint64_t dropped_full = 0, dropped_filter = 0, dropped_queue = 0;
   uint64_t load_errors = 0;
+  uint64_t restored_disk_blocks = 0;  // put back into G3 at start (warm restart)
 };
 
 class TierChain {
@@ -148,6 +161,13 @@ class TierChain {
   void ReleaseStepPins();
 
  private:
+  // Registers in the G3 pool, at their slots, the blocks that the side file of every rank says
+  // it holds intact under the same key (a slot counts only where all ranks agree). Reads the
+  // side files without locking them; the workers have verified their blocks when they opened
+  // the files (before the scheduler side is built, in every engine kvbm drives), and verify
+  // each one again on every read, so a claim that is wrong costs a load error, never a wrong
+  // byte. Counted in stats and metrics, logged once.
+  void RestoreDisk(const TierChainOptions::PersistentDisk& persistent);
   struct DiskOffload {
     ImmutableBlock host_block;
     BlockKey key;

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -31,8 +32,16 @@ struct BlockOp {
   uint32_t src = 0;
   uint32_t dst = 0;
   uint64_t hash = 0;  // sequence hash of the block (disk side data)
+  // Disk writes (kStoreDisk, kOffloadDisk) carry the rest of the block's key (block_pool.h
+  // BlockKey): a persistent G3 keeps it in the slot's record, so that a restarted leader can
+  // register the block under its full key and match it (DYN_KVBM_DISK_PERSISTENT).
+  bool has_lineage = false;
+  uint64_t block_hash = 0;
+  std::optional<uint64_t> parent;
+  uint32_t position = 0;
   friend bool operator==(const BlockOp&, const BlockOp&) = default;
 };
+inline bool WritesDisk(OpKind k) { return k == OpKind::kStoreDisk || k == OpKind::kOffloadDisk; }
 
 struct TransferOp {
   uint64_t id = 0;

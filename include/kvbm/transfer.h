@@ -29,14 +29,12 @@
 #include "kvbm/io_queue.h"
 #include "kvbm/layout.h"
 #include "kvbm/metrics.h"
+#include "kvbm/storage.h"
 #include "kvbm/types.h"
 
 namespace kvbm {
 
 enum class MemoryKind : uint8_t { kHost, kDevice, kDisk };
-
-class DiskSlotRecords;
-struct DiskRecovery;
 
 // Per-slot side data of a disk tier, written with each block and checked on each read.
 // With `records` (a persistent disk tier, DiskStorage::slot_records()) every Invalidate and Set
@@ -46,8 +44,9 @@ class DiskSideData {
  public:
   explicit DiskSideData(uint64_t num_blocks) : entries_(num_blocks) {}
   DiskSideData(uint64_t num_blocks, DiskSlotRecords* records, const DiskRecovery& recovery);
-  // Invalidate runs before a slot's data write is submitted, Set after it completed.
-  void Set(uint32_t slot, SequenceHash hash, uint64_t checksum);
+  // Invalidate runs before a slot's data write is submitted, Set after it completed. `lineage`
+  // goes into the slot's persistent record (the leader matches the block by it after a restart).
+  void Set(uint32_t slot, SequenceHash hash, uint64_t checksum, const DiskBlockLineage& lineage = {});
   void Invalidate(uint32_t slot);
   // kCorrupt when the slot holds another hash, nothing valid, or bytes whose checksum differs.
   Status Verify(uint32_t slot, SequenceHash expected, const uint8_t* bytes, uint64_t length) const;
@@ -86,6 +85,7 @@ struct BlockCopy {
   uint32_t src = 0;
   uint32_t dst = 0;
   SequenceHash hash;  // the block's sequence hash (disk side data)
+  DiskBlockLineage lineage;  // disk writes: the rest of its key, for a persistent slot record
 };
 
 // Outcome of one transfer: indices (into the submitted copies) of blocks that failed, and the

@@ -78,8 +78,13 @@ class KvbmWorker {
   const Layout* device_layout() const { return device_layout_.get(); }
 
   // Allocates G2 (host) and G3 (disk) for this many blocks (0 = tier off). Errors name the
-  // setting that sized them.
-  Status AllocateTiers(uint64_t host_blocks, uint64_t disk_blocks);
+  // setting that sized them. With DYN_KVBM_DISK_PERSISTENT, G3 is this rank's persistent file,
+  // named by `model_descriptor` (the engine adapter's: model, KV dtype, block size; the same the
+  // leader gets), rank and world size, and its intact blocks are kept (disk_recovery()); the
+  // descriptor is then required (InvalidArgument naming the setting without it).
+  Status AllocateTiers(uint64_t host_blocks, uint64_t disk_blocks, const std::string& model_descriptor = "");
+  // What opening a persistent G3 found (empty otherwise).
+  const DiskRecovery* disk_recovery() const { return disk_ && disk_->persistent() ? &disk_->recovery() : nullptr; }
   uint64_t host_blocks() const { return host_blocks_; }
   uint64_t disk_blocks() const { return disk_blocks_; }
 

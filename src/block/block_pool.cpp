@@ -449,6 +449,31 @@ StoreRunResult BlockPool::StoreRun(std::span<const BlockKey> keys, uint32_t prio
   return out;
 }
 
+size_t BlockPool::Restore(std::span<const std::pair<BlockId, BlockKey>> blocks) {
+  std::lock_guard lock(mu_);
+  std::vector<uint8_t> taken(slots_.size(), 0);
+  size_t restored = 0;
+  for (const auto& [bid, key] : blocks) {
+    const uint32_t id = bid.value();
+    if (id >= slots_.size() || taken[id]) continue;
+    Slot& s = slots_[id];
+    if (s.state != BlockState::kReset || s.mutable_owned || s.refs > 0 || by_hash_.count(key.sequence_hash)) continue;
+    taken[id] = 1;
+    s.key = key;
+    s.priority = 0;
+    s.last_use = ++tick_;
+    RegisterLocked(id, {});
+    ++inactive_;
+    ++restored;
+  }
+  if (restored == 0) return 0;
+  std::erase_if(free_, [&](uint32_t id) { return taken[id] != 0; });
+  // Evictable only once every restored child is counted, so that leaf-first holds from the start.
+  for (const auto& [bid, key] : blocks)
+    if (bid.value() < slots_.size() && taken[bid.value()]) MaybeEvictableLocked(bid.value());
+  return restored;
+}
+
 void BlockPool::AddRef(BlockId bid) {
   std::lock_guard lock(mu_);
   Check(slots_[bid.value()].refs > 0, "AddRef on an unreferenced block");

@@ -29,6 +29,18 @@ const char* DropReasonLabel(DropReason reason) {
   return "unknown";
 }
 
+const char* DiskRecoveryResultLabel(DiskRecoveryResult result) {
+  switch (result) {
+    case DiskRecoveryResult::kVerified: return "verified";
+    case DiskRecoveryResult::kTorn: return "torn";
+    case DiskRecoveryResult::kCorrupt: return "corrupt";
+    case DiskRecoveryResult::kOtherLayout: return "other_layout";
+    case DiskRecoveryResult::kDuplicate: return "duplicate";
+    case DiskRecoveryResult::kCount: break;
+  }
+  return "unknown";
+}
+
 void LatencyHistogram::Observe(double seconds) {
   std::lock_guard lock(mu_);
   size_t i = 0;

@@ -7,7 +7,9 @@
 namespace kvbm {
 
 // Layout: [version, step, host_blocks, disk_blocks, [op...], [finished...]]
-// op: [id, kind, request_id, [src, dst, hash, src, dst, hash, ...]] (flat triples: compact).
+// op: [id, kind, request_id, [src, dst, hash, src, dst, hash, ...] (flat triples: compact),
+//      [block_hash, parent or nil, position, ...] (one triple per block, or empty: blocks without
+//      lineage; disk writes carry it for the persistent G3's slot records)].
 std::string EncodeStepMetadata(const StepMetadata& meta) {
   msgpack::sbuffer buf;
   msgpack::packer<msgpack::sbuffer> pk(buf);
@@ -18,16 +20,26 @@ std::string EncodeStepMetadata(const StepMetadata& meta) {
   pk.pack(meta.disk_blocks);
   pk.pack_array(static_cast<uint32_t>(meta.ops.size()));
   for (const TransferOp& op : meta.ops) {
-    pk.pack_array(4);
+    pk.pack_array(5);
     pk.pack(op.id);
     pk.pack(static_cast<uint8_t>(op.kind));
     pk.pack(op.request_id);
     pk.pack_array(static_cast<uint32_t>(op.blocks.size() * 3));
+    bool lineage = false;
     for (const BlockOp& b : op.blocks) {
       pk.pack(b.src);
       pk.pack(b.dst);
       pk.pack(b.hash);
+      lineage = lineage || b.has_lineage;
     }
+    pk.pack_array(lineage ? static_cast<uint32_t>(op.blocks.size() * 3) : 0);
+    if (lineage)
+      for (const BlockOp& b : op.blocks) {
+        pk.pack(b.block_hash);
+        if (b.parent) pk.pack(*b.parent);
+        else pk.pack_nil();
+        pk.pack(b.position);
+      }
   }
   pk.pack_array(static_cast<uint32_t>(meta.finished_while_loading.size()));
   for (const auto& r : meta.finished_while_loading) pk.pack(r);
@@ -78,7 +90,7 @@ Result<StepMetadata> DecodeStepMetadata(std::span<const uint8_t> bytes) {
   if (f[4].type != msgpack::type::ARRAY) return std::unexpected(Malformed("ops is not an array"));
   for (uint32_t i = 0; i < f[4].via.array.size; ++i) {
     const msgpack::object& o = f[4].via.array.ptr[i];
-    if (o.type != msgpack::type::ARRAY || o.via.array.size != 4) return std::unexpected(Malformed(fmt::format("op {} is not a 4-array", i)));
+    if (o.type != msgpack::type::ARRAY || o.via.array.size != 5) return std::unexpected(Malformed(fmt::format("op {} is not a 5-array", i)));
     const msgpack::object* of = o.via.array.ptr;
     TransferOp op;
     uint8_t kind = 0;
@@ -93,6 +105,21 @@ Result<StepMetadata> DecodeStepMetadata(std::span<const uint8_t> bytes) {
       if (!As(b[k], &bo.src) || !As(b[k + 1], &bo.dst) || !As(b[k + 2], &bo.hash))
         return std::unexpected(Malformed(fmt::format("op {} block {} is not (u32, u32, u64)", i, k / 3)));
       op.blocks.push_back(bo);
+    }
+    const msgpack::object& lo = of[4];
+    if (lo.type != msgpack::type::ARRAY || (lo.via.array.size != 0 && lo.via.array.size != of[3].via.array.size))
+      return std::unexpected(Malformed(fmt::format("op {} lineage is neither empty nor one triple per block", i)));
+    for (uint32_t k = 0; k < lo.via.array.size; k += 3) {
+      BlockOp& bo = op.blocks[k / 3];
+      const msgpack::object* l = lo.via.array.ptr + k;
+      bo.has_lineage = true;
+      if (l[1].type != msgpack::type::NIL) {
+        uint64_t parent = 0;
+        if (!As(l[1], &parent)) return std::unexpected(Malformed(fmt::format("op {} block {} has a bad parent", i, k / 3)));
+        bo.parent = parent;
+      }
+      if (!As(l[0], &bo.block_hash) || !As(l[2], &bo.position))
+        return std::unexpected(Malformed(fmt::format("op {} block {} lineage is not (u64, u64|nil, u32)", i, k / 3)));
     }
     meta.ops.push_back(std::move(op));
   }

@@ -13,7 +13,15 @@ StepMetadata Sample() {
   m.host_blocks = 100;
   m.disk_blocks = 1000;
   m.ops.push_back({1, OpKind::kLoadHost, "req-1", {{3, 4, 0xDEADBEEFCAFEull}, {kNoBlock, 5, 9}}});
-  m.ops.push_back({2, OpKind::kOffloadDisk, "", {{1, 2, 3}}});
+  BlockOp first{1, 2, 3};
+  first.has_lineage = true;
+  first.block_hash = 3;
+  BlockOp second{4, 5, 0x1234567890ull};
+  second.has_lineage = true;
+  second.block_hash = 77;
+  second.parent = 3;
+  second.position = 1;
+  m.ops.push_back({2, OpKind::kOffloadDisk, "", {first, second}});
   m.finished_while_loading = {"req-9"};
   return m;
 }

@@ -71,7 +71,6 @@ Status PageConnector::Build() {
                                                         options_.remote_descriptor, 1);
   // Every step runs to completion before the next: a written block needs no pin past it.
   tiers.pin_steps = 1;
-  manager_ = std::make_unique<KvBlockManager>(config_, tiers, static_cast<uint32_t>(options_.page.page_size), metrics_);
   auto staging = HostStorage::Allocate(uint64_t{staging_pages_} * bytes);
   if (!staging)
     return MakeError(staging.error().code(), fmt::format("page connector staging area ({} pages of {} bytes): {}",
@@ -94,8 +93,11 @@ Status PageConnector::Build() {
   shape.dtype_bytes = d.dtype_bytes;
   g1.layer_shapes = {shape};
   if (auto s = worker_->RegisterKvCaches(g1); !s) return s;
+  // The worker opens its tiers before the chain is built: a persistent G3 (DYN_KVBM_DISK_PERSISTENT)
+  // has verified its blocks when the chain restores them.
+  if (auto s = worker_->AllocateTiers(tiers.host_blocks, tiers.disk_blocks, options_.remote_descriptor); !s) return s;
+  manager_ = std::make_unique<KvBlockManager>(config_, tiers, static_cast<uint32_t>(options_.page.page_size), metrics_);
   const TierChain& chain = *manager_->chain();
-  if (auto s = worker_->AllocateTiers(chain.host_blocks(), chain.disk_blocks()); !s) return s;
   if (const auto& remote = chain.options().remote) {
     if (auto s = worker_->ConnectRemote(*remote); !s) return s;
   }

@@ -132,7 +132,7 @@ std::string KvbmWorker::block_format() const {
 uint64_t KvbmWorker::bytes_per_block() const { return device_layout_ ? device_layout_->dims().block_bytes() : 0; }
 uint64_t KvbmWorker::device_blocks() const { return device_layout_ ? device_layout_->dims().num_blocks : 0; }
 
-Status KvbmWorker::AllocateTiers(uint64_t host_blocks, uint64_t disk_blocks) {
+Status KvbmWorker::AllocateTiers(uint64_t host_blocks, uint64_t disk_blocks, const std::string& model_descriptor) {
   if (!device_layout_) return MakeError(ErrorCode::kFailedPrecondition, "AllocateTiers before RegisterKvCaches");
   if (host_ || disk_) return MakeError(ErrorCode::kFailedPrecondition, "AllocateTiers called twice");
   LayoutDims dims = device_layout_->dims();
@@ -159,12 +159,41 @@ Status KvbmWorker::AllocateTiers(uint64_t host_blocks, uint64_t disk_blocks) {
     } catch (const ConfigError& e) {
       return MakeError(ErrorCode::kInvalidArgument, fmt::format("G3 sized by DYN_KVBM_DISK_CACHE_*: {}", e.what()));
     }
-    auto disk = DiskStorage::Create(DiskStorageOptions::FromConfig(config_), disk_layout_->allocation_bytes(0));
+    const DiskStorageOptions disk_options = DiskStorageOptions::FromConfig(config_);
+    Result<std::unique_ptr<DiskStorage>> disk;
+    if (disk_options.persistent) {
+      if (model_descriptor.empty())
+        return MakeError(ErrorCode::kInvalidArgument,
+                         fmt::format("rank {}: DYN_KVBM_DISK_PERSISTENT=true needs the engine's model descriptor to name "
+                                     "the disk file by, and this engine adapter gives none",
+                                     rank_));
+      const uint64_t block_bytes = disk_layout_->dims().block_bytes();
+      DiskSlotGeometry geometry{disk_blocks, block_bytes, disk_layout_->block_stride()};
+      disk = DiskStorage::OpenPersistent(
+          disk_options, geometry,
+          PersistentDiskLayoutFingerprint(model_descriptor, rank_, world_size_, block_format(), block_bytes),
+          PersistentDiskFileKey(model_descriptor, rank_, world_size_));
+    } else {
+      disk = DiskStorage::Create(disk_options, disk_layout_->allocation_bytes(0));
+    }
     if (!disk)
       return MakeError(disk.error().code(), fmt::format("G3 ({} blocks, from DYN_KVBM_DISK_CACHE_*): {}", disk_blocks,
                                                         disk.error().message()));
     disk_ = std::move(*disk);
-    side_ = std::make_unique<DiskSideData>(disk_blocks);
+    if (disk_->persistent()) {
+      const DiskRecovery& r = disk_->recovery();
+      auto count = [&](DiskRecoveryResult result, uint64_t n) {
+        metrics_->disk_recovery_blocks[static_cast<size_t>(result)] += n;
+      };
+      count(DiskRecoveryResult::kVerified, r.blocks.size());
+      count(DiskRecoveryResult::kTorn, r.torn);
+      count(DiskRecoveryResult::kCorrupt, r.corrupt);
+      count(DiskRecoveryResult::kOtherLayout, r.other_layout);
+      count(DiskRecoveryResult::kDuplicate, r.duplicates);
+      side_ = std::make_unique<DiskSideData>(disk_blocks, disk_->slot_records(), r);
+    } else {
+      side_ = std::make_unique<DiskSideData>(disk_blocks);
+    }
     disk_mem_ = TierMemory{TierId::kDisk, MemoryKind::kDisk, disk_layout_.get(), {}, disk_->fd(), side_.get()};
     disk_blocks_ = disk_blocks;
   }
@@ -398,7 +427,9 @@ void KvbmWorker::StartDiskWrite(const TransferOp& op, TransferPath path, const T
   std::vector<BlockCopy> copies;
   std::vector<uint32_t> slots;
   for (const BlockOp& b : op.blocks) {
-    copies.push_back({b.src, b.dst, SequenceHash(b.hash)});
+    BlockCopy c{b.src, b.dst, SequenceHash(b.hash)};
+    if (b.has_lineage) c.lineage = DiskBlockLineage{b.block_hash, b.parent, b.position, true};
+    copies.push_back(c);
     slots.push_back(b.dst);
   }
   auto deps = PendingWrites(disk_writes_, slots);

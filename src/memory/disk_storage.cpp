@@ -107,6 +107,7 @@ DiskStorageOptions DiskStorageOptions::FromConfig(const KvbmConfig& config) {
   o.allocator = config.disk_allocator;
   o.zerofill_fallback = config.disk_zerofill_fallback;
   o.persistent = config.disk_persistent;
+  o.lock_wait_ms = 10'000;
   return o;
 }
 
@@ -179,7 +180,7 @@ namespace {
 
 constexpr const char* kPersistentPrefix = "kvbm-disk-cache-";
 constexpr uint64_t kIndexMagic = 0x58493347'4d42564bull;  // "KVBMG3IX"
-constexpr uint32_t kIndexVersion = 1;
+constexpr uint32_t kIndexVersion = 2;
 constexpr uint64_t kRecordsOffset = 4096;
 
 enum SlotState : uint32_t { kSlotEmpty = 0, kSlotWriting = 1, kSlotValid = 2 };
@@ -197,19 +198,42 @@ struct IndexHeader {
 };
 static_assert(sizeof(IndexHeader) == 64);
 
+// Version 2: the record carries the block's lineage (its token hash, parent, position), so the
+// leader can register the block under its full key after a restart.
+enum RecordFlags : uint32_t { kLineageKnown = 1, kHasParent = 2 };
+
 struct SlotRecord {
   uint32_t state;
-  uint32_t
-      check;  // low 32 bits of XXH3 over {slot, state, hashes}: a torn or misplaced record fails
+  uint32_t check;  // low 32 bits of XXH3 over {slot, the record}: a torn or misplaced record fails
   uint64_t sequence_hash;
   uint64_t checksum;
   uint64_t layout_fingerprint;
+  uint64_t block_hash;
+  uint64_t parent;
+  uint32_t position;
+  uint32_t flags;
+  uint64_t reserved;
 };
-static_assert(sizeof(SlotRecord) == 32);
+static_assert(sizeof(SlotRecord) == 64);
 
 uint32_t RecordCheck(uint32_t slot, const SlotRecord& r) {
-  const uint64_t words[5] = {slot, r.state, r.sequence_hash, r.checksum, r.layout_fingerprint};
-  return static_cast<uint32_t>(XXH3_64bits(words, sizeof(words)));
+  SlotRecord copy = r;
+  copy.check = 0;
+  uint8_t bytes[sizeof(uint64_t) + sizeof(SlotRecord)];
+  const uint64_t s = slot;
+  std::memcpy(bytes, &s, sizeof(s));
+  std::memcpy(bytes + sizeof(s), &copy, sizeof(copy));
+  return static_cast<uint32_t>(XXH3_64bits(bytes, sizeof(bytes)));
+}
+
+DiskBlockLineage LineageOf(const SlotRecord& r) {
+  DiskBlockLineage l;
+  l.known = (r.flags & kLineageKnown) != 0;
+  if (!l.known) return l;
+  l.block_hash = r.block_hash;
+  if (r.flags & kHasParent) l.parent = r.parent;
+  l.position = r.position;
+  return l;
 }
 
 uint64_t HeaderCheck(const IndexHeader& h) { return XXH3_64bits(&h, offsetof(IndexHeader, check)); }
@@ -254,28 +278,98 @@ uint64_t DiskBlockChecksum(uint64_t sequence_hash, const uint8_t* bytes, uint64_
 DiskSlotRecords::~DiskSlotRecords() { close(fd_); }
 
 Status DiskSlotRecords::Write(uint32_t slot, uint32_t state, uint64_t sequence_hash,
-                              uint64_t checksum) {
+                              uint64_t checksum, const DiskBlockLineage& lineage) {
   if (slot >= geometry_.num_slots)
     return MakeError(
         ErrorCode::kInvalidArgument,
         fmt::format("disk slot {} out of range ({} slots)", slot, geometry_.num_slots));
-  SlotRecord r{state, 0, sequence_hash, checksum, state == kSlotEmpty ? 0 : fingerprint_};
-  if (state == kSlotEmpty)
-    r = SlotRecord{};
-  else
+  SlotRecord r{};
+  if (state != kSlotEmpty) {
+    r.state = state;
+    r.sequence_hash = sequence_hash;
+    r.checksum = checksum;
+    r.layout_fingerprint = fingerprint_;
+    if (lineage.known) {
+      r.flags = kLineageKnown | (lineage.parent ? uint32_t{kHasParent} : 0u);
+      r.block_hash = lineage.block_hash;
+      r.parent = lineage.parent.value_or(0);
+      r.position = lineage.position;
+    }
     r.check = RecordCheck(slot, r);
+  }
   return WriteAll(fd_, &r, sizeof(r), kRecordsOffset + uint64_t{slot} * sizeof(SlotRecord), path_);
 }
 
-Status DiskSlotRecords::MarkWriting(uint32_t slot) { return Write(slot, kSlotWriting, 0, 0); }
-Status DiskSlotRecords::MarkValid(uint32_t slot, uint64_t sequence_hash, uint64_t checksum) {
-  return Write(slot, kSlotValid, sequence_hash, checksum);
+Status DiskSlotRecords::MarkWriting(uint32_t slot) { return Write(slot, kSlotWriting, 0, 0, {}); }
+Status DiskSlotRecords::MarkValid(uint32_t slot, uint64_t sequence_hash, uint64_t checksum,
+                                  const DiskBlockLineage& lineage) {
+  return Write(slot, kSlotValid, sequence_hash, checksum, lineage);
 }
-Status DiskSlotRecords::MarkEmpty(uint32_t slot) { return Write(slot, kSlotEmpty, 0, 0); }
+Status DiskSlotRecords::MarkEmpty(uint32_t slot) { return Write(slot, kSlotEmpty, 0, 0, {}); }
+
+uint64_t PersistentDiskFileKey(std::string_view model_descriptor, uint32_t rank,
+                               uint32_t world_size) {
+  const std::string name = fmt::format("kvbm-g3|{}|tp={}|rank={}", model_descriptor, world_size, rank);
+  return XXH3_64bits(name.data(), name.size());
+}
+
+uint64_t PersistentDiskLayoutFingerprint(std::string_view model_descriptor, uint32_t rank,
+                                         uint32_t world_size, std::string_view block_format,
+                                         uint64_t block_bytes) {
+  const std::string layout = fmt::format("kvbm-g3-layout|{}|tp={}|rank={}|{}|bytes={}", model_descriptor,
+                                         world_size, rank, block_format, block_bytes);
+  return XXH3_64bits(layout.data(), layout.size());
+}
+
+std::string PersistentDiskFileStem(const std::string& directory, uint64_t file_key) {
+  return fmt::format("{}{}{}{:016x}", directory,
+                     !directory.empty() && directory.back() == '/' ? "" : "/", kPersistentPrefix,
+                     file_key);
+}
+
+Result<std::vector<PersistedDiskSlot>> ReadPersistedDiskSlots(const std::string& directory,
+                                                              uint64_t file_key, uint64_t num_slots) {
+  const std::string path = PersistentDiskFileStem(directory, file_key) + ".idx";
+  UniqueFd fd(open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (fd.get() < 0) {
+    const int err = errno;
+    return MakeError(err == ENOENT ? ErrorCode::kNotFound : ErrorCode::kIoError,
+                     fmt::format("cannot open the disk cache side file '{}': {}", path,
+                                 std::strerror(err)));
+  }
+  IndexHeader h{};
+  if (ReadAll(fd.get(), &h, sizeof(h), 0) != static_cast<int64_t>(sizeof(h)) ||
+      h.magic != kIndexMagic || h.check != HeaderCheck(h) || h.version != kIndexVersion ||
+      h.record_bytes != sizeof(SlotRecord))
+    return MakeError(ErrorCode::kFailedPrecondition,
+                     fmt::format("the disk cache side file '{}' has no readable header of "
+                                 "version {}",
+                                 path, kIndexVersion));
+  if (h.num_slots != num_slots)
+    return MakeError(ErrorCode::kFailedPrecondition,
+                     fmt::format("the disk cache side file '{}' describes {} slots, not {}", path,
+                                 h.num_slots, num_slots));
+  const uint64_t bytes = num_slots * sizeof(SlotRecord);
+  std::vector<SlotRecord> records(num_slots);
+  if (ReadAll(fd.get(), records.data(), bytes, kRecordsOffset) != static_cast<int64_t>(bytes))
+    return MakeError(ErrorCode::kFailedPrecondition,
+                     fmt::format("the disk cache side file '{}' is shorter than its {} records",
+                                 path, num_slots));
+  std::vector<PersistedDiskSlot> out;
+  for (uint32_t s = 0; s < num_slots; ++s) {
+    const SlotRecord& r = records[s];
+    if (r.state != kSlotValid || r.check != RecordCheck(s, r) ||
+        r.layout_fingerprint != h.layout_fingerprint || !(r.flags & kLineageKnown))
+      continue;
+    out.push_back({s, r.sequence_hash, r.layout_fingerprint, LineageOf(r)});
+  }
+  return out;
+}
 
 Result<std::unique_ptr<DiskStorage>> DiskStorage::OpenPersistent(const DiskStorageOptions& options,
                                                                  const DiskSlotGeometry& geometry,
-                                                                 uint64_t layout_fingerprint) {
+                                                                 uint64_t layout_fingerprint,
+                                                                 std::optional<uint64_t> file_key) {
   if (geometry.num_slots == 0 || geometry.block_bytes == 0 ||
       geometry.block_stride < geometry.block_bytes || geometry.block_stride % kDiskAlignment != 0 ||
       geometry.num_slots > (1ull << 32))
@@ -290,8 +384,7 @@ Result<std::unique_ptr<DiskStorage>> DiskStorage::OpenPersistent(const DiskStora
                      "the disk cache directory (DYN_KVBM_DISK_CACHE_DIR) is empty");
   const auto t0 = std::chrono::steady_clock::now();
   const std::string& dir = options.directory;
-  const std::string stem = fmt::format("{}{}{}{:016x}", dir, dir.back() == '/' ? "" : "/",
-                                       kPersistentPrefix, layout_fingerprint);
+  const std::string stem = PersistentDiskFileStem(dir, file_key.value_or(layout_fingerprint));
   const std::string data_path = stem + ".bin", index_path = stem + ".idx";
   const uint64_t size = geometry.num_slots * geometry.block_stride;
   const bool direct_at_open =
@@ -310,17 +403,25 @@ Result<std::unique_ptr<DiskStorage>> DiskStorage::OpenPersistent(const DiskStora
         fmt::format("cannot open the persistent disk cache file '{}' (DYN_KVBM_DISK_CACHE_DIR): {}",
                     data_path, std::strerror(err)));
   }
-  // The lock lives as long as the descriptor: a killed process releases it with its descriptors.
-  if (flock(fd.get(), LOCK_EX | LOCK_NB) != 0) {
-    const int err = errno;
+  // The lock lives as long as the descriptor: a killed process releases it with its descriptors
+  // (its io_uring's, torn down after it is reaped, included: hence the bounded wait).
+  const auto lock_deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(options.lock_wait_ms);
+  int err = 0;
+  while (flock(fd.get(), LOCK_EX | LOCK_NB) != 0) {
+    err = errno;
+    if (err != EWOULDBLOCK || std::chrono::steady_clock::now() >= lock_deadline) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    err = 0;
+  }
+  if (err != 0) {
     if (err == EWOULDBLOCK)
       return MakeError(
           ErrorCode::kFailedPrecondition,
           fmt::format(
               "the persistent disk cache file '{}' is locked by another process (another kvbm "
-              "worker with the same DYN_KVBM_DISK_CACHE_DIR and layout); give each worker its "
-              "own directory",
-              data_path));
+              "worker of the same model and rank with the same DYN_KVBM_DISK_CACHE_DIR, still "
+              "running after {} ms); give each engine its own directory",
+              data_path, options.lock_wait_ms));
     return MakeError(ErrorCode::kIoError,
                      fmt::format("cannot lock '{}': {}", data_path, std::strerror(err)));
   }
@@ -361,11 +462,18 @@ Result<std::unique_ptr<DiskStorage>> DiskStorage::OpenPersistent(const DiskStora
         : got != static_cast<int64_t>(sizeof(have)) || have.magic != kIndexMagic ||
                 have.check != HeaderCheck(have)
             ? "unreadable side file header"
-            : fmt::format(
+        : have.version != kIndexVersion
+            ? fmt::format("side file version {} (this kvbm writes {})", have.version, kIndexVersion)
+        : have.num_slots != geometry.num_slots || have.block_bytes != geometry.block_bytes ||
+                have.block_stride != geometry.block_stride
+            ? fmt::format(
                   "the side file describes {} slots of {} bytes (stride {}), not {} of {} "
                   "(stride {})",
                   have.num_slots, have.block_bytes, have.block_stride, geometry.num_slots,
-                  geometry.block_bytes, geometry.block_stride);
+                  geometry.block_bytes, geometry.block_stride)
+            : fmt::format("the blocks were written for another layout (fingerprint {:016x}, this "
+                          "engine's is {:016x})",
+                          have.layout_fingerprint, layout_fingerprint);
     // Records first (all empty), the header last: a crash in between leaves no valid header.
     if (ftruncate(index_fd.get(), 0) != 0 ||
         ftruncate(index_fd.get(), kRecordsOffset + records_bytes) != 0)
@@ -428,7 +536,8 @@ Result<std::unique_ptr<DiskStorage>> DiskStorage::OpenPersistent(const DiskStora
         verdict[s] = kDuplicate;
       switch (verdict[s]) {
         case kKeep:
-          recovery.blocks.push_back({s, records[s].sequence_hash, records[s].checksum});
+          recovery.blocks.push_back(
+              {s, records[s].sequence_hash, records[s].checksum, LineageOf(records[s])});
           continue;
         case kEmpty:
           continue;

@@ -119,6 +119,15 @@ std::string RenderPrometheusText(const KvbmMetrics& m) {
          "Blocks the disk admission filter kept off disk.");
   Sample(out, "kvbm_disk_writes_avoided", Load(m.disk_writes_avoided));
 
+  Header(out, "kvbm_disk_recovery_blocks", "counter",
+         "Persistent G3 slots the workers examined at start (DYN_KVBM_DISK_PERSISTENT), by result, summed over "
+         "ranks: verified blocks are kept, the others dropped.");
+  for (size_t r = 0; r < kNumDiskRecoveryResults; ++r)
+    fmt::format_to(std::back_inserter(out), "kvbm_disk_recovery_blocks{{result=\"{}\"}} {}\n",
+                   DiskRecoveryResultLabel(static_cast<DiskRecoveryResult>(r)), Load(m.disk_recovery_blocks[r]));
+  Header(out, "kvbm_disk_restored_blocks", "counter",
+         "Blocks the scheduler put back into its G3 pool at start: held intact by every rank, matchable again.");
+  Sample(out, "kvbm_disk_restored_blocks", Load(m.disk_restored_blocks));
   Header(out, "kvbm_remote_hit_blocks", "counter", "Blocks the scheduler found in the remote tier (G4).");
   Sample(out, "kvbm_remote_hit_blocks", Load(m.remote_hit_blocks));
   Header(out, "kvbm_remote_miss_blocks", "counter",

@@ -3,8 +3,22 @@
 #include <fmt/format.h>
 
 #include "kvbm/log.h"
+#include "kvbm/storage.h"
 
 namespace kvbm {
+namespace {
+
+// A G3 write of `key`: its lineage travels with it for the persistent slot record.
+BlockOp DiskWrite(uint32_t src, uint32_t dst, const BlockKey& key) {
+  BlockOp op{src, dst, key.sequence_hash.value()};
+  op.has_lineage = true;
+  op.block_hash = key.block_hash;
+  if (key.parent) op.parent = key.parent->value();
+  op.position = key.position;
+  return op;
+}
+
+}  // namespace
 
 TierChainOptions TierChainOptions::FromConfig(const KvbmConfig& config, uint64_t bytes_per_block,
                                               std::optional<uint64_t> host_blocks,
@@ -34,6 +48,14 @@ TierChainOptions TierChainOptions::FromConfig(const KvbmConfig& config, uint64_t
   o.host_policy = pick("DYN_KVBM_HOST_EVICTION_POLICY", config.host_eviction_policy);
   o.disk_policy = pick("DYN_KVBM_DISK_EVICTION_POLICY", config.disk_eviction_policy);
   o.promote_disk_hits = config.promote_disk_hits;
+  if (config.disk_persistent && o.disk_blocks > 0) {
+    if (remote_descriptor.empty())
+      throw ConfigError(
+          "DYN_KVBM_DISK_PERSISTENT=true: this engine adapter gives no model descriptor (model, KV dtype, block "
+          "size) to name the persistent disk files by, so a restarted engine could not tell its blocks from another "
+          "model's; unset DYN_KVBM_DISK_PERSISTENT for this engine");
+    o.persistent_disk = TierChainOptions::PersistentDisk{config.disk_cache_dir, remote_descriptor, world_size};
+  }
   if (!config.remote_url.empty()) {
     if (remote_descriptor.empty())
       throw ConfigError("DYN_KVBM_REMOTE_URL is set but this engine adapter gives no model descriptor for G4 keys");
@@ -74,6 +96,59 @@ TierChain::TierChain(const KvbmConfig& config, const TierChainOptions& options, 
   }
   metrics_->pool_capacity[static_cast<size_t>(TierId::kHost)] = options.host_blocks;
   metrics_->pool_capacity[static_cast<size_t>(TierId::kDisk)] = options.disk_blocks;
+  if (disk_ && options.persistent_disk) RestoreDisk(*options.persistent_disk);
+}
+
+void TierChain::RestoreDisk(const TierChainOptions::PersistentDisk& persistent) {
+  const uint64_t slots = disk_->num_blocks();
+  const uint32_t ranks = std::max<uint32_t>(persistent.world_size, 1);
+  // agreed[slot]: rank 0's claim, kept while every later rank makes the same one.
+  std::vector<std::optional<PersistedDiskSlot>> agreed(slots);
+  uint64_t claimed = 0, disagreed = 0;
+  for (uint32_t rank = 0; rank < ranks; ++rank) {
+    const uint64_t key = PersistentDiskFileKey(persistent.model_descriptor, rank, ranks);
+    auto found = ReadPersistedDiskSlots(persistent.directory, key, slots);
+    if (!found) {
+      Log(found.error().code() == ErrorCode::kNotFound ? LogLevel::kInfo : LogLevel::kWarn,
+          "kvbm: persistent G3: nothing to restore (rank {} of {}: {})", rank, ranks, found.error().message());
+      return;
+    }
+    if (rank == 0) {
+      for (PersistedDiskSlot& s : *found) agreed[s.slot] = std::move(s);
+      claimed = found->size();
+      continue;
+    }
+    std::vector<uint8_t> seen(slots, 0);
+    for (const PersistedDiskSlot& s : *found) {
+      std::optional<PersistedDiskSlot>& a = agreed[s.slot];
+      seen[s.slot] = 1;
+      if (a && (a->sequence_hash != s.sequence_hash || a->lineage != s.lineage)) {
+        a.reset();
+        ++disagreed;
+      }
+    }
+    for (uint64_t i = 0; i < slots; ++i)
+      if (agreed[i] && !seen[i]) {
+        agreed[i].reset();
+        ++disagreed;
+      }
+  }
+  std::vector<std::pair<BlockId, BlockKey>> blocks;
+  for (uint64_t i = 0; i < slots; ++i) {
+    if (!agreed[i]) continue;
+    const DiskBlockLineage& l = agreed[i]->lineage;
+    BlockKey key{SequenceHash(agreed[i]->sequence_hash), l.block_hash,
+                 l.parent ? std::optional<SequenceHash>(SequenceHash(*l.parent)) : std::nullopt, l.position};
+    blocks.emplace_back(BlockId(static_cast<uint32_t>(i)), key);
+  }
+  const size_t restored = disk_->Restore(blocks);
+  stats_.restored_disk_blocks += restored;
+  metrics_->disk_restored_blocks += restored;
+  metrics_->pool_used[static_cast<size_t>(TierId::kDisk)] = disk_->stats().registered;
+  Log(LogLevel::kInfo,
+      "kvbm: persistent G3: restored {} blocks into the disk pool ({} claimed by rank 0, {} not held alike by all {} "
+      "ranks, {} not taken)",
+      restored, claimed, disagreed, ranks, blocks.size() - restored);
 }
 
 TierChain::~TierChain() {
@@ -231,7 +306,7 @@ void TierChain::Store(std::span<const BlockKey> keys, std::span<const std::span<
         SeeForRemote(stored.run, i, key);
       }
     } else {
-      step_store_disk_.push_back(op);
+      step_store_disk_.push_back(DiskWrite(op.src, op.dst, key));
       ++stats_.store_disk_blocks;
     }
   }
@@ -257,7 +332,7 @@ void TierChain::DrainDiskQueue() {
       continue;
     }
     if (r.fresh[0]) {
-      step_offload_disk_.push_back({item->host_block.id().value(), r.run.id(0).value(), item->key.sequence_hash.value()});
+      step_offload_disk_.push_back(DiskWrite(item->host_block.id().value(), r.run.id(0).value(), item->key));
       ++stats_.offload_disk_blocks;
     }
     current_pins_.push_back(std::move(r.run));

@@ -62,6 +62,10 @@ nb::dict MetricsDict(const KvbmMetrics& m) {
   d["remote_verify_failures"] = m.remote_verify_failures.load();
   d["remote_errors"] = m.remote_errors.load();
   d["disk_writes_avoided"] = m.disk_writes_avoided.load();
+  d["disk_restored_blocks"] = m.disk_restored_blocks.load();
+  for (size_t r = 0; r < kNumDiskRecoveryResults; ++r)
+    d[(std::string("disk_recovery_") + DiskRecoveryResultLabel(static_cast<DiskRecoveryResult>(r))).c_str()] =
+        m.disk_recovery_blocks[r].load();
   d["host_hit_rate"] = m.host_hit_rate.Rate();
   d["disk_hit_rate"] = m.disk_hit_rate.Rate();
   return d;
@@ -202,6 +206,7 @@ void BindConnector(nb::module_& m) {
              d["dropped_filter"] = s.dropped_filter;
              d["dropped_queue"] = s.dropped_queue;
              d["load_errors"] = s.load_errors;
+             d["restored_disk_blocks"] = s.restored_disk_blocks;
              return d;
            })
       .def("metrics", [](PyLeader& l) { return MetricsDict(*l.manager().metrics()); })
@@ -244,8 +249,12 @@ void BindConnector(nb::module_& m) {
         return w.w().device_layout() ? w.w().device_layout()->Describe() : std::string();
       })
       .def("allocate_tiers",
-           [](PyWorker& w, uint64_t host, uint64_t disk) { ThrowIfError(w.w().AllocateTiers(host, disk)); },
-           "host_blocks"_a, "disk_blocks"_a, nb::call_guard<nb::gil_scoped_release>())
+           [](PyWorker& w, uint64_t host, uint64_t disk, const std::string& descriptor) {
+             ThrowIfError(w.w().AllocateTiers(host, disk, descriptor));
+           },
+           "host_blocks"_a, "disk_blocks"_a, "descriptor"_a = "", nb::call_guard<nb::gil_scoped_release>(),
+           "Allocates G2/G3. `descriptor`: the model description the leader was given (model, KV dtype, block "
+           "size); with DYN_KVBM_DISK_PERSISTENT it names this rank's G3 file and is required.")
       .def("connect_remote",
            [](PyWorker& w, const std::string& descriptor) {
              auto o = RemoteTierOptions::FromConfig(w.config(), descriptor, w.world_size());

@@ -29,7 +29,7 @@ std::string Label(size_t path) { return TransferPathLabel(static_cast<TransferPa
 
 // What one name refers to in a KvbmMetrics; built once, used by both directions.
 struct CounterRef {
-  enum Kind { kBlocks, kBytes, kLatencyBucket, kLatencyCount, kLatencySum, kDroppedIo, kCorrupt } kind;
+  enum Kind { kBlocks, kBytes, kLatencyBucket, kLatencyCount, kLatencySum, kDroppedIo, kCorrupt, kDiskRecovery } kind;
   size_t path = 0;
   size_t bucket = 0;
 };
@@ -47,6 +47,9 @@ const std::map<std::string, CounterRef>& CounterNames() {
     }
     n["dropped_io_error"] = {CounterRef::kDroppedIo, 0, 0};
     n["corrupt_blocks"] = {CounterRef::kCorrupt, 0, 0};
+    for (size_t r = 0; r < kNumDiskRecoveryResults; ++r)
+      n[std::string("disk_recovery_") + DiskRecoveryResultLabel(static_cast<DiskRecoveryResult>(r))] = {
+          CounterRef::kDiskRecovery, r, 0};
     return n;
   }();
   return names;
@@ -66,6 +69,9 @@ nb::dict TransferCounters(const KvbmMetrics& m) {
   }
   d["dropped_io_error"] = m.dropped_offloads[static_cast<size_t>(DropReason::kIoError)].load();
   d["corrupt_blocks"] = m.corrupt_blocks.load();
+  for (size_t r = 0; r < kNumDiskRecoveryResults; ++r)
+    d[(std::string("disk_recovery_") + DiskRecoveryResultLabel(static_cast<DiskRecoveryResult>(r))).c_str()] =
+        m.disk_recovery_blocks[r].load();
   return d;
 }
 
@@ -115,6 +121,7 @@ void AddTransferCounters(KvbmMetrics& m, const nb::dict& counters) {
         break;
       case CounterRef::kDroppedIo: m.dropped_offloads[static_cast<size_t>(DropReason::kIoError)] += p.count; break;
       case CounterRef::kCorrupt: m.corrupt_blocks += p.count; break;
+      case CounterRef::kDiskRecovery: m.disk_recovery_blocks[p.ref.path] += p.count; break;
     }
   }
   for (size_t p = 0; p < kNumTransferPaths; ++p)

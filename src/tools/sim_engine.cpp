@@ -60,9 +60,18 @@ SimulatedEngine::SimulatedEngine(const KvbmConfig& config, const SimEngineOption
   leader_options.page_size = options.page_size;
   leader_options.bytes_per_block = worker_->bytes_per_block();
   leader_options.remote_descriptor = options.remote_descriptor;
-  leader_ = std::make_unique<ConnectorLeader>(config, leader_options, worker_->metrics());
-  if (auto s = worker_->AllocateTiers(leader_->host_blocks(), leader_->disk_blocks()); !s)
+  // The worker opens its tiers before the leader is built, as vLLM's workers do before its
+  // scheduler exists: a persistent G3 has verified its blocks when the leader restores them.
+  const TierChainOptions sizes =
+      TierChainOptions::FromConfig(config, leader_options.bytes_per_block, leader_options.host_blocks,
+                                   leader_options.disk_blocks, leader_options.policy, options.remote_descriptor, 1);
+  leader_options.host_blocks = sizes.host_blocks;
+  leader_options.disk_blocks = sizes.disk_blocks;
+  if (options.leader_before_worker_tiers)
+    leader_ = std::make_unique<ConnectorLeader>(config, leader_options, worker_->metrics());
+  if (auto s = worker_->AllocateTiers(sizes.host_blocks, sizes.disk_blocks, options.remote_descriptor); !s)
     throw ConfigError(s.error().ToString());
+  if (!leader_) leader_ = std::make_unique<ConnectorLeader>(config, leader_options, worker_->metrics());
   if (auto remote = RemoteTierOptions::FromConfig(config, options.remote_descriptor, 1))
     if (auto s = worker_->ConnectRemote(*remote); !s) throw ConfigError(s.error().ToString());
 }

@@ -37,10 +37,11 @@ void ReportRecordError(std::atomic<uint64_t>& errors, const Status& st) {
 }
 }  // namespace
 
-void DiskSideData::Set(uint32_t slot, SequenceHash hash, uint64_t checksum) {
+void DiskSideData::Set(uint32_t slot, SequenceHash hash, uint64_t checksum, const DiskBlockLineage& lineage) {
   std::lock_guard lock(mu_);
   // Persisted before the in-memory entry turns valid; the data write has completed already.
-  if (records_ != nullptr) ReportRecordError(record_errors_, records_->MarkValid(slot, hash.value(), checksum));
+  if (records_ != nullptr)
+    ReportRecordError(record_errors_, records_->MarkValid(slot, hash.value(), checksum, lineage));
   entries_.at(slot) = {hash.value(), checksum, true};
 }
 

@@ -98,7 +98,7 @@ class FileBackend final : public CopyBackend {
     side->Invalidate(c.dst);
     IoRequest req{IoRequest::Op::kWrite, disk.fd, uint64_t{c.dst} * stride, from, stride};
     queue_->Submit({req}, [side, c, checksum, index, gather, bounce](Status s) {
-      if (s) side->Set(c.dst, c.hash, checksum);
+      if (s) side->Set(c.dst, c.hash, checksum, c.lineage);
       gather->Report(index, s);
     });
   }

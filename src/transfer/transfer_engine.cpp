@@ -91,8 +91,8 @@ struct TransferEngine::Impl {
     std::vector<BlockCopy> first, second;
     for (uint32_t i = 0; i < b.copies.size(); ++i) {
       const BlockCopy& c = b.copies[i];
-      first.push_back(from_disk ? BlockCopy{c.src, i, c.hash} : BlockCopy{c.src, i, c.hash});
-      second.push_back(from_disk ? BlockCopy{i, c.dst, c.hash} : BlockCopy{i, c.dst, c.hash});
+      first.push_back(BlockCopy{c.src, i, c.hash});
+      second.push_back(BlockCopy{i, c.dst, c.hash, c.lineage});
     }
     CopyBackend* stage1 = from_disk ? disk_stage : far_stage;
     CopyBackend* stage2 = from_disk ? far_stage : disk_stage;

@@ -152,7 +152,8 @@ def vllm_venv(wheel, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("venv-vllm")
     r = _run([sys.executable, "-m", "venv", "--system-site-packages", str(root)])
     assert r.returncode == 0, r.stderr
-    r = _run([str(root / "bin" / "pip"), "install", "-q", "--no-deps", str(wheel)], timeout=600)
+    # --ignore-installed: the machine's own kvbm (same version) must not satisfy the install
+    r = _run([str(root / "bin" / "pip"), "install", "-q", "--no-deps", "--ignore-installed", str(wheel)], timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     return root
 

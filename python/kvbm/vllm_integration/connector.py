@@ -394,7 +394,7 @@ class DynamoConnector(KVConnectorBase_V1):
         self._on_cuda = first.device.type == "cuda"
         self.bytes_per_block = int(self.worker.bytes_per_block)
         host, disk = _core.size_tiers(self.bytes_per_block * self._world_size)
-        self.worker.allocate_tiers(host, disk)
+        self.worker.allocate_tiers(host, disk, remote_descriptor(self._vllm_config))
         self.worker.connect_remote(remote_descriptor(self._vllm_config))
         logger.info(
             "kvbm worker rank %d/%d: %d layers, %s, %d bytes per block on this rank; G2 %d blocks, G3 %d blocks",
