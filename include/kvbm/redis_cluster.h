@@ -5,7 +5,9 @@
 // is loaded with CLUSTER SLOTS and reloaded after a MOVED or a node failure; MOVED and ASK
 // (with ASKING) are followed up to `max_redirects` times per key; one connection per master;
 // each batch is pipelined: all of a node's commands are written, then all its replies read,
-// every node's writes before any node's reads.
+// every node's writes before any node's reads. Commands are sent with non-blocking sendmsg
+// straight from the callers' buffers (no copy into a command buffer), to every node in
+// parallel; replies are read as they arrive from any node.
 //
 // Failures: every socket operation carries a timeout (connect and command), and a whole call
 // carries `call_timeout`, so a dead or stalled node costs an error, never a hang. A node whose
@@ -25,6 +27,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -35,6 +38,8 @@
 #include <vector>
 
 #include "kvbm/error.h"
+
+struct redisReply;  // hiredis
 
 namespace kvbm {
 
@@ -68,6 +73,12 @@ struct RedisClusterOptions {
   Status Validate() const;
 };
 
+// A SET whose value is `head` followed by `tail` (a block's header and its bytes), sent without
+// joining them.
+struct RedisSetItem {
+  std::string_view key, head, tail;
+};
+
 struct RedisClusterStats {
   uint64_t calls = 0;           // batch calls (Exists, Get, Set, Del)
   uint64_t commands = 0;        // key commands sent, redirected retries included
@@ -95,8 +106,15 @@ class RedisCluster {
   Result<std::vector<bool>> Exists(std::span<const std::string> keys);
   // One GET per key; nullopt where the key is not there.
   Result<std::vector<std::optional<std::string>>> Get(std::span<const std::string> keys);
+  // Like Get without copying the values: `visit(i, value)` runs for each key as its reply is
+  // read (any order; nullopt where the key is not there), the view valid during the call only.
+  // On an error some keys may have been visited and others not.
+  Status GetEach(std::span<const std::string> keys,
+                 const std::function<void(size_t, std::optional<std::string_view>)>& visit);
   // One SET per item (key, value).
   Status Set(std::span<const std::pair<std::string, std::string_view>> items);
+  // One SET per item, the value head + tail.
+  Status SetParts(std::span<const RedisSetItem> items);
   // One DEL per key; how many existed.
   Result<uint64_t> Del(std::span<const std::string> keys);
 
@@ -112,9 +130,11 @@ class RedisCluster {
   struct Command;
   explicit RedisCluster(const RedisClusterOptions& options);
 
-  // Runs `commands` (each routed by its slot) and leaves each one's reply in it; the first
-  // failure otherwise. REQUIRES mu_ held.
-  Status Execute(std::vector<Command>& commands);
+  // Runs `commands` (each routed by its slot) and leaves each one's reply in it, or, with
+  // `on_reply`, hands each non-error reply to it as it is read and frees it; the first failure
+  // otherwise. REQUIRES mu_ held.
+  using ReplyHook = std::function<void(size_t, const ::redisReply&)>;
+  Status Execute(std::vector<Command>& commands, const ReplyHook* on_reply = nullptr);
   // Asks known masters, then seeds, then any other node seen, for CLUSTER SLOTS until one
   // answers or `deadline` passes. REQUIRES mu_ held.
   Status LoadSlotMapLocked(std::chrono::steady_clock::time_point deadline);
@@ -127,6 +147,8 @@ class RedisCluster {
   std::vector<std::unique_ptr<Node>> nodes_;  // GUARDED_BY(mu_); never shrinks (stable pointers)
   std::vector<int32_t> slot_owner_;           // GUARDED_BY(mu_); index into nodes_, -1 unknown
   bool slot_map_stale_ = false;               // GUARDED_BY(mu_)
+  static constexpr size_t kRecvBufferBytes = 256 << 10;
+  std::vector<char> recv_buffer_;             // GUARDED_BY(mu_); replies are read through it
 
   struct Counters {
     std::atomic<uint64_t> calls{0}, commands{0}, errors{0}, moved{0}, ask{0}, timeouts{0},

@@ -22,6 +22,7 @@
 // Thread safety: free functions over values; no state.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <span>
 #include <string>
@@ -46,6 +47,13 @@ Status ValidateRemoteNamespace(std::string_view name_space);
 // REQUIRES: ValidateRemoteNamespace(name_space) succeeded.
 std::string RemoteBlockKey(std::string_view name_space, uint64_t fingerprint,
                            uint64_t sequence_hash);
+
+using RemoteBlockHeader = std::array<uint8_t, kRemoteBlockHeaderBytes>;
+
+// The header of `bytes` (its checksum included): header followed by `bytes` is the value, which
+// a client can send as two parts without joining them (RedisCluster::SetParts).
+RemoteBlockHeader EncodeRemoteBlockHeader(uint64_t fingerprint, uint64_t sequence_hash,
+                                          std::span<const uint8_t> bytes);
 
 // Header + bytes, ready to SET.
 std::string EncodeRemoteBlock(uint64_t fingerprint, uint64_t sequence_hash,

@@ -44,6 +44,24 @@
 
 namespace kvbm {
 
+inline constexpr uint32_t kMaxReplayInstances = 1024;
+
+// How requests are spread over instances.
+enum class ReplayAssign : uint8_t {
+  // Round-robin by conversation: a conversation is the requests whose first block past the
+  // trace's common prefix (the blocks every request starts with, e.g. a shared system prompt)
+  // is the same; the k-th conversation to appear goes to instance k mod N. Every turn of a
+  // conversation lands on the instance that holds its history.
+  kConversation,
+  // Each request independently to a pseudo-random instance (splitmix64 of seed and index).
+  kRandom,
+};
+
+// The instance of each request (by trace index), in [0, instances). Throws ConfigError when
+// instances is 0.
+std::vector<uint32_t> AssignInstances(const Trace& trace, uint32_t instances, ReplayAssign assign,
+                                      uint64_t seed = 0);
+
 struct ReplayProgress {
   uint64_t finished = 0, total = 0;
   double trace_seconds = 0;   // simulated time reached
@@ -81,6 +99,12 @@ struct ReplayOptions {
   // Seconds to keep the manager (and its Prometheus endpoint, DYN_KVBM_METRICS) alive after
   // the last request, so the final figures can be scraped.
   double linger_seconds = 0;
+
+  // RunReplayInstances only: engines sharing G4 (sizes above are per instance).
+  uint32_t instances = 1;
+  uint64_t g4_blocks = 0;  // shared G4 capacity in blocks; 0 = none
+  ReplayAssign assign = ReplayAssign::kConversation;
+  uint64_t assign_seed = 0;  // kRandom
 };
 
 struct ReplayResult {
@@ -100,14 +124,28 @@ struct ReplayResult {
   uint64_t bytes_loaded = 0, bytes_stored = 0, blocks_verified = 0, mismatched_blocks = 0,
            load_errors = 0;
   uint16_t metrics_port = 0;
+  uint64_t g4_hit_blocks = 0;  // RunReplayInstances: pages loaded from the shared G4
+  uint64_t g4_put_blocks = 0;  // RunReplayInstances: pages this instance put into G4
 
+  // Prefill tokens served by the instance's own tiers (G1 + G2 + G3): the local hits.
   uint64_t hit_tokens(uint32_t page_size) const {
     return (g1_hit_blocks + g2_hit_blocks + g3_hit_blocks) * page_size;
   }
 };
 
+struct ReplayInstancesResult {
+  std::vector<ReplayResult> instances;  // by instance
+  ReplayResult total;  // counts summed; sizes per instance; max_* the largest; seconds: wall time
+  uint64_t g4_blocks = 0, g4_used = 0, g4_evictions = 0;
+};
+
 // Throws ConfigError for inconsistent options (no G2 and no G3, bytes_per_token not a multiple
 // of 4, ...). Errors from the connector core are returned; Cancelled when progress said stop.
+// RunReplay models one instance and ignores `instances`, `g4_blocks` and `assign`.
 Result<ReplayResult> RunReplay(const Trace& trace, const ReplayOptions& options);
+
+// `options.instances` instances sharing a G4 of `options.g4_blocks` (see above). ConfigError
+// also for 0 instances, G4 without G2, and move_bytes (the byte path models one instance).
+Result<ReplayInstancesResult> RunReplayInstances(const Trace& trace, const ReplayOptions& options);
 
 }  // namespace kvbm

@@ -633,30 +633,29 @@ void KvbmWorker::StartFetch(const TransferOp& op) {
     std::vector<std::string> keys;
     for (const BlockOp& b : blocks) keys.push_back(RemoteBlockKey(remote_options_->name_space, remote_fingerprint_, b.hash));
     std::vector<uint8_t> ok(blocks.size(), 0);
-    auto values = remote_->Get(keys);
-    if (!values) {
-      metrics_->remote_errors++;
-      Log(LogLevel::kWarn, "rank {}: G4 fetch of {} blocks failed: {}", rank_, blocks.size(), values.error().ToString());
-      finish(std::move(ok), values.error());
-      return;
-    }
     const uint64_t bytes = host_layout_->dims().block_bytes();
     uint64_t landed = 0;
-    for (size_t k = 0; k < blocks.size(); ++k) {
-      const auto& v = (*values)[k];
+    // Each value is verified and copied into its G2 slot straight from the reply.
+    auto got = remote_->GetEach(keys, [&](size_t k, std::optional<std::string_view> v) {
       if (!v) {
         metrics_->remote_verify_failures++;  // gone (evicted or lost) since the scheduler saw it
-        continue;
+        return;
       }
       auto decoded = DecodeRemoteBlock(*v, remote_fingerprint_, blocks[k].hash, bytes);
       if (!decoded) {
         metrics_->remote_verify_failures++;
         Log(LogLevel::kWarn, "rank {}: G4 block {:016x}: {}", rank_, blocks[k].hash, decoded.error().message());
-        continue;
+        return;
       }
       std::memcpy(host_mem_.ChunkAddress(blocks[k].dst, 0, 0), decoded->data(), bytes);
       ok[k] = 1;
       ++landed;
+    });
+    if (!got) {
+      metrics_->remote_errors++;
+      Log(LogLevel::kWarn, "rank {}: G4 fetch of {} blocks failed: {}", rank_, blocks.size(), got.error().ToString());
+      finish(std::vector<uint8_t>(blocks.size(), 0), got.error());
+      return;
     }
     auto p = static_cast<size_t>(TransferPath::kRemote2H);
     metrics_->blocks[p] += landed;
@@ -684,15 +683,24 @@ void KvbmWorker::StartRemotePut(const TransferOp& op) {
       for (const BlockOp& b : readers)
         if (host_valid_[b.src]) valid.push_back(b);
     }
-    std::vector<std::string> keys, values;
+    // Header and key per block; the bytes go out from the G2 slot itself (the reader count
+    // keeps it), never copied into a value buffer.
+    std::vector<std::string> keys;
+    std::vector<RemoteBlockHeader> headers;
+    keys.reserve(valid.size());
+    headers.reserve(valid.size());
+    std::vector<RedisSetItem> items;
     for (const BlockOp& b : valid) {
+      std::span<const uint8_t> block(host_mem_.ChunkAddress(b.src, 0, 0), bytes);
       keys.push_back(RemoteBlockKey(remote_options_->name_space, remote_fingerprint_, b.hash));
-      values.push_back(EncodeRemoteBlock(remote_fingerprint_, b.hash,
-                                         std::span<const uint8_t>(host_mem_.ChunkAddress(b.src, 0, 0), bytes)));
+      headers.push_back(EncodeRemoteBlockHeader(remote_fingerprint_, b.hash, block));
     }
-    std::vector<std::pair<std::string, std::string_view>> items;
-    for (size_t k = 0; k < keys.size(); ++k) items.emplace_back(keys[k], values[k]);
-    Status s = items.empty() ? Status{} : remote_->Set(items);
+    for (size_t k = 0; k < valid.size(); ++k)
+      items.push_back({keys[k],
+                       std::string_view(reinterpret_cast<const char*>(headers[k].data()), headers[k].size()),
+                       std::string_view(reinterpret_cast<const char*>(host_mem_.ChunkAddress(valid[k].src, 0, 0)),
+                                        bytes)});
+    Status s = items.empty() ? Status{} : remote_->SetParts(items);
     auto p = static_cast<size_t>(TransferPath::kH2Remote);
     if (s) {
       metrics_->blocks[p] += items.size();

@@ -3,6 +3,8 @@
 #include <fmt/format.h>
 #include <hiredis/hiredis.h>
 #include <poll.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
 
 #include <algorithm>
 #include <array>
@@ -185,31 +187,90 @@ struct RedisCluster::Node {
 };
 
 struct RedisCluster::Command {
-  std::array<const char*, 3> argv{};
-  std::array<size_t, 3> argvlen{};
-  int argc = 0;
+  std::string_view name, key;
+  // The value argument (SET), given as two parts sent back to back: a header and the bytes
+  // after it, so a framed block goes out without being copied into one buffer first.
+  std::string_view value_head, value_tail;
+  bool has_value = false;
   uint16_t slot = 0;
   std::optional<RedisNodeAddress> ask;  // where an ASK redirect sent it, for one attempt
   ReplyPtr reply;
 
-  Command(const char* name, std::string_view key,
-          std::optional<std::string_view> value = std::nullopt)
-      : slot(RedisKeySlot(key)) {
-    argv[0] = name;
-    argvlen[0] = std::strlen(name);
-    argv[1] = key.data();
-    argvlen[1] = key.size();
-    argc = 2;
-    if (value) {
-      argv[2] = value->data();
-      argvlen[2] = value->size();
-      argc = 3;
-    }
-  }
+  Command(std::string_view command, std::string_view k) : name(command), key(k), slot(RedisKeySlot(k)) {}
+  Command(std::string_view command, std::string_view k, std::string_view head, std::string_view tail)
+      : name(command), key(k), value_head(head), value_tail(tail), has_value(true), slot(RedisKeySlot(k)) {}
 };
 
+namespace {
+
+// One node's pipelined commands in the Redis protocol (RESP), written with sendmsg straight
+// from the callers' buffers: only the small framing lives here. Built once per call and node.
+class RespBatch {
+ public:
+  static constexpr size_t kMaxIov = 1024;  // Linux's UIO_MAXIOV
+  void AddAsking() { Text("*1\r\n$6\r\nASKING\r\n"); }
+  void Add(std::string_view name, std::string_view key, const std::string_view* head,
+           const std::string_view* tail) {
+    const bool value = head != nullptr;
+    Text(fmt::format("*{}\r\n${}\r\n", value ? 3 : 2, name.size()));
+    Bytes(name);
+    Text(fmt::format("\r\n${}\r\n", key.size()));
+    Bytes(key);
+    if (value) {
+      Text(fmt::format("\r\n${}\r\n", head->size() + tail->size()));
+      Bytes(*head);
+      Bytes(*tail);
+    }
+    Text("\r\n");
+  }
+  // Pointers into text_ are taken only now, once it no longer grows.
+  void Finish() {
+    iov_.reserve(pieces_.size());
+    for (const Piece& p : pieces_)
+      if (p.length > 0)
+        iov_.push_back({const_cast<char*>(p.data ? p.data : text_.data() + p.offset), p.length});
+  }
+  bool done() const { return next_ >= iov_.size(); }
+  // One non-blocking sendmsg of what is left. False on a socket error (errno set); true when
+  // it sent something or the socket is full (EAGAIN).
+  bool SendSome(int fd) {
+    msghdr msg{};
+    msg.msg_iov = iov_.data() + next_;
+    msg.msg_iovlen = std::min<size_t>(iov_.size() - next_, kMaxIov);
+    const ssize_t n = sendmsg(fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+    if (n < 0) return errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR;
+    size_t left = static_cast<size_t>(n);
+    while (left > 0 && next_ < iov_.size()) {
+      iovec& v = iov_[next_];
+      const size_t take = std::min(left, v.iov_len);
+      v.iov_base = static_cast<char*>(v.iov_base) + take;
+      v.iov_len -= take;
+      left -= take;
+      if (v.iov_len == 0) ++next_;
+    }
+    return true;
+  }
+
+ private:
+  struct Piece {
+    const char* data;  // caller's bytes, or nullptr: text_ at offset
+    size_t offset, length;
+  };
+  void Text(std::string_view t) {
+    pieces_.push_back({nullptr, text_.size(), t.size()});
+    text_.append(t);
+  }
+  void Bytes(std::string_view b) { pieces_.push_back({b.data(), 0, b.size()}); }
+  std::string text_;
+  std::vector<Piece> pieces_;
+  std::vector<iovec> iov_;
+  size_t next_ = 0;
+};
+
+}  // namespace
+
 RedisCluster::RedisCluster(const RedisClusterOptions& options)
-    : options_(options), slot_owner_(kRedisClusterSlots, -1) {}
+    : options_(options), slot_owner_(kRedisClusterSlots, -1), recv_buffer_(kRecvBufferBytes) {}
 
 RedisCluster::~RedisCluster() {
   for (auto& n : nodes_)
@@ -288,6 +349,9 @@ Status RedisCluster::EnsureConnected(Node& node, Clock::time_point deadline) {
   }
   redisEnableKeepAlive(c);
   redisSetTimeout(c, ToTimeval(options_.command_timeout));
+  // Keep the reply reader's buffer between replies: G4 values are large, and hiredis would
+  // otherwise free and regrow (and the kernel re-fault) it for every one.
+  c->reader->maxbuf = 0;
   node.context = c;
   counters_.connects.fetch_add(1, std::memory_order_relaxed);
   return {};
@@ -409,7 +473,7 @@ std::optional<RedisNodeAddress> RedisCluster::MasterOf(uint16_t slot) const {
   return nodes_[slot_owner_[slot]]->address;
 }
 
-Status RedisCluster::Execute(std::vector<Command>& commands) {
+Status RedisCluster::Execute(std::vector<Command>& commands, const ReplyHook* on_reply) {
   counters_.calls.fetch_add(1, std::memory_order_relaxed);
   const auto deadline = Clock::now() + options_.call_timeout;
   if (slot_map_stale_)
@@ -471,9 +535,11 @@ Status RedisCluster::Execute(std::vector<Command>& commands) {
       for (size_t k = 0; k < ops.size(); ++k) fail(e);
     };
 
-    // Phase 1: connect and queue every node's commands, then write them all out.
+    // Phase 1: connect and frame every node's commands, then send them all, every node's in
+    // parallel (non-blocking sends, polled), so no master waits while another is written to.
     std::vector<bool> asked(commands.size(), false);
     std::vector<bool> alive(groups.size(), false);
+    std::vector<RespBatch> batches(groups.size());
     for (size_t g = 0; g < groups.size(); ++g) {
       auto& [node, ops] = groups[g];
       if (auto st = EnsureConnected(*node, deadline); !st) {
@@ -485,22 +551,39 @@ Status RedisCluster::Execute(std::vector<Command>& commands) {
       for (size_t i : ops) {
         Command& cmd = commands[i];
         asked[i] = cmd.ask.has_value();
-        if (cmd.ask) redisAppendCommand(node->context, "ASKING");
-        redisAppendCommandArgv(node->context, cmd.argc, cmd.argv.data(), cmd.argvlen.data());
+        if (cmd.ask) batches[g].AddAsking();
+        batches[g].Add(cmd.name, cmd.key, cmd.has_value ? &cmd.value_head : nullptr,
+                       cmd.has_value ? &cmd.value_tail : nullptr);
       }
+      batches[g].Finish();
       counters_.commands.fetch_add(ops.size(), std::memory_order_relaxed);
       alive[g] = true;
     }
-    for (size_t g = 0; g < groups.size(); ++g) {
-      if (!alive[g]) continue;
-      auto& [node, ops] = groups[g];
-      int done = 0;
-      errno = 0;
-      while (!done) {
-        if (redisBufferWrite(node->context, &done) != REDIS_OK) {
-          node_failed(*node, ops, "sending commands", errno);
+    for (;;) {
+      std::vector<pollfd> fds;
+      std::vector<size_t> fd_group;
+      for (size_t g = 0; g < groups.size(); ++g) {
+        if (!alive[g] || batches[g].done()) continue;
+        errno = 0;
+        if (!batches[g].SendSome(groups[g].first->context->fd)) {
+          node_failed(*groups[g].first, groups[g].second, "sending commands", errno);
           alive[g] = false;
-          break;
+          continue;
+        }
+        if (batches[g].done()) continue;
+        fds.push_back({groups[g].first->context->fd, POLLOUT, 0});
+        fd_group.push_back(g);
+      }
+      if (fds.empty()) break;
+      const milliseconds left = std::min(options_.command_timeout, Remaining(deadline));
+      const int ready =
+          left.count() <= 0 ? 0 : poll(fds.data(), fds.size(), static_cast<int>(left.count()));
+      if (ready < 0 && errno == EINTR) continue;
+      if (ready <= 0) {
+        for (size_t g : fd_group) {
+          node_failed(*groups[g].first, groups[g].second, "sending commands",
+                      ready == 0 ? ETIMEDOUT : errno);
+          alive[g] = false;
         }
       }
     }
@@ -513,6 +596,10 @@ Status RedisCluster::Execute(std::vector<Command>& commands) {
       const RedisNodeAddress& from = node.address;
       cmd.ask.reset();
       if (reply->type != REDIS_REPLY_ERROR) {
+        if (on_reply != nullptr) {
+          (*on_reply)(index, *reply);  // then freed at once: one large value alive at a time
+          return;
+        }
         cmd.reply = std::move(reply);
         return;
       }
@@ -613,12 +700,21 @@ Status RedisCluster::Execute(std::vector<Command>& commands) {
       for (size_t f = 0; f < fds.size(); ++f) {
         if (fds[f].revents == 0) continue;
         const size_t g = fd_group[f];
-        errno = 0;
-        // One read(2): the socket is readable, so it does not block.
-        if (redisBufferRead(groups[g].first->context) != REDIS_OK) {
-          node_failed(*groups[g].first, std::span(groups[g].second).subspan(progress[g].op),
-                      "reading replies", errno);
-          alive[g] = false;
+        // Everything the socket holds, in large non-blocking reads, each fed to the reply
+        // reader and its complete replies taken at once (so large values do not pile up).
+        redisContext* ctx = groups[g].first->context;
+        for (;;) {
+          const ssize_t n = recv(ctx->fd, recv_buffer_.data(), recv_buffer_.size(), MSG_DONTWAIT);
+          if (n < 0 && errno == EINTR) continue;
+          if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
+          if (n <= 0 || redisReaderFeed(ctx->reader, recv_buffer_.data(), static_cast<size_t>(n)) != REDIS_OK ||
+              !drain(g)) {
+            node_failed(*groups[g].first, std::span(groups[g].second).subspan(progress[g].op),
+                        "reading replies", n == 0 ? ECONNRESET : errno);
+            alive[g] = false;
+            break;
+          }
+          if (progress[g].op == groups[g].second.size()) break;
         }
       }
     }
@@ -654,38 +750,57 @@ Result<std::vector<bool>> RedisCluster::Exists(std::span<const std::string> keys
   return out;
 }
 
-Result<std::vector<std::optional<std::string>>> RedisCluster::Get(
-    std::span<const std::string> keys) {
+Status RedisCluster::GetEach(
+    std::span<const std::string> keys,
+    const std::function<void(size_t, std::optional<std::string_view>)>& visit) {
   std::vector<Command> commands;
   commands.reserve(keys.size());
   for (const auto& k : keys) commands.emplace_back("GET", k);
+  std::optional<Error> bad_reply;
+  const ReplyHook hook = [&](size_t i, const redisReply& r) {
+    if (r.type == REDIS_REPLY_STRING)
+      visit(i, std::string_view(r.str, r.len));
+    else if (r.type == REDIS_REPLY_NIL)
+      visit(i, std::nullopt);
+    else if (!bad_reply)
+      bad_reply = Error(ErrorCode::kInternal, fmt::format("GET {} answered with reply type {}", keys[i], r.type));
+  };
   std::lock_guard lock(mu_);
-  if (auto st = Execute(commands); !st) return std::unexpected(st.error());
+  if (auto st = Execute(commands, &hook); !st) return st;
+  if (bad_reply) return std::unexpected(*bad_reply);
+  return {};
+}
+
+Result<std::vector<std::optional<std::string>>> RedisCluster::Get(
+    std::span<const std::string> keys) {
   std::vector<std::optional<std::string>> out(keys.size());
-  for (size_t i = 0; i < keys.size(); ++i) {
-    const redisReply* r = commands[i].reply.get();
-    if (r->type == REDIS_REPLY_STRING)
-      out[i].emplace(r->str, r->len);
-    else if (r->type != REDIS_REPLY_NIL)
-      return MakeError(ErrorCode::kInternal,
-                       fmt::format("GET {} answered with reply type {}", keys[i], r->type));
-  }
+  auto st = GetEach(keys, [&](size_t i, std::optional<std::string_view> v) {
+    if (v) out[i].emplace(*v);
+  });
+  if (!st) return std::unexpected(st.error());
   return out;
 }
 
-Status RedisCluster::Set(std::span<const std::pair<std::string, std::string_view>> items) {
+Status RedisCluster::SetParts(std::span<const RedisSetItem> items) {
   std::vector<Command> commands;
   commands.reserve(items.size());
-  for (const auto& [k, v] : items) commands.emplace_back("SET", k, v);
+  for (const auto& it : items) commands.emplace_back("SET", it.key, it.head, it.tail);
   std::lock_guard lock(mu_);
   if (auto st = Execute(commands); !st) return st;
   for (size_t i = 0; i < items.size(); ++i) {
     const redisReply* r = commands[i].reply.get();
     if (r->type != REDIS_REPLY_STATUS)
       return MakeError(ErrorCode::kInternal,
-                       fmt::format("SET {} answered with reply type {}", items[i].first, r->type));
+                       fmt::format("SET {} answered with reply type {}", items[i].key, r->type));
   }
   return {};
+}
+
+Status RedisCluster::Set(std::span<const std::pair<std::string, std::string_view>> items) {
+  std::vector<RedisSetItem> parts;
+  parts.reserve(items.size());
+  for (const auto& [k, v] : items) parts.push_back({k, v, {}});
+  return SetParts(parts);
 }
 
 Result<uint64_t> RedisCluster::Del(std::span<const std::string> keys) {

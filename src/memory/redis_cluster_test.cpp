@@ -8,6 +8,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <map>
 #include <random>
@@ -179,6 +180,45 @@ TEST_F(RedisClusterTest, ManyKeysOverAllSlotsRoundTripByteExact) {
   masters.insert(
       fmt::format("127.0.0.1:{}", cluster_->base_port()));  // the seed that served the map
   EXPECT_EQ(stats.connects, masters.size()) << "one connection per node, kept across calls";
+}
+
+TEST_F(RedisClusterTest, SetPartsStoresHeadThenTailAndGetEachSeesEveryKey) {
+  // Values of 0..~2 MiB sent as two parts (the second one may be empty or large), over all
+  // masters in one pipelined call; GetEach visits every key once, with the joined value or
+  // nullopt for a key that is not there.
+  std::vector<std::string> keys, heads, tails;
+  for (int i = 0; i < 60; ++i) {
+    keys.push_back(fmt::format("kvbm-parts:{}", i));
+    heads.push_back(ValueFor(keys.back(), 7).substr(0, 40));
+    std::string tail = ValueFor(keys.back(), 8);
+    if (i % 10 == 3) tail.assign(2u << 20, static_cast<char>('a' + i % 26));  // 2 MiB
+    if (i % 10 == 5) tail.clear();
+    tails.push_back(std::move(tail));
+  }
+  std::vector<RedisSetItem> items;
+  for (size_t i = 0; i < keys.size(); ++i) items.push_back({keys[i], heads[i], tails[i]});
+  auto st = client_->SetParts(items);
+  ASSERT_TRUE(st) << st.error().ToString();
+  std::vector<std::string> asked = keys;
+  asked.push_back("kvbm-parts:absent");
+  std::vector<int> seen(asked.size(), 0);
+  size_t wrong = 0, missing = 0;
+  auto got = client_->GetEach(asked, [&](size_t i, std::optional<std::string_view> v) {
+    ++seen[i];
+    if (!v) {
+      ++missing;
+      return;
+    }
+    if (*v != heads[i] + tails[i]) ++wrong;
+  });
+  ASSERT_TRUE(got) << got.error().ToString();
+  EXPECT_EQ(wrong, 0u);
+  EXPECT_EQ(missing, 1u);
+  EXPECT_EQ(std::count(seen.begin(), seen.end(), 1), static_cast<long>(asked.size()));
+  // The plain Get reads the same bytes.
+  auto plain = client_->Get(std::span(keys).first(5));
+  ASSERT_TRUE(plain);
+  for (size_t i = 0; i < 5; ++i) EXPECT_EQ((*plain)[i].value_or(""), heads[i] + tails[i]);
 }
 
 TEST_F(RedisClusterTest, FollowsAskDuringMigrationAndMovedAfterIt) {

@@ -63,7 +63,9 @@ class ClusterProcess {
   // ok() tells whether it came up; error() says why not.
   ClusterProcess() {
     const int pid = static_cast<int>(getpid());
-    for (int attempt = 0; attempt < 8 && !ok_; ++attempt) {
+    // Ports a cluster of this process used a moment ago may still be held (TIME_WAIT), so a
+    // process that starts many clusters needs more than a few candidates.
+    for (int attempt = 0; attempt < 64 && !ok_; ++attempt) {
       const int base = 20000 + ((pid * 7 + attempt * 389) % 3000) * 10;  // 20000..49990, bus +10000
       bool free = true;
       for (int i = 0; i < kNodes && free; ++i)
@@ -82,6 +84,7 @@ class ClusterProcess {
         Shell(Stop());
       }
     }
+    if (!ok_ && error_.empty()) error_ = "no free loopback ports for a cluster (64 candidates tried)";
   }
   ~ClusterProcess() {
     if (!ok_) return;

@@ -66,10 +66,10 @@ std::string RemoteBlockKey(std::string_view name_space, uint64_t fingerprint,
   return fmt::format("{}:{:016x}:{:016x}", name_space, fingerprint, sequence_hash);
 }
 
-std::string EncodeRemoteBlock(uint64_t fingerprint, uint64_t sequence_hash,
-                              std::span<const uint8_t> bytes) {
-  std::string value(kRemoteBlockHeaderBytes + bytes.size(), '\0');
-  auto* p = reinterpret_cast<uint8_t*>(value.data());
+RemoteBlockHeader EncodeRemoteBlockHeader(uint64_t fingerprint, uint64_t sequence_hash,
+                                          std::span<const uint8_t> bytes) {
+  RemoteBlockHeader h{};
+  uint8_t* p = h.data();
   PutU32(p, kRemoteBlockMagic);
   PutU16(p + 4, kRemoteBlockVersion);
   PutU16(p + 6, static_cast<uint16_t>(kRemoteBlockHeaderBytes));
@@ -77,7 +77,15 @@ std::string EncodeRemoteBlock(uint64_t fingerprint, uint64_t sequence_hash,
   PutU64(p + 16, sequence_hash);
   PutU64(p + 24, bytes.size());
   PutU64(p + 32, BlockChecksum(sequence_hash, bytes.data(), bytes.size()));
-  if (!bytes.empty()) std::memcpy(p + kRemoteBlockHeaderBytes, bytes.data(), bytes.size());
+  return h;
+}
+
+std::string EncodeRemoteBlock(uint64_t fingerprint, uint64_t sequence_hash,
+                              std::span<const uint8_t> bytes) {
+  const RemoteBlockHeader h = EncodeRemoteBlockHeader(fingerprint, sequence_hash, bytes);
+  std::string value(kRemoteBlockHeaderBytes + bytes.size(), '\0');
+  std::memcpy(value.data(), h.data(), h.size());
+  if (!bytes.empty()) std::memcpy(value.data() + kRemoteBlockHeaderBytes, bytes.data(), bytes.size());
   return value;
 }
 

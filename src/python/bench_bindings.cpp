@@ -5,8 +5,10 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/unique_ptr.h>
+#include <nanobind/stl/vector.h>
 
 #include "bindings.h"
+#include "kvbm/remote_bench.h"
 #include "kvbm/transfer_bench.h"
 
 namespace nb = nanobind;
@@ -58,4 +60,62 @@ void BindTransferBench(nb::module_& m) {
       .def_prop_ro("memcpy_threads", &kvbm::TransferBench::memcpy_threads)
       .def_prop_ro("io_depth", &kvbm::TransferBench::io_depth)
       .def_prop_ro("io_queue", &kvbm::TransferBench::io_queue);
+
+  nb::class_<kvbm::RemoteBench>(m, "RemoteBench",
+                                "A G2-like buffer and kvbm's Redis Cluster client: one native G2 -> G4 (put) or "
+                                "G4 -> G2 (get) pass per call, as the worker runs them (GIL released).")
+      .def_static(
+          "create",
+          [](const std::string& url, uint64_t block_bytes, uint64_t num_blocks, uint32_t batch_blocks,
+             const std::string& name_space, uint32_t timeout_ms) {
+            kvbm::RemoteBenchOptions o;
+            o.seeds = kvbm::python::ThrowIfError(kvbm::ParseRedisSeeds(url));
+            o.block_bytes = block_bytes;
+            o.num_blocks = num_blocks;
+            o.batch_blocks = batch_blocks;
+            o.name_space = name_space;
+            o.timeout = std::chrono::milliseconds(timeout_ms);
+            kvbm::Result<std::unique_ptr<kvbm::RemoteBench>> r = [&] {
+              nb::gil_scoped_release release;
+              return kvbm::RemoteBench::Create(o);
+            }();
+            return kvbm::python::ThrowIfError(std::move(r));
+          },
+          "url"_a, "block_bytes"_a, "num_blocks"_a, "batch_blocks"_a = 16, "name_space"_a = "kvbm-bench",
+          "timeout_ms"_a = 30000)
+      .def("put_seconds",
+           [](kvbm::RemoteBench& b) {
+             kvbm::Result<double> r = [&] {
+               nb::gil_scoped_release release;
+               return b.PutSeconds();
+             }();
+             return kvbm::python::ThrowIfError(std::move(r));
+           })
+      .def("get_seconds",
+           [](kvbm::RemoteBench& b) {
+             kvbm::Result<double> r = [&] {
+               nb::gil_scoped_release release;
+               return b.GetSeconds();
+             }();
+             return kvbm::python::ThrowIfError(std::move(r));
+           })
+      .def("verify",
+           [](kvbm::RemoteBench& b) {
+             kvbm::Result<uint64_t> r = [&] {
+               nb::gil_scoped_release release;
+               return b.Verify();
+             }();
+             return kvbm::python::ThrowIfError(std::move(r));
+           })
+      .def("clear",
+           [](kvbm::RemoteBench& b) {
+             kvbm::Status s = [&] {
+               nb::gil_scoped_release release;
+               return b.Clear();
+             }();
+             kvbm::python::ThrowIfError(std::move(s));
+           })
+      .def_prop_ro("bytes", &kvbm::RemoteBench::bytes)
+      .def_prop_ro("value_bytes", &kvbm::RemoteBench::value_bytes)
+      .def_prop_ro("masters", &kvbm::RemoteBench::masters);
 }

@@ -5,6 +5,7 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
 
 #include <cstdint>
 #include <optional>
@@ -31,7 +32,7 @@ TierPolicy ReplayPolicy(const std::string& name) {
                               "eviction policy '" + name + "': expected 'adaptive', 'reuse', 'leaf-first', 'lru' or 'opt'"));
 }
 
-nb::dict ResultDict(const ReplayResult& r, uint32_t page) {
+nb::dict ResultDict(const ReplayResult& r, uint32_t page, bool with_g4 = false) {
   auto rate = [](uint64_t num, uint64_t den) {
     return den ? static_cast<double>(num) / static_cast<double>(den) : 0.0;
   };
@@ -60,11 +61,13 @@ nb::dict ResultDict(const ReplayResult& r, uint32_t page) {
   nb::dict onboard;
   onboard["g2_to_g1"] = r.g2_hit_blocks;
   onboard["g3_to_g1"] = r.g3_hit_blocks;
+  if (with_g4) onboard["g4_to_g1"] = r.g4_hit_blocks;
   d["onboard_blocks"] = onboard;
   nb::dict offload;
   offload["g1_to_g2"] = r.store_g1_g2;
   offload["g2_to_g3"] = r.offload_g2_g3;
   offload["g1_to_g3"] = r.store_g1_g3;
+  if (with_g4) offload["g2_to_g4"] = r.g4_put_blocks;
   d["offload_blocks"] = offload;
   d["disk_writes_avoided"] = r.disk_writes_avoided;
   d["offloads_dropped_full"] = r.dropped_full;
@@ -86,7 +89,27 @@ nb::dict ResultDict(const ReplayResult& r, uint32_t page) {
   d["mismatched_blocks"] = r.mismatched_blocks;
   d["load_errors"] = r.load_errors;
   d["metrics_port"] = r.metrics_port;
+  if (with_g4) {
+    // Local: the instance's own tiers (G1 + G2 + G3); global: local plus the shared G4.
+    const uint64_t local = r.g1_hit_blocks + r.g2_hit_blocks + r.g3_hit_blocks;
+    d["g4_hit_blocks"] = r.g4_hit_blocks;
+    d["g4_put_blocks"] = r.g4_put_blocks;
+    d["g4_token_hit_rate"] = rate(r.g4_hit_blocks * page, r.input_tokens);
+    d["g4_block_hit_rate"] = rate(r.g4_hit_blocks, r.page_refs);
+    d["local_token_hit_rate"] = rate(local * page, r.input_tokens);
+    d["global_token_hit_rate"] = rate((local + r.g4_hit_blocks) * page, r.input_tokens);
+    d["local_block_hit_rate"] = rate(local, r.page_refs);
+    d["global_block_hit_rate"] = rate(local + r.g4_hit_blocks, r.page_refs);
+    d["global_hit_tokens"] = (local + r.g4_hit_blocks) * page;
+  }
   return d;
+}
+
+ReplayAssign ParseAssign(const std::string& name) {
+  if (name == "conversation") return ReplayAssign::kConversation;
+  if (name == "random") return ReplayAssign::kRandom;
+  throw StatusException(Error(ErrorCode::kInvalidArgument,
+                              "--assign '" + name + "': expected 'conversation' or 'random'"));
 }
 
 }  // namespace
@@ -201,4 +224,81 @@ void BindReplay(nanobind::module_& m) {
       "DYN_KVBM_METRICS endpoint bound (0 when it is off or could not bind).\n"
       "`load_steps`: engine steps each load takes (0: within its step; not with move_bytes), so that\n"
       "policies that treat blocks held by a load differently can differ.");
+
+  m.def(
+      "assign_instances",
+      [](const Trace& trace, uint32_t instances, const std::string& assign, uint64_t seed) {
+        return AssignInstances(trace, instances, ParseAssign(assign), seed);
+      },
+      "trace"_a, "instances"_a, "assign"_a = "conversation", "seed"_a = 0,
+      "The instance of each request (by trace index) under `assign` ('conversation' or 'random').");
+
+  m.def(
+      "run_replay_instances",
+      [](const Trace& trace, uint32_t instances, uint64_t g4_blocks, const std::string& assign, uint64_t seed,
+         uint32_t block_size, std::optional<uint64_t> g1_blocks, std::optional<uint64_t> g2_blocks,
+         std::optional<uint64_t> g3_blocks, const std::string& policy, std::optional<std::string> disk_policy,
+         double prefill_tokens_per_s, double decode_tokens_per_s, nb::object progress, uint64_t progress_every,
+         double linger_seconds) {
+        ReplayOptions o;
+        o.instances = instances;
+        o.g4_blocks = g4_blocks;
+        o.assign = ParseAssign(assign);
+        o.assign_seed = seed;
+        o.page_size = block_size;
+        o.g1_blocks = g1_blocks;
+        o.g2_blocks = g2_blocks;
+        o.g3_blocks = g3_blocks;
+        TierPolicy host = ReplayPolicy(policy), disk = disk_policy ? ReplayPolicy(*disk_policy) : host;
+        o.policy = host.policy;
+        o.opt_host = host.opt;
+        o.disk_policy = disk.policy;
+        o.opt_disk = disk.opt;
+        o.prefill_tokens_per_s = prefill_tokens_per_s;
+        o.decode_tokens_per_s = decode_tokens_per_s;
+        o.config = KvbmConfig::FromEnvironment();
+        o.progress_every = progress_every ? progress_every : 1;
+        o.linger_seconds = linger_seconds;
+        bool raised = false;
+        if (!progress.is_none()) {
+          o.progress = [&progress, &raised](const ReplayProgress& p) {
+            nb::gil_scoped_acquire gil;
+            try {
+              nb::object keep_going = progress(p.finished, p.total, p.trace_seconds, p.token_hit_rate);
+              return keep_going.is_none() || nb::cast<bool>(keep_going);
+            } catch (nb::python_error& e) {
+              e.restore();
+              raised = true;
+              return false;
+            }
+          };
+        }
+        Result<ReplayInstancesResult> r;
+        {
+          nb::gil_scoped_release release;
+          r = RunReplayInstances(trace, o);
+        }
+        if (raised) throw nb::python_error();
+        ReplayInstancesResult res = ThrowIfError(std::move(r));
+        nb::dict out;
+        out["instances"] = instances;
+        out["assign"] = assign;
+        out["g4_blocks"] = res.g4_blocks;
+        out["g4_used_blocks"] = res.g4_used;
+        out["g4_evictions"] = res.g4_evictions;
+        nb::list per;
+        for (const ReplayResult& x : res.instances) per.append(ResultDict(x, block_size, true));
+        out["per_instance"] = per;
+        out["overall"] = ResultDict(res.total, block_size, true);
+        return out;
+      },
+      "trace"_a, "instances"_a = 1, "g4_blocks"_a = 0, "assign"_a = "conversation", "seed"_a = 0,
+      "block_size"_a = kTraceBlockTokens, "g1_blocks"_a.none() = nb::none(), "g2_blocks"_a.none() = nb::none(),
+      "g3_blocks"_a.none() = 0, "policy"_a = "leaf-first", "disk_policy"_a.none() = nb::none(),
+      "prefill_tokens_per_s"_a = 10000.0, "decode_tokens_per_s"_a = 50.0, "progress"_a.none() = nb::none(),
+      "progress_every"_a = 256, "linger_seconds"_a = 0.0,
+      "Replays `trace` on `instances` engines (each with its own G1/G2/G3 of the given sizes) that share "
+      "one G4 of `g4_blocks` (LRU); requests go to instances by `assign` ('conversation': round-robin by "
+      "conversation, or 'random'). Returns {'per_instance': [...], 'overall': {...}, ...}: each with "
+      "local (G1+G2+G3) and global (plus G4) hit rates.");
 }

@@ -147,6 +147,55 @@ def test_transfer_bad_arguments_are_named(run_kvbm):
     assert r.returncode == 2 and "--pairs 2" in r.stderr
 
 
+# --- kvbm bench remote (a real 6-node Redis Cluster on 127.0.0.1, redis-benchmark) -------------
+
+
+def _redis_tools_or_skip():
+    for tool in ("redis-server", "redis-cli", "redis-benchmark"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed (scripts/install_deps.sh installs redis-server)")
+
+
+def test_remote_quick(monkeypatch):
+    _redis_tools_or_skip()
+    monkeypatch.chdir(REPO)  # the bench finds scripts/redis_cluster.sh from the source tree
+    out = _kvbm_json("bench", "remote", "--quick", "--json", timeout=600)
+    assert out["quick"] is True and out["pairs"] == _pairs.QUICK_PAIRS and out["redis_benchmark"] is True
+    (b,) = out["block_sizes"].values()
+    assert b["block_bytes"] == 256 << 10 and b["value_bytes"] == b["block_bytes"] + 40
+    assert b["masters"] == 3 and b["kvbm_batch_blocks"] == 3 * b["pipeline"]
+    assert b["mismatched_blocks"] == 0  # every block came back through G4 byte-exact
+    for key in ("put_vs_redis_benchmark", "get_vs_redis_benchmark"):
+        _check_ratio(b[key], out["pairs"])
+
+
+def test_remote_bench_round_trip_and_errors(monkeypatch):
+    _redis_tools_or_skip()
+    from kvbm._core import RemoteBench
+    from kvbm.bench.remote import LocalCluster
+
+    monkeypatch.chdir(REPO)
+    with LocalCluster() as cluster:
+        b = RemoteBench.create(cluster.url, block_bytes=64 << 10, num_blocks=20, batch_blocks=6)
+        assert b.bytes == 20 * (64 << 10) and b.masters == 3
+        assert b.put_seconds() > 0 and b.get_seconds() > 0
+        assert b.verify() == 0
+        b.clear()
+        with pytest.raises(Exception, match="gone from G4"):
+            b.get_seconds()  # deleted blocks are a named error, never stale bytes
+        with pytest.raises(Exception, match="must be > 0"):
+            RemoteBench.create(cluster.url, block_bytes=0, num_blocks=4)
+    with pytest.raises(Exception):
+        RemoteBench.create(cluster.url, block_bytes=4096, num_blocks=4, timeout_ms=500)  # stopped: unreachable
+
+
+def test_remote_bad_arguments_are_named(run_kvbm):
+    r = run_kvbm("bench", "remote", "--block-sizes", "12Q")
+    assert r.returncode == 2 and "12Q" in r.stderr
+    r = run_kvbm("bench", "remote", "--pipeline", "0", "--quick")
+    assert r.returncode == 2 and "--pipeline" in r.stderr
+
+
 # --- kvbm bench all and the BENCHMARKS.md tables ------------------------------------------------
 
 

@@ -313,3 +313,209 @@ def test_bytes_mode_defaults_to_a_bounded_replay(run_kvbm):
     r = json.loads(p.stdout)
     assert r["requests"] == 200 and r["mismatched_blocks"] == 0
     assert r["blocks_verified"] == r["g1_hit_blocks"] + r["g2_hit_blocks"]
+
+
+# --- Several instances sharing one G4 (RunReplayInstances) -----------------------------------
+
+TIMING_KEYS = {"seconds", "requests_per_s", "block_refs_per_s"}
+
+
+def _trace_of(rows: list[dict]):
+    return _core.parse_mooncake_trace("\n".join(json.dumps(r) for r in rows).encode())
+
+
+@pytest.mark.parametrize("sizes", [
+    dict(g1_blocks=200, g2_blocks=300, policy="lru"),
+    dict(g1_blocks=0, g2_blocks=150, g3_blocks=400, policy="leaf-first"),
+    dict(g1_blocks=500, g2_blocks=1000, policy="reuse", prefill_tokens_per_s=2000.0),
+])
+def test_one_instance_without_g4_equals_the_single_instance_replay(lines, sizes):
+    trace = _trace_of(lines[:1500])
+    single = _core.run_replay(trace, **sizes)
+    multi = _core.run_replay_instances(trace, instances=1, g4_blocks=0, **sizes)
+    assert len(multi["per_instance"]) == 1
+    for got in (multi["per_instance"][0], multi["overall"]):
+        for key, want in single.items():
+            if isinstance(want, dict):  # the G4 paths are added beside the others
+                assert {k: got[key][k] for k in want} == want, key
+            elif key not in TIMING_KEYS:
+                assert got[key] == want, key
+        assert got["g4_hit_blocks"] == 0 and got["global_token_hit_rate"] == got["local_token_hit_rate"]
+    assert single["g2_hit_blocks"] > 0  # the comparison covers real hits
+
+
+def _conversation_instances(rows: list[dict], n: int) -> list[int]:
+    """Round-robin by conversation, written independently of the C++: the key is the first
+    block past the blocks every request starts with."""
+    first = rows[0]["hash_ids"]
+    common = len(first)
+    for r in rows:
+        k = 0
+        while k < common and k < len(r["hash_ids"]) and r["hash_ids"][k] == first[k]:
+            k += 1
+        common = k
+    owner: dict[int, int] = {}
+    out = []
+    for r in rows:
+        key = r["hash_ids"][min(common, len(r["hash_ids"]) - 1)]
+        if key not in owner:
+            owner[key] = len(owner) % n
+        out.append(owner[key])
+    return out
+
+
+class ReferenceG4:
+    """The shared G4 as docs/REPLAY.md states it: `capacity` blocks, exact LRU; a read and a
+    put make a block most recently used."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.blocks: OrderedDict[tuple, None] = OrderedDict()
+        self.evictions = 0
+
+    def touch_run(self, keys: list[tuple]) -> int:
+        n = 0
+        for k in keys:
+            if k not in self.blocks:
+                break
+            self.blocks.move_to_end(k)
+            n += 1
+        return n
+
+    def put(self, key: tuple) -> None:
+        if key in self.blocks:
+            self.blocks.move_to_end(key)
+            return
+        if len(self.blocks) >= self.capacity:
+            self.blocks.popitem(last=False)
+            self.evictions += 1
+        self.blocks[key] = None
+
+
+def reference_instances(rows: list[dict], n: int, g2: int, g4: int) -> dict:
+    """`n` engines without a prefix cache, one request at a time in trace order, each with its
+    own LRU G2 (the same steps as reference_g2_lru), sharing a G4 that is asked past the
+    local run and takes every computed block that G2 did not hold."""
+    assign = _conversation_instances(rows, n)
+    tiers = [ReferenceLruTier(g2) for _ in range(n)]
+    shared = ReferenceG4(g4)
+    per = [dict(g2_hits=0, g4_hits=0, stores=0, puts=0) for _ in range(n)]
+    for r, inst in zip(rows, assign):
+        tier, c = tiers[inst], per[inst]
+        ids, length = r["hash_ids"], r["input_length"]
+        full, cap = length // BLOCK, (length - 1) // BLOCK
+        held = lambda i: ids[i] in tier.parent and tier.parent[ids[i]] == (ids[i - 1] if i else None)  # noqa: E731
+        h = 0
+        while h < cap and held(h):
+            h += 1
+        for b in ids[:h]:
+            tier.acquire(b)
+        for b in reversed(ids[:h]):
+            tier.release(b)
+        g = shared.touch_run([tuple(ids[: i + 1]) for i in range(h, cap)])
+        puts = [tuple(ids[: i + 1]) for i in range(h + g, full) if not held(i)]
+        run = []
+        for i in range(h, full):
+            if ids[i] in tier.parent:
+                tier.acquire(ids[i])
+            elif tier.insert(ids[i], ids[i - 1] if i else None):
+                c["stores"] += 1
+            else:
+                break
+            run.append(ids[i])
+        for b in reversed(run):
+            tier.release(b)
+        for key in puts:
+            shared.put(key)
+        c["g2_hits"] += h
+        c["g4_hits"] += g
+        c["puts"] += len(puts)
+    for c, tier in zip(per, tiers):
+        c["evictions"] = tier.evictions
+    return {"per_instance": per, "g4_evictions": shared.evictions, "g4_used": len(shared.blocks)}
+
+
+@pytest.mark.parametrize("g2,g4", [(40, 150), (300, 60), (300, 5000)])
+def test_two_instances_equal_a_brute_force_reference(lines, g2, g4):
+    rows = lines[:800]
+    got = _core.run_replay_instances(_trace_of(rows), instances=2, g4_blocks=g4, g1_blocks=0, g2_blocks=g2,
+                                     g3_blocks=0, policy="lru", prefill_tokens_per_s=INF, decode_tokens_per_s=INF)
+    want = reference_instances(rows, 2, g2, g4)
+    assert got["g4_evictions"] == want["g4_evictions"]
+    assert got["g4_used_blocks"] == want["g4_used"]
+    for x, w in zip(got["per_instance"], want["per_instance"]):
+        assert x["g2_hit_blocks"] == w["g2_hits"]
+        assert x["g4_hit_blocks"] == w["g4_hits"]
+        assert x["offload_blocks"]["g1_to_g2"] == w["stores"]
+        assert x["offload_blocks"]["g2_to_g4"] == w["puts"]
+        assert x["evictions"]["g2"] == w["evictions"]
+        if g4 >= 150:
+            assert x["g4_hit_blocks"] > 0  # each instance reads what the other computed
+    if g4 < 1000:
+        assert want["g4_evictions"] > 0
+
+
+def test_conversation_assignment_keeps_conversations_together(lines):
+    rows = lines[:3000]
+    trace = _trace_of(rows)
+    for n in (1, 3, 8):
+        got = _core.assign_instances(trace, n, "conversation")
+        assert list(got) == _conversation_instances(rows, n)
+        by_key: dict[int, set] = {}
+        for r, inst in zip(rows, got):
+            by_key.setdefault(r["hash_ids"][1] if len(r["hash_ids"]) > 1 else -1, set()).add(inst)
+        assert all(len(v) == 1 for k, v in by_key.items() if k != -1)
+        counts = [list(got).count(i) for i in range(n)]
+        assert min(counts) > 0.5 * len(rows) / n  # round-robin spreads the conversations
+    rand = list(_core.assign_instances(trace, 4, "random", 7))
+    assert rand == list(_core.assign_instances(trace, 4, "random", 7))
+    assert rand != list(_core.assign_instances(trace, 4, "random", 8))
+    assert set(rand) == {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("assign", ["conversation", "random"])
+def test_global_hit_rate_is_at_least_local_and_g4_leaves_local_as_is(lines, assign):
+    trace = _trace_of(lines[:2000])
+    sizes = dict(g1_blocks=100, g2_blocks=200, assign=assign)
+    for n in (2, 4):
+        alone = _core.run_replay_instances(trace, instances=n, g4_blocks=0, **sizes)
+        shared = _core.run_replay_instances(trace, instances=n, g4_blocks=20 * 200, **sizes)
+        assert shared["overall"]["requests"] + shared["overall"]["rejected_requests"] == 2000
+        for a, s in zip(alone["per_instance"] + [alone["overall"]], shared["per_instance"] + [shared["overall"]]):
+            assert s["global_token_hit_rate"] >= s["local_token_hit_rate"]
+            assert s["global_token_hit_rate"] == pytest.approx(s["local_token_hit_rate"] + s["g4_token_hit_rate"])
+            # A G4 hit is onboarded through G2 like a computed block is stored: local tiers
+            # evolve the same with or without G4.
+            assert s["local_token_hit_rate"] == a["local_token_hit_rate"]
+            assert a["g4_hit_blocks"] == 0
+        assert shared["overall"]["g4_hit_blocks"] > 0
+        assert shared["overall"]["global_token_hit_rate"] > shared["overall"]["local_token_hit_rate"]
+
+
+def test_cli_instances_json_and_text(run_kvbm):
+    p = run_kvbm("replay", "--json", "--limit", "1000", "--instances", "3", "--g4-blocks", "2000",
+                 "--g2-blocks", "200", "--g1-blocks", "100")
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    assert r["instances"] == 3 and r["assign"] == "conversation" and r["g4_blocks"] == 2000
+    assert len(r["per_instance"]) == 3
+    o = r["overall"]
+    assert sum(x["requests"] for x in r["per_instance"]) == o["requests"]
+    assert o["requests"] + o["rejected_requests"] == 1000
+    assert r["overall"]["g4_hit_blocks"] == sum(x["g4_hit_blocks"] for x in r["per_instance"]) > 0
+    p = run_kvbm("replay", "--limit", "500", "--instances", "2", "--g4-blocks", "1000", "--assign", "random")
+    assert p.returncode == 0, p.stderr
+    assert "at random (seed 0)" in p.stdout and "| all |" in p.stdout and "global" in p.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--instances", "0"], "--instances"),
+    (["--g4-blocks", "100", "--g2-blocks", "0", "--g3-blocks", "100"], "needs G2"),
+    (["--instances", "2", "--bytes", "--g1-blocks", "100"], "--bytes"),
+    (["--instances", "2", "--sweep"], "--sweep"),
+    (["--g4-blocks", "unlimited"], "finite"),
+])
+def test_cli_instances_bad_options_are_named(run_kvbm, args, message):
+    p = run_kvbm("replay", "--limit", "10", *args)
+    assert p.returncode == 2, p.stdout
+    assert message in p.stderr

@@ -61,6 +61,16 @@ def _size(value: str) -> int | None:
         raise argparse.ArgumentTypeError(f"{e} (or 'unlimited')") from None
 
 
+_instances = decimal("--instances (engine instances)", 1, 1024)
+
+
+def _g4_size(value: str) -> int:
+    v = _size(value)
+    if v is None:
+        raise argparse.ArgumentTypeError("G4 needs a finite size in blocks")
+    return v
+
+
 def _rate(value: str) -> float:
     v = finite_float("a rate in tokens/s", allow_inf=True)(value)
     if not v > 0:
@@ -125,6 +135,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--bytes", action="store_true",
                    help="move real bytes (G1 tensors in host memory, the transfer engine, the G3 file) and verify "
                    "every loaded block")
+    inst = p.add_argument_group("instances sharing G4 (the hit-rate model; see docs/REPLAY.md)")
+    inst.add_argument("--instances", type=_instances, default=1,
+                      help="engine instances, each with its own G1/G2/G3 of the sizes above (default 1)")
+    inst.add_argument("--g4-blocks", type=_g4_size, default=0,
+                      help="shared G4 (remote tier) capacity in blocks, LRU like Redis allkeys-lru; 0 = none (default)")
+    inst.add_argument("--assign", choices=("conversation", "random"), default="conversation",
+                      help="requests to instances: round-robin by conversation (same first block past the trace's "
+                      "common prefix -> same instance; default), or each request at random")
+    inst.add_argument("--seed", type=decimal("--seed", 0, (1 << 64) - 1), default=0,
+                      help="seed of --assign random (default 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (it is drawn only on a terminal)")
     p.add_argument("--linger", type=_seconds, default=0.0, metavar="SECONDS",
@@ -290,6 +310,46 @@ def _print_report(r: dict, source: str) -> None:
               f"{r['load_errors']} load errors")
     print(f"speed            {r['seconds']:.3f} s: {r['requests_per_s']:,.0f} requests/s, "
           f"{r['block_refs_per_s']:,.0f} block references/s")
+
+
+def _run_instances(trace, opts: dict, args, source: str) -> dict:
+    from kvbm import _core
+
+    show = sys.stderr.isatty() and not args.no_progress
+    progress = ProgressBar(f"replay x{args.instances}") if show else None
+    base = {k: v for k, v in opts.items() if k not in ("move_bytes", "bytes_per_token")}
+    r = _core.run_replay_instances(trace, instances=args.instances, g4_blocks=args.g4_blocks, assign=args.assign,
+                                   seed=args.seed, **base, progress=progress, progress_every=64,
+                                   linger_seconds=args.linger)
+    r["trace"] = source
+    r["policy"] = opts["policy"]
+    r["seed"] = args.seed
+    r["prefill_tokens_per_s"] = opts["prefill_tokens_per_s"]
+    r["decode_tokens_per_s"] = opts["decode_tokens_per_s"]
+    return r
+
+
+def _print_instances(r: dict, source: str) -> None:
+    o = r["overall"]
+    rule = ("round-robin by conversation" if r["assign"] == "conversation"
+            else f"at random (seed {r['seed']})")
+    print(f"trace            {source}: {o['requests']:,} requests, {o['block_refs']:,} block references, "
+          f"{o['input_tokens']:,} prompt tokens" + (f", {o['rejected_requests']} rejected (larger than G1)"
+                                                     if o["rejected_requests"] else ""))
+    print(f"instances        {r['instances']}, requests assigned {rule}")
+    print(f"tiers            per instance G1 {o['g1_blocks']:,}  G2 {o['g2_blocks']:,}  G3 {o['g3_blocks']:,}; "
+          f"shared G4 {r['g4_blocks']:,} blocks of {o['block_size']} tokens ({r['policy']} in G2/G3, LRU in G4)")
+    print("token hit rates  local = G1+G2+G3 of the instance; global = local + G4")
+    print("| instance | requests | G1 | G2 | G3 | local | G4 | global |")
+    print("|---|---|---|---|---|---|---|---|")
+    rows = [(str(i), x) for i, x in enumerate(r["per_instance"])] + [("all", o)]
+    for name, x in rows:
+        print(f"| {name} | {x['requests']:,} | {x['g1_token_hit_rate']:.4f} | {x['g2_token_hit_rate']:.4f} | "
+              f"{x['g3_token_hit_rate']:.4f} | {x['local_token_hit_rate']:.4f} | {x['g4_token_hit_rate']:.4f} | "
+              f"{x['global_token_hit_rate']:.4f} |")
+    print(f"G4               {r['g4_used_blocks']:,} blocks held at the end, {o['g4_put_blocks']:,} put, "
+          f"{o['g4_hit_blocks']:,} read, {r['g4_evictions']:,} evicted")
+    print(f"speed            {o['seconds']:.3f} s: {o['requests_per_s']:,.0f} requests/s")
 
 
 def _run_one(trace, opts: dict, args, source: str) -> dict:
@@ -492,6 +552,21 @@ def run(args: argparse.Namespace) -> int:
     opts = _options(args)
     if opts["g2_blocks"] == 0 and opts["g3_blocks"] == 0:
         raise ConfigError("size G2 or G3 (--g2-blocks / --g3-blocks are both 0)")
+    if args.instances > 1 or args.g4_blocks > 0:
+        if args.sweep:
+            raise ConfigError("--sweep replays one instance; drop --instances/--g4-blocks or --sweep")
+        if args.bytes:
+            raise ConfigError("--bytes moves bytes for one instance; --instances/--g4-blocks use the hit-rate model")
+        if args.load_steps:
+            raise ConfigError("--load-steps models one instance's loads; drop --instances/--g4-blocks or --load-steps")
+        if args.g4_blocks > 0 and opts["g2_blocks"] == 0:
+            raise ConfigError("--g4-blocks needs G2 (--g2-blocks > 0), as kvbm's remote tier does")
+        r = _run_instances(trace, opts, args, source)
+        if args.json:
+            print(json.dumps(r, sort_keys=True))
+        else:
+            _print_instances(r, source)
+        return 0
     if args.sweep:
         return _sweep(trace, opts, args, source)
     r = _run_one(trace, opts, args, source)
