@@ -317,7 +317,8 @@ def _run_instances(trace, opts: dict, args, source: str) -> dict:
 
     show = sys.stderr.isatty() and not args.no_progress
     progress = ProgressBar(f"replay x{args.instances}") if show else None
-    base = {k: v for k, v in opts.items() if k not in ("move_bytes", "bytes_per_token")}
+    # load_steps is refused with --instances (run() checks), so it is always 0 here
+    base = {k: v for k, v in opts.items() if k not in ("move_bytes", "bytes_per_token", "load_steps")}
     r = _core.run_replay_instances(trace, instances=args.instances, g4_blocks=args.g4_blocks, assign=args.assign,
                                    seed=args.seed, **base, progress=progress, progress_every=64,
                                    linger_seconds=args.linger)
