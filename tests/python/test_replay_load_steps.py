@@ -92,3 +92,11 @@ def test_load_steps_with_bytes_is_refused(tmp_path, run_kvbm):
     assert "--load-steps 2 cannot be combined with --bytes" in p.stderr
     with pytest.raises(Exception, match="load_steps=2 applies without move_bytes"):
         _core.run_replay(_core.parse_mooncake_trace(_lines().encode()), g1_blocks=10, move_bytes=True, load_steps=2)
+
+
+def test_load_steps_with_instances_is_refused(tmp_path, run_kvbm):
+    path = tmp_path / "trace.jsonl"
+    path.write_text(_lines())
+    p = run_kvbm("replay", str(path), "--g2-blocks", "4", "--instances", "2", "--load-steps", "2")
+    assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr
+    assert "--load-steps models one instance's loads" in p.stderr, p.stderr
