@@ -128,6 +128,13 @@ class PageConnector {
   // Runs the chain's operations (plus `ops`) to completion on the worker. REQUIRES mu_ held.
   Result<std::vector<uint32_t>> RunStep(std::vector<TransferOp> ops);
   uint8_t* StagingPage(uint32_t i) const { return staging_->data() + uint64_t{i} * block_bytes(); }
+  // What Put and Get share: each key's BlockKey and the pages per step (the staging area, at most
+  // the first sized tier). REQUIRES mu_ held.
+  struct Batch {
+    std::vector<BlockKey> keys;
+    size_t chunk = 1;
+  };
+  Batch PlanBatch(std::span<const std::string> keys) const;
 
   const KvbmConfig config_;
   const PageConnectorOptions options_;

@@ -155,6 +155,16 @@ Result<std::vector<uint32_t>> PageConnector::RunStep(std::vector<TransferOp> ops
   return failed;
 }
 
+PageConnector::Batch PageConnector::PlanBatch(std::span<const std::string> keys) const {
+  const TierChain& chain = *manager_->chain();
+  const uint64_t tier = chain.host_blocks() > 0 ? chain.host_blocks() : chain.disk_blocks();
+  Batch b;
+  b.chunk = static_cast<size_t>(std::min<uint64_t>(staging_pages_, tier));
+  b.keys.reserve(keys.size());
+  for (const std::string& k : keys) b.keys.push_back(KeyOf(k));
+  return b;
+}
+
 Result<std::vector<bool>> PageConnector::Put(std::span<const std::string> keys, std::span<const uint64_t> addresses,
                                              uint64_t segment_bytes) {
   const uint64_t bytes = block_bytes();
@@ -165,11 +175,7 @@ Result<std::vector<bool>> PageConnector::Put(std::span<const std::string> keys, 
   const size_t per = addresses.size() / keys.size();
   std::lock_guard lock(mu_);
   TierChain& chain = *manager_->chain();
-  const uint64_t tier = chain.host_blocks() > 0 ? chain.host_blocks() : chain.disk_blocks();
-  const size_t chunk = static_cast<size_t>(std::min<uint64_t>(staging_pages_, tier));
-  std::vector<BlockKey> page_keys;
-  page_keys.reserve(keys.size());
-  for (const std::string& k : keys) page_keys.push_back(KeyOf(k));
+  auto [page_keys, chunk] = PlanBatch(keys);
   for (size_t begin = 0; begin < keys.size(); begin += chunk) {
     const size_t end = std::min(keys.size(), begin + chunk);
     for (size_t i = begin; i < end; ++i) {
@@ -202,11 +208,7 @@ Result<std::vector<bool>> PageConnector::Get(std::span<const std::string> keys, 
   const size_t per = addresses.size() / keys.size();
   std::lock_guard lock(mu_);
   TierChain& chain = *manager_->chain();
-  const uint64_t tier = chain.host_blocks() > 0 ? chain.host_blocks() : chain.disk_blocks();
-  const size_t chunk = static_cast<size_t>(std::min<uint64_t>(staging_pages_, tier));
-  std::vector<BlockKey> page_keys;
-  page_keys.reserve(keys.size());
-  for (const std::string& k : keys) page_keys.push_back(KeyOf(k));
+  auto [page_keys, chunk] = PlanBatch(keys);
   const std::string request_id = "page-get";
   for (size_t begin = 0; begin < keys.size(); begin += chunk) {
     const size_t end = std::min(keys.size(), begin + chunk);
