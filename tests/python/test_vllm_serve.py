@@ -204,8 +204,19 @@ def test_vllm_metrics_agree_with_kvbm(served):
 
 
 def _error_kinds(log: str) -> set[str]:
-    """The distinct ERROR lines of a vLLM log, without process id and time."""
-    return {re.sub(r"^\(\w+ pid=\d+\) ERROR \S+ \S+ ", "", line) for line in log.splitlines() if " ERROR " in line}
+    """The distinct ERROR lines of a vLLM log, without process id and time.
+
+    vLLM's API server, when SIGTERM reaches its engine core first, sometimes logs the traceback of
+    an ``EngineDeadError`` from ``AsyncLLM.output_handler`` (async_llm.py) and sometimes not, with
+    or without a connector: a race inside vLLM's shutdown. That one block is left out when it ends
+    in ``EngineDeadError``; the engine core's own traceback (the root cause, were kvbm to kill the
+    engine) is logged from other files and still counts.
+    """
+    kinds = {re.sub(r"^\(\w+ pid=\d+\) ERROR \S+ \S+ ", "", line) for line in log.splitlines() if " ERROR " in line}
+    output_handler = {k for k in kinds if re.match(r"^\[async_llm\.py:\d+\] ", k)}
+    if any("EngineDeadError" in k for k in output_handler):
+        kinds -= output_handler
+    return kinds
 
 
 def test_clean_shutdown_leaves_nothing_behind(served, reference):
@@ -215,8 +226,9 @@ def test_clean_shutdown_leaves_nothing_behind(served, reference):
     assert served["held_after"] == [], served["held_after"]
     assert served["disk_files_after"] == [], served["disk_files_after"]
     assert served["shm_left"] == [], (served["shm_left"], served["shm"])
-    # vLLM (CPU build) itself logs an EngineDeadError while it shuts down, and SIGKILLs its worker
-    # after a grace period, with or without a connector: kvbm must add no error of its own.
+    # vLLM (CPU build) itself may log an EngineDeadError while it shuts down (see _error_kinds), and
+    # SIGKILLs its worker after a grace period, with or without a connector: kvbm must add no error
+    # of its own.
     extra = _error_kinds(served["log"]) - _error_kinds(reference["log"])
     assert extra == set(), sorted(extra)[:20]
     assert not [line for line in served["log"].splitlines() if "kvbm" in line and (" ERROR " in line or "Traceback" in line)]
