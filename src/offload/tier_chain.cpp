@@ -172,9 +172,17 @@ ChainMatch TierChain::Count(std::span<const BlockKey> keys) const {
   ChainMatch m;
   if (host_) m.host = static_cast<uint32_t>(host_->CountPrefix(keys));
   if (disk_ && m.host < keys.size()) m.disk = static_cast<uint32_t>(disk_->CountPrefix(keys.subspan(m.host)));
-  // G4 only past the local run.
-  if (remote_ && m.host + m.disk < keys.size())
-    m.remote = static_cast<uint32_t>(remote_->CountPrefix(keys.subspan(m.host + m.disk)));
+  // G4 only past the local run, and no more than G2 can stage: a G4 hit is fetched into fresh
+  // G2 blocks, and one promised without a slot would be a load error and a recompute.
+  if (remote_ && m.host + m.disk < keys.size()) {
+    const BlockPoolStats g2 = host_->stats();
+    const uint64_t obtainable = g2.free + g2.inactive;  // host hits become referenced
+    const uint64_t room = obtainable > m.host ? obtainable - m.host : 0;
+    if (room > 0) {
+      const size_t ask = std::min<uint64_t>(keys.size() - m.host - m.disk, room);
+      m.remote = static_cast<uint32_t>(remote_->CountPrefix(keys.subspan(m.host + m.disk, ask)));
+    }
+  }
   return m;
 }
 

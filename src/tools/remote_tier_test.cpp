@@ -81,6 +81,26 @@ TEST_F(RemoteTierTest, WhatOneEngineComputedIsAByteExactHitForAnother) {
   EXPECT_EQ(rb2->mismatched_blocks, 0u);
 }
 
+TEST_F(RemoteTierTest, AG4MatchIsCappedAtWhatG2CanStage) {
+  SimEngineOptions o;
+  {
+    SimulatedEngine a(Config(cluster_->SeedUrl()), o);
+    ASSERT_TRUE(a.RunRequest("a", Prompt()).has_value());
+    a.worker().WaitIdle();
+  }
+  // G4 holds 8 blocks of the prompt, B's G2 only 5: B is promised 5, not 8 with 3 load errors.
+  KvbmConfig small = Config(cluster_->SeedUrl());
+  small.cpu_cache_num_blocks = 5;
+  SimulatedEngine b(small, o);
+  auto rb = b.RunRequest("b", Prompt());
+  ASSERT_TRUE(rb.has_value());
+  EXPECT_EQ(rb->remote_blocks, 5u);
+  EXPECT_EQ(rb->loaded_tokens, 5u * 16);
+  EXPECT_EQ(rb->load_errors, 0u);
+  EXPECT_EQ(rb->mismatched_blocks, 0u);
+  EXPECT_EQ(b.leader().chain().stats().onboard_missing_blocks, 0u);
+}
+
 TEST_F(RemoteTierTest, CorruptGoneOrForeignValuesAreRecomputedNeverServed) {
   SimEngineOptions o;
   {
