@@ -33,7 +33,9 @@ case "$san" in
     mkdir -p "$site"
     cp -r python/kvbm "$site/kvbm"
     cp "$build_dir"/_core*.so "$site/kvbm/"
-    libasan="$(g++ -print-file-name=libasan.so)"
+    # libstdc++ is preloaded with the runtime: python does not link it, and ASan resolves the
+    # real __cxa_throw when it starts, so without it the first C++ exception aborts ASan itself.
+    libasan="$(g++ -print-file-name=libasan.so) $(g++ -print-file-name=libstdc++.so.6)"
     args=("$@")
     if [[ ${#args[@]} -eq 0 ]]; then
       args=(tests/python/test_connector_core.py tests/python/test_vllm_connector.py
