@@ -112,6 +112,76 @@ ReplayAssign ParseAssign(const std::string& name) {
                               "--assign '" + name + "': expected 'conversation' or 'random'"));
 }
 
+// The options both replay entry points share.
+ReplayOptions BaseOptions(uint32_t block_size, std::optional<uint64_t> g1_blocks, std::optional<uint64_t> g2_blocks,
+                          std::optional<uint64_t> g3_blocks, const std::string& policy,
+                          const std::optional<std::string>& disk_policy, double prefill_tokens_per_s,
+                          double decode_tokens_per_s, uint64_t progress_every, double linger_seconds) {
+  ReplayOptions o;
+  o.page_size = block_size;
+  o.g1_blocks = g1_blocks;
+  o.g2_blocks = g2_blocks;
+  o.g3_blocks = g3_blocks;
+  TierPolicy host = ReplayPolicy(policy), disk = disk_policy ? ReplayPolicy(*disk_policy) : host;
+  o.policy = host.policy;
+  o.opt_host = host.opt;
+  o.disk_policy = disk.policy;
+  o.opt_disk = disk.opt;
+  o.prefill_tokens_per_s = prefill_tokens_per_s;
+  o.decode_tokens_per_s = decode_tokens_per_s;
+  o.config = KvbmConfig::FromEnvironment();
+  o.progress_every = progress_every ? progress_every : 1;
+  o.linger_seconds = linger_seconds;
+  return o;
+}
+
+// Calls Python's `progress(finished, total, trace_seconds, token_hit_rate)` (and, once, the
+// `on_metrics_port(port)`) from the replay's thread. A Python exception stops the replay and is
+// kept to be re-raised by Run once the replay has unwound.
+class ProgressBridge {
+ public:
+  ProgressBridge(nb::object progress, nb::object on_metrics_port)
+      : progress_(std::move(progress)), on_port_(std::move(on_metrics_port)) {}
+
+  // Installs the callback in `o` (none when there is nothing to call).
+  void Install(ReplayOptions& o) {
+    if (progress_.is_none() && on_port_.is_none()) return;
+    o.progress = [this](const ReplayProgress& p) {
+      nb::gil_scoped_acquire gil;
+      try {
+        if (!port_reported_ && !on_port_.is_none()) {
+          port_reported_ = true;
+          on_port_(p.metrics_port);
+        }
+        if (progress_.is_none()) return true;
+        nb::object keep_going = progress_(p.finished, p.total, p.trace_seconds, p.token_hit_rate);
+        return keep_going.is_none() || nb::cast<bool>(keep_going);
+      } catch (nb::python_error& e) {
+        e.restore();  // re-raised by Run, once the replay has unwound
+        raised_ = true;
+        return false;
+      }
+    };
+  }
+
+  // Runs `replay` with the GIL released; re-raises what the callback raised, else unwraps.
+  template <typename F>
+  auto Run(F&& replay) {
+    decltype(replay()) r;
+    {
+      nb::gil_scoped_release release;
+      r = replay();
+    }
+    if (raised_) throw nb::python_error();
+    return ThrowIfError(std::move(r));
+  }
+
+ private:
+  nb::object progress_, on_port_;
+  bool raised_ = false;
+  bool port_reported_ = false;
+};
+
 }  // namespace
 }  // namespace kvbm::python
 
@@ -152,18 +222,8 @@ void BindReplay(nanobind::module_& m) {
          const std::string& policy, std::optional<std::string> disk_policy, double prefill_tokens_per_s, double decode_tokens_per_s,
          bool move_bytes, uint32_t bytes_per_token, nb::object progress, uint64_t progress_every,
          double linger_seconds, nb::object on_metrics_port, uint32_t load_steps) {
-        ReplayOptions o;
-        o.page_size = block_size;
-        o.g1_blocks = g1_blocks;
-        o.g2_blocks = g2_blocks;
-        o.g3_blocks = g3_blocks;
-        TierPolicy host = ReplayPolicy(policy), disk = disk_policy ? ReplayPolicy(*disk_policy) : host;
-        o.policy = host.policy;
-        o.opt_host = host.opt;
-        o.disk_policy = disk.policy;
-        o.opt_disk = disk.opt;
-        o.prefill_tokens_per_s = prefill_tokens_per_s;
-        o.decode_tokens_per_s = decode_tokens_per_s;
+        ReplayOptions o = BaseOptions(block_size, g1_blocks, g2_blocks, g3_blocks, policy, disk_policy,
+                                      prefill_tokens_per_s, decode_tokens_per_s, progress_every, linger_seconds);
         o.move_bytes = move_bytes;
         if (move_bytes && load_steps > 0)
           throw ConfigError(fmt::format(
@@ -172,38 +232,9 @@ void BindReplay(nanobind::module_& m) {
               load_steps));
         o.load_steps = load_steps;
         o.bytes_per_token = bytes_per_token;
-        o.config = KvbmConfig::FromEnvironment();
-        o.progress_every = progress_every ? progress_every : 1;
-        o.linger_seconds = linger_seconds;
-        bool raised = false;
-        bool port_reported = false;
-        if (!progress.is_none() || !on_metrics_port.is_none()) {
-          o.progress = [&progress, &on_metrics_port, &raised,
-                        &port_reported](const ReplayProgress& p) {
-            nb::gil_scoped_acquire gil;
-            try {
-              if (!port_reported && !on_metrics_port.is_none()) {
-                port_reported = true;
-                on_metrics_port(p.metrics_port);
-              }
-              if (progress.is_none()) return true;
-              nb::object keep_going =
-                  progress(p.finished, p.total, p.trace_seconds, p.token_hit_rate);
-              return keep_going.is_none() || nb::cast<bool>(keep_going);
-            } catch (nb::python_error& e) {
-              e.restore();  // re-raised below, once the replay has unwound
-              raised = true;
-              return false;
-            }
-          };
-        }
-        Result<ReplayResult> r;
-        {
-          nb::gil_scoped_release release;
-          r = RunReplay(trace, o);
-        }
-        if (raised) throw nb::python_error();
-        return ResultDict(ThrowIfError(std::move(r)), block_size);
+        ProgressBridge bridge(progress, on_metrics_port);
+        bridge.Install(o);
+        return ResultDict(bridge.Run([&] { return RunReplay(trace, o); }), block_size);
       },
       "trace"_a, "block_size"_a = kTraceBlockTokens, "g1_blocks"_a.none() = nb::none(),
       "g2_blocks"_a.none() = nb::none(), "g3_blocks"_a.none() = 0, "policy"_a = "leaf-first",
@@ -240,46 +271,15 @@ void BindReplay(nanobind::module_& m) {
          std::optional<uint64_t> g3_blocks, const std::string& policy, std::optional<std::string> disk_policy,
          double prefill_tokens_per_s, double decode_tokens_per_s, nb::object progress, uint64_t progress_every,
          double linger_seconds) {
-        ReplayOptions o;
+        ReplayOptions o = BaseOptions(block_size, g1_blocks, g2_blocks, g3_blocks, policy, disk_policy,
+                                      prefill_tokens_per_s, decode_tokens_per_s, progress_every, linger_seconds);
         o.instances = instances;
         o.g4_blocks = g4_blocks;
         o.assign = ParseAssign(assign);
         o.assign_seed = seed;
-        o.page_size = block_size;
-        o.g1_blocks = g1_blocks;
-        o.g2_blocks = g2_blocks;
-        o.g3_blocks = g3_blocks;
-        TierPolicy host = ReplayPolicy(policy), disk = disk_policy ? ReplayPolicy(*disk_policy) : host;
-        o.policy = host.policy;
-        o.opt_host = host.opt;
-        o.disk_policy = disk.policy;
-        o.opt_disk = disk.opt;
-        o.prefill_tokens_per_s = prefill_tokens_per_s;
-        o.decode_tokens_per_s = decode_tokens_per_s;
-        o.config = KvbmConfig::FromEnvironment();
-        o.progress_every = progress_every ? progress_every : 1;
-        o.linger_seconds = linger_seconds;
-        bool raised = false;
-        if (!progress.is_none()) {
-          o.progress = [&progress, &raised](const ReplayProgress& p) {
-            nb::gil_scoped_acquire gil;
-            try {
-              nb::object keep_going = progress(p.finished, p.total, p.trace_seconds, p.token_hit_rate);
-              return keep_going.is_none() || nb::cast<bool>(keep_going);
-            } catch (nb::python_error& e) {
-              e.restore();
-              raised = true;
-              return false;
-            }
-          };
-        }
-        Result<ReplayInstancesResult> r;
-        {
-          nb::gil_scoped_release release;
-          r = RunReplayInstances(trace, o);
-        }
-        if (raised) throw nb::python_error();
-        ReplayInstancesResult res = ThrowIfError(std::move(r));
+        ProgressBridge bridge(progress, nb::none());
+        bridge.Install(o);
+        ReplayInstancesResult res = bridge.Run([&] { return RunReplayInstances(trace, o); });
         nb::dict out;
         out["instances"] = instances;
         out["assign"] = assign;
