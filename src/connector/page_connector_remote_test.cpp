@@ -8,30 +8,17 @@
 #include <vector>
 
 #include "kvbm/page_connector.h"
-#include "memory/redis_cluster_testing.h"
+#include "memory/redis_cluster_fixture.h"
 
 namespace kvbm {
 namespace {
 
-using testing::ClusterProcess;
+using testing::SharedClusterTest;
 
 constexpr uint64_t kPage = 2 * 2 * 4 * 64 * 2;  // layers x K|V x tokens x inner x bytes
 
-class PageConnectorRemoteTest : public ::testing::Test {
+class PageConnectorRemoteTest : public SharedClusterTest {
  protected:
-  static void SetUpTestSuite() {
-    cluster_ = new ClusterProcess();
-    ASSERT_TRUE(cluster_->ok()) << cluster_->error();
-  }
-  static void TearDownTestSuite() {
-    delete cluster_;
-    cluster_ = nullptr;
-  }
-  void SetUp() override {
-    ASSERT_TRUE(cluster_ && cluster_->ok());
-    for (int i = 0; i < ClusterProcess::kNodes; ++i) cluster_->Cli(cluster_->base_port() + i, "flushall");
-  }
-
   static std::unique_ptr<PageConnector> Make(const std::string& descriptor) {
     KvbmConfig c;
     c.cpu_cache_num_blocks = 8;
@@ -51,10 +38,7 @@ class PageConnectorRemoteTest : public ::testing::Test {
     EXPECT_TRUE(r.has_value()) << r.error().ToString();
     return r ? std::move(*r) : nullptr;
   }
-
-  static ClusterProcess* cluster_;
 };
-ClusterProcess* PageConnectorRemoteTest::cluster_ = nullptr;
 
 // One contiguous segment per page.
 std::vector<uint64_t> Addresses(std::vector<uint8_t>& bytes, size_t pages) {

@@ -8,28 +8,15 @@
 #include "kvbm/redis_cluster.h"
 #include "kvbm/remote_block.h"
 #include "kvbm/sim_engine.h"
-#include "memory/redis_cluster_testing.h"
+#include "memory/redis_cluster_fixture.h"
 
 namespace kvbm {
 namespace {
 
-using testing::ClusterProcess;
+using testing::SharedClusterTest;
 
-class RemoteTierTest : public ::testing::Test {
+class RemoteTierTest : public SharedClusterTest {
  protected:
-  static void SetUpTestSuite() {
-    cluster_ = new ClusterProcess();
-    ASSERT_TRUE(cluster_->ok()) << cluster_->error();
-  }
-  static void TearDownTestSuite() {
-    delete cluster_;
-    cluster_ = nullptr;
-  }
-  void SetUp() override {
-    ASSERT_TRUE(cluster_ && cluster_->ok());
-    for (int i = 0; i < ClusterProcess::kNodes; ++i) cluster_->Cli(cluster_->base_port() + i, "flushall");
-  }
-
   static KvbmConfig Config(const std::string& url) {
     KvbmConfig c;
     c.cpu_cache_num_blocks = 32;
@@ -51,10 +38,7 @@ class RemoteTierTest : public ::testing::Test {
     }();
     return *client;
   }
-
-  static ClusterProcess* cluster_;
 };
-ClusterProcess* RemoteTierTest::cluster_ = nullptr;
 
 TEST_F(RemoteTierTest, WhatOneEngineComputedIsAByteExactHitForAnother) {
   SimEngineOptions o;
@@ -131,7 +115,7 @@ TEST_F(RemoteTierTest, CorruptGoneOrForeignValuesAreRecomputedNeverServed) {
   EXPECT_EQ(b.worker().metrics()->remote_verify_failures.load(), 2u);
 
   // The cluster flushed: nothing to match, everything recomputed.
-  for (int i = 0; i < ClusterProcess::kNodes; ++i) cluster_->Cli(cluster_->base_port() + i, "flushall");
+  FlushAll();
   SimulatedEngine c(Config(cluster_->SeedUrl()), o);
   auto rc = c.RunRequest("c", Prompt());
   ASSERT_TRUE(rc.has_value());
