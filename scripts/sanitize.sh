@@ -2,9 +2,8 @@
 # scripts/sanitize.sh address|thread|undefined [gtest args...]
 # scripts/sanitize.sh python [pytest args...]
 #
-# Builds kvbm_tests with the sanitizer in build-<sanitizer>/ and runs it. address also enables
-# undefined (see CMakeLists.txt). thread runs the concurrency tests by default (TSan slows
-# everything ~10x and the rest is single-threaded); pass --gtest_filter=... to choose others.
+# Builds kvbm_tests with the sanitizer in build-<sanitizer>/ and runs the whole suite (or what
+# --gtest_filter=... chooses). address also enables undefined (see CMakeLists.txt).
 #
 # python: builds the extension kvbm._core with ASan + UBSan in build-asan-python/, stages the
 # package beside it (build-asan-python/site/kvbm) and runs pytest on the connector tests (the
@@ -65,9 +64,6 @@ export UBSAN_OPTIONS="${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}"
 export TSAN_OPTIONS="${TSAN_OPTIONS:-halt_on_error=1:second_deadlock_stack=1:suppressions=$PWD/scripts/tsan.supp}"
 
 args=("$@")
-if [[ "$san" == thread && ${#args[@]} -eq 0 ]]; then
-  args=(--gtest_filter='*Concurrent*:*Stress*:*Thread*:*Race*')
-fi
 
 if [[ "$san" == thread ]]; then
   # gcc 12's TSan cannot map its shadow memory under the high ASLR entropy of recent kernels;

@@ -38,6 +38,13 @@ struct TransferEngine::Impl {
   std::condition_variable idle_cv;
   std::deque<Batch> pending;  // GUARDED_BY(mu)
   uint32_t in_flight = 0;     // GUARDED_BY(mu)
+  // Threads inside PumpLocked, which unlocks `mu` around Start and locks it again: the engine
+  // may not be destroyed under them. GUARDED_BY(mu)
+  uint32_t pumps = 0;
+
+  // Nothing queued, running or about to touch *this: the destructor may free it.
+  // REQUIRES: mu held.
+  bool Idle() const { return in_flight == 0 && pending.empty() && pumps == 0; }
 
   CopyBackend* Find(MemoryKind src, MemoryKind dst) {
     for (auto& b : backends)
@@ -46,17 +53,25 @@ struct TransferEngine::Impl {
   }
 
   void Pump() {
-    while (true) {
-      Batch batch;
-      {
-        std::lock_guard lock(mu);
-        if (pending.empty() || in_flight >= options.max_concurrent_transfers) return;
-        batch = std::move(pending.front());
-        pending.pop_front();
-        ++in_flight;
-      }
+    std::unique_lock lock(mu);
+    PumpLocked(lock);
+  }
+
+  // Starts pending batches while there is room. Notifies `idle_cv` with `mu` still held, so the
+  // destructor, which waits for Idle() under `mu`, cannot free *this before this thread has
+  // released `mu`, and this thread touches nothing of *this after that.
+  void PumpLocked(std::unique_lock<std::mutex>& lock) {
+    ++pumps;
+    while (!pending.empty() && in_flight < options.max_concurrent_transfers) {
+      Batch batch = std::move(pending.front());
+      pending.pop_front();
+      ++in_flight;
+      lock.unlock();
       Start(std::move(batch));
+      lock.lock();
     }
+    --pumps;
+    if (Idle()) idle_cv.notify_all();
   }
 
   void Start(Batch batch) {
@@ -151,12 +166,9 @@ struct TransferEngine::Impl {
       std::sort(total.failed.begin(), total.failed.end());
       finish->Finish(std::move(total));
     }
-    {
-      std::lock_guard lock(mu);
-      --in_flight;
-    }
-    idle_cv.notify_all();
-    Pump();
+    std::unique_lock lock(mu);
+    --in_flight;
+    PumpLocked(lock);
   }
 };
 
@@ -173,7 +185,7 @@ TransferEngine::TransferEngine(const TransferEngineOptions& options, std::shared
 
 TransferEngine::~TransferEngine() {
   std::unique_lock lock(impl_->mu);
-  impl_->idle_cv.wait(lock, [&] { return impl_->in_flight == 0 && impl_->pending.empty(); });
+  impl_->idle_cv.wait(lock, [&] { return impl_->Idle(); });
 }
 
 void TransferEngine::AddBackend(std::unique_ptr<CopyBackend> backend) {
