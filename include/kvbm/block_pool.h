@@ -27,6 +27,7 @@
 #include <atomic>
 #include <cstdint>
 #include <functional>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -269,8 +270,14 @@ class BlockPool : public std::enable_shared_from_this<BlockPool> {
     BlockState state = BlockState::kReset;
     bool mutable_owned = false;
     bool evictable = false;    // in evictor_
+    // While Registered: how many registered blocks of this pool name this one as parent (as
+    // children_[key.sequence_hash]), and the slot of the latest of them to register (kNoSlot
+    // when none or when it left), which lets a prefix match follow a chain without hashing.
+    uint32_t children = 0;
+    uint32_t child_hint = kNoSlot;
     std::vector<Token> tokens; // kept from Complete until Register, for the stored event
   };
+  static constexpr uint32_t kNoSlot = std::numeric_limits<uint32_t>::max();
   BlockPool(TierId tier, uint64_t num_blocks, std::unique_ptr<Evictor> evictor,
             std::shared_ptr<BlockRegistry> registry);
 
@@ -292,6 +299,8 @@ class BlockPool : public std::enable_shared_from_this<BlockPool> {
   void UnregisterLocked(uint32_t id);
   void EvictLocked(uint32_t id);
   std::optional<uint32_t> TakeBlockLocked();
+  // FindLocked for the block after `prev` (a slot just matched): its child hint first.
+  std::optional<uint32_t> FindNextLocked(uint32_t prev, const BlockKey& key) const;
   std::optional<uint32_t> FindLocked(const BlockKey& key, std::optional<SequenceHash> expected_parent) const;
 
   const TierId tier_;

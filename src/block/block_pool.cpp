@@ -224,7 +224,7 @@ BlockPool::~BlockPool() {
 void BlockPool::MaybeEvictableLocked(uint32_t id) {
   Slot& s = slots_[id];
   if (s.evictable || s.refs > 0 || s.mutable_owned || s.state != BlockState::kRegistered) return;
-  if (leaf_only_ && children_.count(s.key.sequence_hash)) return;
+  if (leaf_only_ && s.children > 0) return;
   s.evictable = true;
   evictor_->Insert({id, s.key.sequence_hash, s.priority, s.key.position, s.last_use});
 }
@@ -266,9 +266,17 @@ void BlockPool::RegisterLocked(uint32_t id, std::span<const Token> tokens) {
   s.state = BlockState::kRegistered;
   by_hash_.emplace(s.key.sequence_hash, id);
   evictor_->OnStored(id, s.key.sequence_hash);
-  if (s.key.parent && ++children_[*s.key.parent] == 1 && leaf_only_) {
+  auto own = children_.find(s.key.sequence_hash);  // children registered before this block
+  s.children = own == children_.end() ? 0 : own->second;
+  s.child_hint = kNoSlot;
+  if (s.key.parent) {
+    ++children_[*s.key.parent];
     auto p = by_hash_.find(*s.key.parent);
-    if (p != by_hash_.end()) UnevictableLocked(p->second);
+    if (p != by_hash_.end()) {
+      Slot& parent = slots_[p->second];
+      parent.child_hint = id;
+      if (++parent.children == 1 && leaf_only_) UnevictableLocked(p->second);
+    }
   }
   if (registry_) registry_->OnStored(tier_, s.key, tokens);
 }
@@ -278,10 +286,12 @@ void BlockPool::UnregisterLocked(uint32_t id) {
   by_hash_.erase(s.key.sequence_hash);
   if (s.key.parent) {
     auto it = children_.find(*s.key.parent);
-    if (it != children_.end() && --it->second == 0) {
-      children_.erase(it);
-      auto p = by_hash_.find(*s.key.parent);
-      if (p != by_hash_.end()) MaybeEvictableLocked(p->second);  // a leaf now
+    if (it != children_.end() && --it->second == 0) children_.erase(it);
+    auto p = by_hash_.find(*s.key.parent);
+    if (p != by_hash_.end()) {
+      Slot& parent = slots_[p->second];
+      if (parent.child_hint == id) parent.child_hint = kNoSlot;
+      if (parent.children > 0 && --parent.children == 0) MaybeEvictableLocked(p->second);  // a leaf now
     }
   }
   if (registry_) registry_->OnRemoved(tier_, s.key);
@@ -492,6 +502,18 @@ void BlockPool::ReleaseRun(std::span<const uint32_t> ids) noexcept {
   for (size_t i = ids.size(); i-- > 0;) ReleaseLocked(ids[i]);
 }
 
+std::optional<uint32_t> BlockPool::FindNextLocked(uint32_t prev, const BlockKey& key) const {
+  const uint32_t hint = slots_[prev].child_hint;
+  if (hint != kNoSlot) {
+    const Slot& c = slots_[hint];
+    if (c.state == BlockState::kRegistered && c.key.sequence_hash == key.sequence_hash &&
+        c.key.block_hash == key.block_hash && c.key.parent == key.parent &&
+        key.parent == slots_[prev].key.sequence_hash)
+      return hint;
+  }
+  return FindLocked(key, slots_[prev].key.sequence_hash);
+}
+
 std::optional<uint32_t> BlockPool::FindLocked(const BlockKey& key, std::optional<SequenceHash> expected_parent) const {
   auto it = by_hash_.find(key.sequence_hash);
   if (it == by_hash_.end()) return std::nullopt;
@@ -505,14 +527,12 @@ BlockRun BlockPool::MatchPrefix(std::span<const BlockKey> keys) {
   BlockRun out(weak_from_this(), tier_);
   out.ids_.reserve(keys.size());
   std::lock_guard lock(mu_);
-  std::optional<SequenceHash> parent;
   for (const BlockKey& key : keys) {
-    auto id = FindLocked(key, out.ids_.empty() ? key.parent : parent);
+    auto id = out.ids_.empty() ? FindLocked(key, key.parent) : FindNextLocked(out.ids_.back(), key);
     if (!id) break;
     evictor_->OnHit(*id, key.sequence_hash);
     AcquireLocked(*id);
     out.ids_.push_back(*id);
-    parent = key.sequence_hash;
   }
   return out;
 }
@@ -520,11 +540,11 @@ BlockRun BlockPool::MatchPrefix(std::span<const BlockKey> keys) {
 size_t BlockPool::CountPrefix(std::span<const BlockKey> keys) const {
   std::lock_guard lock(mu_);
   size_t n = 0;
-  std::optional<SequenceHash> parent;
+  uint32_t prev = kNoSlot;
   for (const BlockKey& key : keys) {
-    if (n > 0 && key.parent != parent) break;
-    if (!FindLocked(key, n == 0 ? key.parent : parent)) break;
-    parent = key.sequence_hash;
+    auto id = n == 0 ? FindLocked(key, key.parent) : FindNextLocked(prev, key);
+    if (!id) break;
+    prev = *id;
     ++n;
   }
   return n;

@@ -1,5 +1,6 @@
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <atomic>
 #include <random>
 #include <thread>
@@ -186,6 +187,55 @@ TEST(BlockPool, HeldChildProtectsItsParentOnlyUnderLeafFirst) {
       EXPECT_EQ(pool->CountPrefix(tail), 1u);
     }
   }
+}
+
+TEST(BlockPool, MatchFollowsTheRightBranchWhateverChildRegisteredLast) {
+  // Two prompts share 2 blocks, then branch. The shared block's child hint points at the branch
+  // registered last; a match of the other branch, and matches after the hinted child left or
+  // its slot was reused for another block, must still find exactly the cached prefix.
+  auto pool = BlockPool::Create(TierId::kHost, 8, EvictionPolicy::kLeafFirst);
+  auto branch = [](Token second) {
+    std::vector<Token> t = {1, 2, 3, 4, 5, 6, 7, 8, second, 10, 11, 12, second, 14, 15, 16};
+    return *HashTokenBlocks(t, 4, 0);
+  };
+  auto a = branch(100), b = branch(200);
+  ASSERT_EQ(a[1].sequence_hash, b[1].sequence_hash);
+  ASSERT_NE(a[2].sequence_hash, b[2].sequence_hash);
+  std::vector<uint32_t> a_slots, b_slots;
+  {
+    auto held = RegisterChain(*pool, a);
+    for (auto& h : held) a_slots.push_back(h.id().value());
+  }
+  {
+    auto held = RegisterChain(*pool, std::vector<TokenBlock>(b.begin(), b.begin() + 2));  // shared: existing
+    auto tail = RegisterChain(*pool, std::vector<TokenBlock>(b.begin() + 2, b.end()));
+    for (auto& h : held) b_slots.push_back(h.id().value());
+    for (auto& h : tail) b_slots.push_back(h.id().value());
+  }
+  EXPECT_EQ(pool->ChildCount(a[1].sequence_hash), 2u);
+  auto slots_of = [](const BlockRun& run) {
+    std::vector<uint32_t> out;
+    for (size_t i = 0; i < run.size(); ++i) out.push_back(run.id(i).value());
+    return out;
+  };
+  EXPECT_EQ(slots_of(pool->MatchPrefix(Keys(a))), a_slots);  // not b's blocks, which the hint names
+  EXPECT_EQ(slots_of(pool->MatchPrefix(Keys(b))), b_slots);
+  EXPECT_EQ(pool->CountPrefix(Keys(a)), 4u);
+  // The hinted branch leaves: its parent's hint goes with it.
+  EXPECT_TRUE(pool->Invalidate(KeyOf(b[3])));
+  EXPECT_TRUE(pool->Invalidate(KeyOf(b[2])));
+  EXPECT_EQ(pool->ChildCount(a[1].sequence_hash), 1u);
+  EXPECT_EQ(pool->CountPrefix(Keys(b)), 2u);
+  EXPECT_EQ(pool->CountPrefix(Keys(a)), 4u);
+  // The freed slots take other blocks (chains of their own): nothing points into them.
+  { auto other = RegisterChain(*pool, Chain(500, 2)); }
+  EXPECT_EQ(pool->CountPrefix(Keys(b)), 2u);
+  EXPECT_EQ(slots_of(pool->MatchPrefix(Keys(a))), a_slots);
+  // The shared block is a leaf only when both branches are gone.
+  EXPECT_TRUE(pool->Invalidate(KeyOf(a[3])));
+  EXPECT_TRUE(pool->Invalidate(KeyOf(a[2])));
+  auto order = pool->EvictionOrder();
+  EXPECT_NE(std::find(order.begin(), order.end(), a[1].sequence_hash), order.end());
 }
 
 TEST(BlockPool, ChildRegisteredBeforeItsParentStillProtectsIt) {
