@@ -502,24 +502,25 @@ void BlockPool::ReleaseRun(std::span<const uint32_t> ids) noexcept {
   for (size_t i = ids.size(); i-- > 0;) ReleaseLocked(ids[i]);
 }
 
+namespace {
+// True when a block held under `held` is the block `key` names, continuing `expected_parent`.
+bool SameBlock(const BlockKey& held, const BlockKey& key, std::optional<SequenceHash> expected_parent) {
+  return held.sequence_hash == key.sequence_hash && held.block_hash == key.block_hash &&
+         held.parent == key.parent && key.parent == expected_parent;
+}
+}  // namespace
+
 std::optional<uint32_t> BlockPool::FindNextLocked(uint32_t prev, const BlockKey& key) const {
   const uint32_t hint = slots_[prev].child_hint;
-  if (hint != kNoSlot) {
-    const Slot& c = slots_[hint];
-    if (c.state == BlockState::kRegistered && c.key.sequence_hash == key.sequence_hash &&
-        c.key.block_hash == key.block_hash && c.key.parent == key.parent &&
-        key.parent == slots_[prev].key.sequence_hash)
-      return hint;
-  }
-  return FindLocked(key, slots_[prev].key.sequence_hash);
+  const SequenceHash parent = slots_[prev].key.sequence_hash;
+  if (hint != kNoSlot && slots_[hint].state == BlockState::kRegistered && SameBlock(slots_[hint].key, key, parent))
+    return hint;
+  return FindLocked(key, parent);
 }
 
 std::optional<uint32_t> BlockPool::FindLocked(const BlockKey& key, std::optional<SequenceHash> expected_parent) const {
   auto it = by_hash_.find(key.sequence_hash);
-  if (it == by_hash_.end()) return std::nullopt;
-  const Slot& s = slots_[it->second];
-  if (s.key.block_hash != key.block_hash || s.key.parent != key.parent) return std::nullopt;
-  if (key.parent != expected_parent) return std::nullopt;
+  if (it == by_hash_.end() || !SameBlock(slots_[it->second].key, key, expected_parent)) return std::nullopt;
   return it->second;
 }
 
