@@ -131,7 +131,10 @@ Result<std::unique_ptr<TransferBench>> TransferBench::Create(const TransferBench
     impl->g1.bases.push_back(impl->g1_tensors.back().data());
   }
   const uint64_t g2_bytes = impl->g2_layout->allocation_bytes(0);
-  auto host = HostStorage::Allocate(g2_bytes, /*try_pin=*/false);
+  HostStorageOptions host_options;  // as the worker's G2: huge pages, not pinned (no GPU here)
+  host_options.try_pin = false;
+  host_options.huge_pages = true;
+  auto host = HostStorage::Allocate(g2_bytes, host_options);
   if (!host) return std::unexpected(host.error());
   impl->host = std::move(*host);
   std::memset(impl->host->data(), 0, g2_bytes);  // touched: no page faults in the first pass

@@ -69,16 +69,21 @@ class FileBackend final : public CopyBackend {
       return;
     }
     auto gather = std::make_shared<Gather>(copies.size(), std::move(done));
+    // One request per block (each verified and reported on its own), handed to the queue in one
+    // submission: one io_uring_submit per block cost up to 3x of a virtual disk's bandwidth.
+    std::vector<IoQueue::Work> work;
+    work.reserve(copies.size());
     if (dst.kind == MemoryKind::kDisk) {
-      for (uint32_t i = 0; i < copies.size(); ++i) Write(src, dst, copies[i], i, gather);
+      for (uint32_t i = 0; i < copies.size(); ++i) work.push_back(Write(src, dst, copies[i], i, gather));
     } else {
-      for (uint32_t i = 0; i < copies.size(); ++i) Read(src, dst, copies[i], i, gather);
+      for (uint32_t i = 0; i < copies.size(); ++i) work.push_back(Read(src, dst, copies[i], i, gather));
     }
+    queue_->SubmitAll(std::move(work));
   }
 
  private:
-  void Write(const TierMemory& src, const TierMemory& disk, const BlockCopy& c, uint32_t index,
-             const std::shared_ptr<Gather>& gather) {
+  IoQueue::Work Write(const TierMemory& src, const TierMemory& disk, const BlockCopy& c, uint32_t index,
+                      const std::shared_ptr<Gather>& gather) {
     const Layout& dl = *disk.layout;
     uint64_t stride = dl.block_stride();
     uint64_t bytes = dl.dims().block_bytes();
@@ -97,14 +102,14 @@ class FileBackend final : public CopyBackend {
     DiskSideData* side = disk.side;
     side->Invalidate(c.dst);
     IoRequest req{IoRequest::Op::kWrite, disk.fd, uint64_t{c.dst} * stride, from, stride};
-    queue_->Submit({req}, [side, c, checksum, index, gather, bounce](Status s) {
-      if (s) side->Set(c.dst, c.hash, checksum, c.lineage);
-      gather->Report(index, s);
-    });
+    return {{req}, [side, c, checksum, index, gather, bounce](Status s) {
+              if (s) side->Set(c.dst, c.hash, checksum, c.lineage);
+              gather->Report(index, s);
+            }};
   }
 
-  void Read(const TierMemory& disk, const TierMemory& dst, const BlockCopy& c, uint32_t index,
-            const std::shared_ptr<Gather>& gather) {
+  IoQueue::Work Read(const TierMemory& disk, const TierMemory& dst, const BlockCopy& c, uint32_t index,
+                     const std::shared_ptr<Gather>& gather) {
     const Layout& dl = *disk.layout;
     uint64_t stride = dl.block_stride();
     uint64_t bytes = dl.dims().block_bytes();
@@ -120,14 +125,14 @@ class FileBackend final : public CopyBackend {
     DiskSideData* side = disk.side;
     TierMemory dst_copy = dst;
     const Layout* disk_layout = disk.layout;
-    queue_->Submit({req}, [side, c, index, gather, bounce, into, bytes, dst_copy, disk_layout](Status s) {
-      if (s) s = side->Verify(c.src, c.hash, into, bytes);
-      if (s && bounce) {
-        Staging staging(*disk_layout, bounce->data());
-        CopyBlockBytes(staging.memory, 0, dst_copy, c.dst);
-      }
-      gather->Report(index, s);
-    });
+    return {{req}, [side, c, index, gather, bounce, into, bytes, dst_copy, disk_layout](Status s) {
+              if (s) s = side->Verify(c.src, c.hash, into, bytes);
+              if (s && bounce) {
+                Staging staging(*disk_layout, bounce->data());
+                CopyBlockBytes(staging.memory, 0, dst_copy, c.dst);
+              }
+              gather->Report(index, s);
+            }};
   }
 
   std::shared_ptr<IoQueue> queue_;

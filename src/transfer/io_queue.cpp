@@ -74,28 +74,37 @@ std::unique_ptr<IoQueue> IoQueue::Create(Kind kind, uint32_t depth) {
 }
 
 void IoQueue::Submit(std::vector<IoRequest> requests, std::function<void(Status)> done) {
-  auto batch = std::make_shared<Batch>();
-  batch->done = std::move(done);
-  batch->refused = Validate(requests);
-  if (batch->refused || requests.empty()) {
-    // Still one Op, so that the callback runs on the completion thread like every other.
-    batch->ops.push_back(Op{.request = {}, .nop = true});
-  } else {
-    batch->ops.reserve(requests.size());
-    for (const IoRequest& r : requests)
-      batch->ops.push_back(
-          Op{.request = r, .nop = r.length == 0, .forced_errno = ShouldFail(r) ? EIO : 0});
-  }
+  std::vector<Work> work;
+  work.push_back(Work{std::move(requests), std::move(done)});
+  SubmitAll(std::move(work));
+}
+
+void IoQueue::SubmitAll(std::vector<Work> work) {
   std::vector<Op*> ops;
-  for (Op& op : batch->ops) {
-    op.batch = batch.get();
-    ops.push_back(&op);
+  for (Work& w : work) {
+    auto batch = std::make_shared<Batch>();
+    batch->done = std::move(w.done);
+    batch->refused = Validate(w.requests);
+    if (batch->refused || w.requests.empty()) {
+      // Still one Op, so that the callback runs on the completion thread like every other.
+      batch->ops.push_back(Op{.request = {}, .nop = true});
+    } else {
+      batch->ops.reserve(w.requests.size());
+      for (const IoRequest& r : w.requests)
+        batch->ops.push_back(
+            Op{.request = r, .nop = r.length == 0, .forced_errno = ShouldFail(r) ? EIO : 0});
+    }
+    for (Op& op : batch->ops) {
+      op.batch = batch.get();
+      ops.push_back(&op);
+    }
+    batch->remaining = batch->ops.size();
+    batch->self = std::move(batch);
   }
-  batch->remaining = ops.size();
-  batch->self = std::move(batch);
+  if (ops.empty()) return;
   {
     std::lock_guard lock(drain_mu_);
-    ++outstanding_batches_;
+    outstanding_batches_ += work.size();
   }
   SubmitImpl(std::move(ops));
 }

@@ -61,6 +61,21 @@ def parse_size(text: str) -> int:
     return int(digits) * mult
 
 
+def fio_env() -> dict:
+    """fio's environment: its I/O buffers on transparent huge pages, as kvbm's G2 is.
+
+    fio takes its buffers from malloc. Without huge pages, how physically scattered those 4 KiB
+    pages happen to be decides how many DMA segments each request needs, and on a virtual disk
+    that made fio's bandwidth bimodal (0.5 or 2 GB/s from one pass to the next, same file).
+    glibc's ``glibc.malloc.hugetlb=1`` tunable makes malloc ask for transparent huge pages
+    (madvise), which is what kvbm does for G2 (``HostStorageOptions::huge_pages``).
+    """
+    env = dict(os.environ)
+    tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and not t.startswith("glibc.malloc.hugetlb=")]
+    env["GLIBC_TUNABLES"] = ":".join(tunables + ["glibc.malloc.hugetlb=1"])
+    return env
+
+
 def fio_gbps(path: str, rw: str, bs: int, size: int, iodepth: int) -> float:
     """One fio pass over ``path`` (O_DIRECT, io_uring); its own bandwidth figure in GB/s."""
     fio = shutil.which("fio")
@@ -68,7 +83,7 @@ def fio_gbps(path: str, rw: str, bs: int, size: int, iodepth: int) -> float:
         raise FileNotFoundError("fio is not installed (apt-get install fio)")
     cmd = [fio, "--name=kvbm-anchor", f"--filename={path}", f"--bs={bs}", f"--size={size}", "--direct=1",
            "--ioengine=io_uring", f"--iodepth={iodepth}", f"--rw={rw}", "--output-format=json"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False, env=fio_env())
     if out.returncode != 0:
         raise RuntimeError(f"fio failed ({out.returncode}): {out.stderr.strip() or out.stdout.strip()}")
     return json.loads(out.stdout)["jobs"][0][rw]["bw_bytes"] / 1e9
