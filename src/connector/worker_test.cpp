@@ -3,6 +3,9 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <fstream>
+#include <sstream>
+#include <string>
 
 #include "kvbm/sim_engine.h"
 
@@ -197,6 +200,47 @@ namespace {
 }  // namespace
 bool KernelAllowsMbind(int node);  // src/memory/host_storage_test.cpp
 namespace {
+
+// The "THPeligible" line of /proc/self/smaps for the mapping that holds `addr`; -1 when absent.
+int ThpEligible(const void* addr) {
+  std::ifstream smaps("/proc/self/smaps");
+  const auto a = reinterpret_cast<uintptr_t>(addr);
+  std::string line;
+  bool inside = false;
+  while (std::getline(smaps, line)) {
+    uintptr_t lo = 0, hi = 0;
+    char dash = 0;
+    std::istringstream head(line);
+    if (head >> std::hex >> lo >> dash >> hi && dash == '-') {
+      inside = lo <= a && a < hi;
+      continue;
+    }
+    if (inside && line.starts_with("THPeligible:")) return std::stoi(line.substr(12));
+  }
+  return -1;
+}
+
+// G2 asks for transparent huge pages: an O_DIRECT block then lands in a few physically
+// contiguous pages. With scattered 4 KiB pages every 2 MiB read was split into several
+// requests, and G3 -> G2 ran at a third of the disk's bandwidth (BENCHMARKS.md).
+TEST(Worker, G2IsOnTransparentHugePages) {
+  std::ifstream mode_file("/sys/kernel/mm/transparent_hugepage/enabled");
+  std::string mode((std::istreambuf_iterator<char>(mode_file)), std::istreambuf_iterator<char>());
+  if (mode.empty() || mode.find("[never]") != std::string::npos)
+    GTEST_SKIP() << "transparent huge pages are off on this kernel";
+  uint64_t blocks = 8;
+  for (;;) {
+    SimulatedEngine engine(HostOnly(blocks), SimEngineOptions{});
+    const HostStorage* g2 = engine.worker().host_storage();
+    ASSERT_NE(g2, nullptr);
+    if (g2->size() < (8u << 20)) {  // too small to hold an aligned huge page: grow it
+      blocks = blocks * ((8u << 20) / g2->size() + 1);
+      continue;
+    }
+    EXPECT_EQ(ThpEligible(g2->data()), 1) << "G2 of " << g2->size() << " bytes";
+    break;
+  }
+}
 
 // DYN_KVBM_ENABLE_NUMA: G2 comes from the one host allocator bound to a node (here, without a
 // GPU, the node of the allocating thread); off, it is placed by first touch.

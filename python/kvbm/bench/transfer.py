@@ -5,9 +5,9 @@ For each block size (256 KiB and 2 MiB by default), over the same buffers and th
 
 - G1 -> G2 and G2 -> G1 (a vLLM-like per-layer G1 in host memory, as on a CPU engine, gathered
   into and scattered from a FullyContiguous G2) against memcpy of the same bytes between the
-  same buffers, with as many threads as kvbm's memcpy backend (``*_vs_memcpy``) and with one
-  thread (``*_vs_memcpy_1t``: the single thread pinned to each CPU in turn, its best pass, and
-  kvbm's best of as many passes);
+  same buffers, with as many threads as kvbm's memcpy backend (``*_vs_memcpy``), and kvbm with
+  one copy thread against memcpy with one thread (``*_vs_memcpy_1t``: both pinned to each CPU in
+  turn, each side's best pass);
 - G2 -> G3 and G3 -> G2 (O_DIRECT through kvbm's I/O queue, every block verified on read)
   against fio on kvbm's own G3 file (``/proc/<pid>/fd/<fd>``): io_uring, O_DIRECT, the same
   block size and queue depth as kvbm, its buffers on huge pages as kvbm's G2 is (``fio_env``).
@@ -103,35 +103,24 @@ def measure_block_size(bs: int, total: int, directory: str, pairs: int, disk_pai
     def gbps(name: str, threads: int = 0):
         return lambda _i: nbytes / tb.pass_seconds(name, threads) / 1e9
 
-    def best_of_cpus(name: str, threads: int = 0, pin: bool = False):
-        """The best of one pass per CPU; with ``pin``, the calling thread (the one that copies for
-        a 1-thread memcpy) runs each pass pinned to that CPU. On this VM one vCPU at a time runs
-        about half as fast for minutes, so a single thread's figure was the scheduler's pick.
-        kvbm's side (its own threads over every CPU) gets the same number of passes."""
-        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [None]
+    # The 1-thread pair: kvbm's engine with one copy thread (a bench of its own, same sizes)
+    # against memcpy with one thread, on that bench's buffers. Both run once pinned to each CPU
+    # and keep their best: on this VM one vCPU at a time runs about half as fast for minutes, so
+    # a single thread's figure was otherwise the scheduler's pick.
+    tb1 = TransferBench.create(block_bytes=bs, num_blocks=num_blocks, disk_dir=directory, memcpy_threads=1)
 
-        def run(_i):
-            best = 0.0
-            allowed = set(os.sched_getaffinity(0)) if pin and cpus[0] is not None else None
-            try:
-                for cpu in cpus:
-                    if allowed is not None:
-                        os.sched_setaffinity(0, {cpu})
-                    best = max(best, nbytes / tb.pass_seconds(name, threads) / 1e9)
-            finally:
-                if allowed is not None:
-                    os.sched_setaffinity(0, allowed)
-            return best
-        return run
+    def best_on_each_cpu(name: str):
+        return lambda _i: _pairs.best_on_each_cpu(lambda: nbytes / tb1.pass_seconds(name, 1) / 1e9)
 
     r: dict = {"bytes": nbytes, "num_blocks": num_blocks, "memcpy_threads": n_threads, "io_queue": tb.io_queue,
                "io_depth": tb.io_depth}
     r["g1_to_g2_vs_memcpy"] = _pairs.run_pairs(gbps("g1_to_g2"), gbps("memcpy_g1_to_g2", n_threads), pairs)
-    r["g1_to_g2_vs_memcpy_1t"] = _pairs.run_pairs(best_of_cpus("g1_to_g2"), best_of_cpus("memcpy_g1_to_g2", 1, pin=True),
+    r["g1_to_g2_vs_memcpy_1t"] = _pairs.run_pairs(best_on_each_cpu("g1_to_g2"), best_on_each_cpu("memcpy_g1_to_g2"),
                                                   pairs)
     r["g2_to_g1_vs_memcpy"] = _pairs.run_pairs(gbps("g2_to_g1"), gbps("memcpy_g2_to_g1", n_threads), pairs)
-    r["g2_to_g1_vs_memcpy_1t"] = _pairs.run_pairs(best_of_cpus("g2_to_g1"), best_of_cpus("memcpy_g2_to_g1", 1, pin=True),
+    r["g2_to_g1_vs_memcpy_1t"] = _pairs.run_pairs(best_on_each_cpu("g2_to_g1"), best_on_each_cpu("memcpy_g2_to_g1"),
                                                   pairs)
+    del tb1
 
     have_fio = shutil.which("fio") is not None
     path = f"/proc/{os.getpid()}/fd/{tb.disk_fd}"
