@@ -49,14 +49,17 @@ def core_table(r: dict) -> str:
 
 
 def transfer_table(r: dict) -> str:
-    rows = [f"{r['pairs']} interleaved pairs per ratio; ratio = kvbm / anchor, median [min–max].", "",
+    disk_pairs = r.get("disk_pairs", r["pairs"])
+    rows = [f"{r['pairs']} interleaved pairs per memory ratio, {disk_pairs} per disk ratio; ratio = kvbm / anchor, "
+            "median [min–max].", "",
             "| block | path | kvbm GB/s | anchor | anchor GB/s | ratio |", "| --- | --- | --- | --- | --- | --- |"]
     for label, b in r["block_sizes"].items():
         n = b["memcpy_threads"]
         for key, what in (("g1_to_g2", "G1→G2"), ("g2_to_g1", "G2→G1")):
-            for suffix, anchor in (("", f"memcpy, {n} threads"), ("_1t", "memcpy, 1 thread")):
+            for suffix, path, anchor in (("", f"{what} ({n} threads)", f"memcpy, {n} threads"),
+                                         ("_1t", f"{what} (1 thread)", "memcpy, 1 thread")):
                 e = b[f"{key}_vs_memcpy{suffix}"]
-                rows.append(f"| {label} | {what} | {_v(e['kvbm']['median'])} | {anchor} | "
+                rows.append(f"| {label} | {path} | {_v(e['kvbm']['median'])} | {anchor} | "
                             f"{_v(e['anchor']['median'])} | {_r(e)} |")
         for key, what, rw in (("g2_to_g3", "G2→G3", "write"), ("g3_to_g2", "G3→G2", "read")):
             e = b[f"{key}_vs_fio"]

@@ -103,6 +103,44 @@ def test_spread_is_the_largest_distance_from_the_median():
 # --- kvbm bench transfer ------------------------------------------------------------------------
 
 
+def test_best_on_each_cpu_pins_every_thread_and_restores_the_affinity():
+    """Each sample runs with the whole process on one CPU (a native thread too), every allowed
+    CPU once; the result is the best sample and the affinity is what it was before."""
+    import threading
+
+    allowed = os.sched_getaffinity(0)
+    stop = threading.Event()
+    worker = threading.Thread(target=stop.wait)
+    worker.start()
+    seen = []
+
+    def sample():
+        mine = os.sched_getaffinity(0)
+        theirs = os.sched_getaffinity(worker.native_id)
+        seen.append((mine, theirs))
+        return float(len(seen))
+
+    try:
+        best = _pairs.best_on_each_cpu(sample)
+        assert best == float(len(allowed))
+        assert [m for m, _ in seen] == [{c} for c in sorted(allowed)]
+        assert all(m == t for m, t in seen)
+        assert os.sched_getaffinity(0) == allowed and os.sched_getaffinity(worker.native_id) == allowed
+    finally:
+        stop.set()
+        worker.join()
+
+
+def test_fio_runs_with_huge_page_buffers_and_keeps_other_tunables(monkeypatch):
+    from kvbm.bench.transfer import fio_env
+
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=0:glibc.malloc.arena_max=2")
+    env = fio_env()
+    assert env["GLIBC_TUNABLES"].split(":") == ["glibc.malloc.arena_max=2", "glibc.malloc.hugetlb=1"]
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    assert fio_env()["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+
+
 def test_transfer_bench_rejects_unknown_pass(tmp_path):
     from kvbm._core import TransferBench
 

@@ -1,7 +1,7 @@
 """``kvbm bench transfer``: kvbm's data path against physical anchors, in interleaved pairs.
 
 For each block size (256 KiB and 2 MiB by default), over the same buffers and the same file
-(``kvbm._core.TransferBench``, src/manager/transfer_bench.cpp, one native pass per call):
+(``kvbm._core.TransferBench``, src/tools/transfer_bench.cpp, one native pass per call):
 
 - G1 -> G2 and G2 -> G1 (a vLLM-like per-layer G1 in host memory, as on a CPU engine, gathered
   into and scattered from a FullyContiguous G2) against memcpy of the same bytes between the
