@@ -23,7 +23,9 @@ import platform
 import statistics
 import subprocess
 import time
-from typing import Callable
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
 
 STABLE_PAIRS = 9
 QUICK_PAIRS = 2
@@ -61,24 +63,30 @@ def _pin_process(cpus: set[int]) -> None:
             pass  # a thread that just ended
 
 
-def best_on_each_cpu(sample: Callable[[], float]) -> float:
-    """The highest of ``sample()`` run once with the whole process pinned to each allowed CPU.
+def on_each_cpu(sample: Callable[[], T]) -> list[tuple[int | None, T]]:
+    """``sample()`` once with the whole process pinned to each allowed CPU: ``[(cpu, result)]``.
 
-    On a shared VM one vCPU can run half as fast as another for minutes, and which one changes;
-    a single-threaded figure then depends on where the scheduler put it. Pinned to each CPU in
-    turn and keeping the best, both sides of a pair measure the same (fastest) CPU.
+    On a shared VM one vCPU can run half as fast as another for minutes, and which one changes
+    (vLLM's Python match took 11-14 ms on one and 20-24 ms on the other); a single-threaded
+    figure then depends on where the scheduler put it. Sampled on each CPU in turn, both sides of
+    a pair can keep their best, i.e. measure the same (fastest) CPU. The affinity is restored.
     """
     if not hasattr(os, "sched_getaffinity"):
-        return sample()
+        return [(None, sample())]
     allowed = os.sched_getaffinity(0)
-    best = 0.0
+    out = []
     try:
         for cpu in sorted(allowed):
             _pin_process({cpu})
-            best = max(best, sample())
+            out.append((cpu, sample()))
     finally:
         _pin_process(allowed)
-    return best
+    return out
+
+
+def best_on_each_cpu(sample: Callable[[], float]) -> float:
+    """The highest of ``sample()`` over :func:`on_each_cpu`."""
+    return max(v for _cpu, v in on_each_cpu(sample))
 
 
 def summarize(values: list[float]) -> dict:

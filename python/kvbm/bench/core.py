@@ -40,6 +40,7 @@ _KVBM_FIGURES = (
     "leader_request_hit_us",
 )
 
+from kvbm.bench import _pairs
 from kvbm.commands._args import decimal
 
 
@@ -111,32 +112,19 @@ def _machine() -> dict:
 
 
 def _on_each_cpu(sample, s: dict) -> dict:
-    """``sample(s)`` once on each CPU this process may use, pinned; each figure's best of them.
-
-    On a shared VM one vCPU can run Python code half as fast as the other for minutes at a time
-    (a busy neighbour on its core: vLLM's match took 11-14 ms on one and 20-24 ms on the other,
-    and the slow one changed between runs), while kvbm's native loops barely change. Without
-    this, the CPU the scheduler happened to pick decided the ratio. Both sides of every pair
-    get the same treatment: times are the lowest, rates the highest, over the CPUs.
-    """
-    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    if len(cpus) < 2:
-        return sample(s)
-    allowed = set(cpus)
-    samples = []
-    try:
-        for cpu in cpus:
-            os.sched_setaffinity(0, {cpu})
-            samples.append(sample(s))
-    finally:
-        os.sched_setaffinity(0, allowed)
+    """``sample(s)`` once on each CPU (``_pairs.on_each_cpu``); each figure's best of them: times
+    the lowest, rates the highest. Both sides of every pair get the same treatment."""
+    runs = _pairs.on_each_cpu(lambda: sample(s))
+    if len(runs) < 2:
+        return runs[0][1]
+    samples = [x for _cpu, x in runs]
     best = dict(samples[0])
     for name, value in samples[0].items():
         if isinstance(value, float) and name.endswith("_us"):
             best[name] = min(x[name] for x in samples)
         elif isinstance(value, float) and name.endswith("_per_s"):
             best[name] = max(x[name] for x in samples)
-    best["per_cpu"] = {str(c): {k: v for k, v in x.items() if isinstance(v, float)} for c, x in zip(cpus, samples)}
+    best["per_cpu"] = {str(c): {k: v for k, v in x.items() if isinstance(v, float)} for c, x in runs}
     return best
 
 
