@@ -163,6 +163,29 @@ def test_transfer_bench_passes_keep_the_data_intact(tmp_path):
     assert tb.verify() == 0
 
 
+def test_transfer_disk_pairs_run_fio_pinned_to_each_cpu(tmp_path, monkeypatch):
+    """fio inherits the pinning of the thread that starts it: each disk sample of the anchor runs
+    on one CPU, every allowed CPU in turn, as kvbm's side does."""
+    if shutil.which("fio") is None:
+        pytest.skip("fio is not installed (apt-get install fio)")
+    from kvbm.bench import transfer
+
+    allowed = os.sched_getaffinity(0)
+    seen = []
+    real = transfer.fio_gbps
+
+    def recording(*args, **kwargs):
+        seen.append(os.sched_getaffinity(0))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transfer, "fio_gbps", recording)
+    r = transfer.measure_block_size(256 << 10, 8 << 20, str(tmp_path), pairs=1, disk_pairs=1)
+    assert r["mismatched_blocks"] == 0
+    # Two disk ratios, each a warm-up and one pair, each sampled on every CPU.
+    assert seen == [{c} for c in sorted(allowed)] * 4
+    assert os.sched_getaffinity(0) == allowed
+
+
 def test_transfer_quick(tmp_path):
     out = _kvbm_json("bench", "transfer", "--quick", "--json", "--dir", str(tmp_path), timeout=600)
     assert out["quick"] is True and out["pairs"] == _pairs.QUICK_PAIRS
