@@ -55,7 +55,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--block-sizes", default=None,
                    help=f"comma-separated block sizes, K/M suffix (default 256K,2M; {QUICK_BLOCK_SIZES} with --quick)")
     p.add_argument("--disk-pairs", type=int, default=None,
-                   help=f"pairs for the disk ratios (default {DISK_PAIRS}; the pairs with --quick); --pairs sets the memory ratios'")
+                   help=f"pairs per disk ratio (default {DISK_PAIRS}; with --quick, as many as --pairs); "
+                        "--pairs sets the memory ratios' pairs")
     return p
 
 
@@ -106,8 +107,12 @@ def measure_block_size(bs: int, total: int, directory: str, pairs: int, disk_pai
     nbytes = tb.bytes
     n_threads = tb.memcpy_threads
 
-    def gbps(name: str, threads: int = 0):
-        return lambda _i: nbytes / tb.pass_seconds(name, threads) / 1e9
+    def gbps(name: str, threads: int = 0, bench=tb):
+        return lambda _i: nbytes / bench.pass_seconds(name, threads) / 1e9
+
+    def pinned(sample):
+        """``sample(i)`` run once pinned to each CPU (the whole process); its best pass."""
+        return lambda i: _pairs.best_on_each_cpu(lambda: sample(i))
 
     # The 1-thread pair: kvbm's engine with one copy thread (a bench of its own, same sizes)
     # against memcpy with one thread, on that bench's buffers. Both run once pinned to each CPU
@@ -115,17 +120,15 @@ def measure_block_size(bs: int, total: int, directory: str, pairs: int, disk_pai
     # a single thread's figure was otherwise the scheduler's pick.
     tb1 = TransferBench.create(block_bytes=bs, num_blocks=num_blocks, disk_dir=directory, memcpy_threads=1)
 
-    def best_on_each_cpu(name: str):
-        return lambda _i: _pairs.best_on_each_cpu(lambda: nbytes / tb1.pass_seconds(name, 1) / 1e9)
+    def one_thread(name: str):
+        return pinned(gbps(name, 1, tb1))
 
     r: dict = {"bytes": nbytes, "num_blocks": num_blocks, "memcpy_threads": n_threads, "io_queue": tb.io_queue,
                "io_depth": tb.io_depth}
     r["g1_to_g2_vs_memcpy"] = _pairs.run_pairs(gbps("g1_to_g2"), gbps("memcpy_g1_to_g2", n_threads), pairs)
-    r["g1_to_g2_vs_memcpy_1t"] = _pairs.run_pairs(best_on_each_cpu("g1_to_g2"), best_on_each_cpu("memcpy_g1_to_g2"),
-                                                  pairs)
+    r["g1_to_g2_vs_memcpy_1t"] = _pairs.run_pairs(one_thread("g1_to_g2"), one_thread("memcpy_g1_to_g2"), pairs)
     r["g2_to_g1_vs_memcpy"] = _pairs.run_pairs(gbps("g2_to_g1"), gbps("memcpy_g2_to_g1", n_threads), pairs)
-    r["g2_to_g1_vs_memcpy_1t"] = _pairs.run_pairs(best_on_each_cpu("g2_to_g1"), best_on_each_cpu("memcpy_g2_to_g1"),
-                                                  pairs)
+    r["g2_to_g1_vs_memcpy_1t"] = _pairs.run_pairs(one_thread("g2_to_g1"), one_thread("memcpy_g2_to_g1"), pairs)
     del tb1
 
     have_fio = shutil.which("fio") is not None
@@ -134,15 +137,12 @@ def measure_block_size(bs: int, total: int, directory: str, pairs: int, disk_pai
     # Disk pairs: both sides pinned to each CPU in turn (fio inherits the pinning), each keeping
     # its best pass. kvbm's 256 KiB write followed the vCPU its threads landed on (2.35 against
     # 1.35 GB/s pinned) and its ratio to fio spread +-27-61% over three invocations.
-    def disk(name: str):
-        return lambda _i: _pairs.best_on_each_cpu(lambda: nbytes / tb.pass_seconds(name) / 1e9)
-
     def fio(rw: str):
-        return lambda _i: _pairs.best_on_each_cpu(lambda: fio_gbps(path, rw, bs, tb.disk_bytes, tb.io_depth))
+        return pinned(lambda _i: fio_gbps(path, rw, bs, tb.disk_bytes, tb.io_depth)) if have_fio else None
 
-    r["g2_to_g3_vs_fio"] = _pairs.run_pairs(disk("g2_to_g3"), fio("write") if have_fio else None, disk_pairs)
+    r["g2_to_g3_vs_fio"] = _pairs.run_pairs(pinned(gbps("g2_to_g3")), fio("write"), disk_pairs)
     tb.pass_seconds("g2_to_g3")  # fio wrote over the file: kvbm's blocks back, checksums match
-    r["g3_to_g2_vs_fio"] = _pairs.run_pairs(disk("g3_to_g2"), fio("read") if have_fio else None, disk_pairs)
+    r["g3_to_g2_vs_fio"] = _pairs.run_pairs(pinned(gbps("g3_to_g2")), fio("read"), disk_pairs)
     r["mismatched_blocks"] = tb.verify()
     return r
 
