@@ -53,6 +53,7 @@ void BindBench(nb::module_& m) {
           for (const auto& [name, rate] : r.policy_cycles_per_s) by_policy[name.c_str()] = rate;
           out["policy_cycles_per_s"] = by_policy;
           out["match_8192_blocks_us"] = r.match_8192_blocks_us;
+          out["match_8192_blocks_best_us"] = r.match_8192_blocks_best_us;
           out["leader_request_miss_us"] = r.leader_request_miss_us;
           out["leader_request_hit_us"] = r.leader_request_hit_us;
           out["blocks_matched"] = r.blocks_matched;

@@ -102,7 +102,8 @@ double PolicyCyclesPerSecond(const CoreBenchOptions& o, EvictionPolicy policy) {
   return Median(rates);
 }
 
-double MatchMicros(const CoreBenchOptions& o, uint64_t& matched_blocks) {
+// The median pass; `best` gets the fastest.
+double MatchMicros(const CoreBenchOptions& o, uint64_t& matched_blocks, double& best) {
   std::vector<Token> tokens = MakeTokens(o.match_blocks * o.block_size);
   auto hashed = HashTokenBlocks(tokens, o.block_size, o.salt_hash);
   Check(hashed.has_value(), "core bench: hashing failed");
@@ -126,6 +127,7 @@ double MatchMicros(const CoreBenchOptions& o, uint64_t& matched_blocks) {
     }
     micros.push_back(SecondsSince(start) * 1e6);
   }
+  best = *std::min_element(micros.begin(), micros.end());
   return Median(micros);
 }
 
@@ -214,7 +216,7 @@ CoreBenchResult RunCoreBench(const CoreBenchOptions& o) {
   r.pool_cycles_per_s = PoolCyclesPerSecond(o);
   for (EvictionPolicy p : {EvictionPolicy::kLru, EvictionPolicy::kLeafFirst, EvictionPolicy::kReuse, EvictionPolicy::kAdaptive})
     r.policy_cycles_per_s.emplace_back(std::string(EvictionPolicyName(p)), PolicyCyclesPerSecond(o, p));
-  r.match_8192_blocks_us = MatchMicros(o, r.blocks_matched);
+  r.match_8192_blocks_us = MatchMicros(o, r.blocks_matched, r.match_8192_blocks_best_us);
   LeaderMicros(o, r);
   return r;
 }

@@ -290,6 +290,21 @@ def test_all_quick_and_tables_regenerate(tmp_path):
     assert r.returncode == 0
 
 
+def test_all_spread_counts_pair_medians_and_ratios_of_bests():
+    from kvbm.bench import all as bench_all
+
+    def core(median: float, best: float) -> dict:
+        return {"core": {"match_speedup_vs_vllm": {"median": median, "min": 1.0, "max": 200.0, "pairs": [median]},
+                         "match_speedup_vs_vllm_best": {"ratio": best, "kvbm_best_us": 1.0, "vllm_best_us": best,
+                                                        "passes_per_side": 30}}}
+
+    spread = bench_all.spread_of([core(60.0, 58.0), core(90.0, 62.0), core(80.0, 60.0)])
+    assert spread["core.match_speedup_vs_vllm"]["medians"] == [60.0, 90.0, 80.0]
+    assert spread["core.match_speedup_vs_vllm_best"]["medians"] == [58.0, 62.0, 60.0]
+    # 62 is the farthest from the median 60: +3.3%.
+    assert spread["core.match_speedup_vs_vllm_best"]["spread_pct"] == pytest.approx(100 * 2 / 60)
+
+
 def test_bench_lists_no_distributed(run_kvbm):
     r = run_kvbm("bench", "--help")
     assert "distributed" not in r.stdout + r.stderr

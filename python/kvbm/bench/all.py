@@ -39,6 +39,9 @@ def ratio_entries(obj, path: str = "") -> dict[str, dict]:
         # _pairs.summarize's form ("ratios" beside a pair count) or bench core's ("pairs": the ratios)
         if {"median", "min", "max", "pairs"} <= obj.keys() and ("ratios" in obj or isinstance(obj["pairs"], list)):
             found[path] = obj
+        # bench core's ratio of the two sides' fastest passes over the pairs
+        elif {"ratio", "passes_per_side"} <= obj.keys():
+            found[path] = obj
         for k, v in obj.items():
             if k in ("kvbm", "anchor", "ratios"):
                 continue
@@ -51,8 +54,9 @@ def spread_of(invocations: list[dict]) -> dict[str, dict]:
     per_path: dict[str, list[float]] = {}
     for inv in invocations:
         for path, entry in ratio_entries(inv).items():
-            if entry.get("median") is not None:
-                per_path.setdefault(path, []).append(entry["median"])
+            value = entry.get("median", entry.get("ratio"))
+            if value is not None:
+                per_path.setdefault(path, []).append(value)
     return {p: _pairs.spread(m) for p, m in sorted(per_path.items())}
 
 

@@ -97,13 +97,31 @@ def _kvbm_sample(s: dict) -> dict:
 def _vllm_sample(s: dict) -> dict:
     from kvbm.bench import vllm_anchor
 
-    match, hit = vllm_anchor.match_us(num_blocks=MATCH_BLOCKS, block_size=BLOCK_SIZE, passes=s["passes"])
+    match, hit, best = vllm_anchor.match_us(num_blocks=MATCH_BLOCKS, block_size=BLOCK_SIZE, passes=s["passes"])
     hashing = vllm_anchor.hash_us(num_tokens=REQUEST_TOKENS, block_size=BLOCK_SIZE, passes=s["passes"])
-    return {"match_8192_blocks_us": match, "blocks_matched": hit, "hash_128k_us": hashing}
+    return {"match_8192_blocks_us": match, "match_8192_blocks_best_us": best, "blocks_matched": hit,
+            "hash_128k_us": hashing}
 
 
 def _ratio_stats(ratios: list[float]) -> dict:
     return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "pairs": ratios}
+
+
+def _best_ratio(pairs: list[dict], name: str, s: dict) -> dict:
+    """vLLM's fastest pass over the whole invocation divided by kvbm's: the stable match ratio.
+
+    The pair medians cannot hold it still: vLLM's Python match (8,192 objects chased through
+    dicts and a linked free list) runs at 11-14 ms or at 18-26 ms for seconds at a time on this
+    shared VM, on either CPU and within one pool, while kvbm's compact native match moves far
+    less. A pair whose vLLM side falls in a slow stretch gives 90x-125x instead of 55x-70x, so
+    the median lands in whichever mode holds most pairs. Each side's fastest pass (Python's
+    ``timeit`` advice: the minimum is the figure the machine can deliver) is reached in some
+    pair of nearly every invocation. Both sides run the same interleaved pairs.
+    """
+    kvbm = min(p["kvbm"][name] for p in pairs)
+    vllm = min(p["vllm"][name] for p in pairs)
+    return {"ratio": vllm / kvbm, "kvbm_best_us": kvbm, "vllm_best_us": vllm,
+            "passes_per_side": sum(s["passes"] * max(1, len(p["vllm"].get("per_cpu", {}))) for p in pairs)}
 
 
 def _machine() -> dict:
@@ -171,12 +189,13 @@ def measure(s: dict, vllm_error: str | None) -> dict:
         for name in ("match_8192_blocks_us", "hash_128k_us"):
             report["spread"][f"vllm_{name}"] = {"min": min(v[name] for v in vl), "max": max(v[name] for v in vl)}
         report["match_speedup_vs_vllm"] = _ratio_stats([p["match_ratio"] for p in pairs])
+        report["match_speedup_vs_vllm_best"] = _best_ratio(pairs, "match_8192_blocks_best_us", s)
         report["hash_speedup_vs_vllm"] = _ratio_stats([p["hash_ratio"] for p in pairs])
         report["vllm"] = {"version": vllm_anchor.version(), "hash_algo": vllm_anchor.hash_algo()}
         report["vllm_anchor_error"] = None
     else:
         for name in ("vllm_match_8192_blocks_us", "vllm_hash_128k_us", "vllm_blocks_matched",
-                     "match_speedup_vs_vllm", "hash_speedup_vs_vllm", "vllm"):
+                     "match_speedup_vs_vllm", "match_speedup_vs_vllm_best", "hash_speedup_vs_vllm", "vllm"):
             report[name] = None
         report["vllm_anchor_error"] = vllm_error
 
@@ -235,4 +254,7 @@ def run(args: argparse.Namespace) -> int:
         q = r[ratio]
         print(f"{label:22} {r['vllm_' + key]:10.1f} us  vLLM {r['vllm']['version']}  -> kvbm "
               f"{q['median']:.1f}x faster (pairs: min {q['min']:.1f}x, max {q['max']:.1f}x)")
+    b = r["match_speedup_vs_vllm_best"]
+    print(f"match, fastest passes  {b['vllm_best_us']:10.1f} us  vLLM vs {b['kvbm_best_us']:.1f} us kvbm -> "
+          f"{b['ratio']:.1f}x ({b['passes_per_side']} passes a side)")
     return 0
