@@ -31,6 +31,7 @@ struct CoreBenchResult {
   double hash_tokens_per_s = 0;       // HashTokenBlocks: block hashes + chained sequence hashes
   double hash_request_us = 0;         // a TokenBlockSequence of match_blocks * block_size tokens
                                       // (the leader's path), in microseconds
+  double hash_request_best_us = 0;    // the fastest of those passes
   double pool_cycles_per_s = 0;       // one block: allocate, complete, register, drop
   // Per eviction policy (lru, leaf-first, reuse), steady state with eviction: blocks in
   // chains of 8 (parent links), one block allocated, completed, registered and dropped per

@@ -48,6 +48,7 @@ void BindBench(nb::module_& m) {
           nb::dict out;
           out["hash_tokens_per_s"] = r.hash_tokens_per_s;
           out["hash_request_us"] = r.hash_request_us;
+          out["hash_request_best_us"] = r.hash_request_best_us;
           out["pool_cycles_per_s"] = r.pool_cycles_per_s;
           nb::dict by_policy;
           for (const auto& [name, rate] : r.policy_cycles_per_s) by_policy[name.c_str()] = rate;

@@ -27,9 +27,11 @@ TEST(CoreBench, EachFigureTimesTheWorkItNames) {
   for (double v : {r.hash_tokens_per_s, r.hash_request_us, r.pool_cycles_per_s, r.match_8192_blocks_us,
                    r.leader_request_miss_us, r.leader_request_hit_us})
     EXPECT_GT(v, 0);
-  // The fastest match pass is one of the passes, so it is no slower than their median.
+  // The fastest pass is one of the passes, so it is no slower than their median.
   EXPECT_GT(r.match_8192_blocks_best_us, 0);
   EXPECT_LE(r.match_8192_blocks_best_us, r.match_8192_blocks_us);
+  EXPECT_GT(r.hash_request_best_us, 0);
+  EXPECT_LE(r.hash_request_best_us, r.hash_request_us);
 }
 
 TEST(CoreBench, RejectsDegenerateOptions) {

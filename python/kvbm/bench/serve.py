@@ -39,6 +39,10 @@ from kvbm.bench._engine_proc import EngineProc
 SERVER_ENTRY = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
 # vLLM's own `vllm bench serve` code (parser and main), in one long-lived process.
 CLIENT = "vllm.benchmarks.serve.main (the code of `vllm bench serve`), via kvbm.bench._vllm_client"
+# Pairs in the stable mode. A run has 20 turns, so its p99 TTFT is about its slowest turn, and
+# one pair's p99 ratio ranged 0.74-1.36; with 5 pairs the median moved +-12.9% over three
+# invocations (mean and median TTFT held within +-3.2%). About 14 s a pair.
+STABLE_PAIRS = 15
 FIGURES = ("mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "request_throughput", "output_throughput",
            "total_token_throughput")
 
@@ -46,7 +50,7 @@ FIGURES = ("mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "request_throughput"
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("serve", help="vLLM's own benchmark client against vllm serve with and without kvbm "
                                             "(TTFT mean/p50/p99, throughput; interleaved pairs)")
-    _pairs.add_common_arguments(p, stable_pairs=5)
+    _pairs.add_common_arguments(p, stable_pairs=STABLE_PAIRS)
     p.add_argument("--tokens-per-block", type=int, default=None,
                    help="tokens per trace block (default 64; 16 with --quick)")
     p.add_argument("--g1-blocks", type=int, default=None,
