@@ -76,8 +76,11 @@ def vllm_table(r: dict) -> str:
             "| figure | kvbm | anchor | ratio |", "| --- | --- | --- | --- |"]
     for key, unit, scale in (("ttft_g2_vs_recompute", "ms", 1e3), ("ttft_g3_vs_recompute", "ms", 1e3),
                              ("ttft_g2_vs_limit", "ms", 1e3), ("ttft_g3_vs_limit", "ms", 1e3),
+                             ("ttft_g2_vs_g1_hit", "ms", 1e3), ("ttft_g3_vs_g1_hit", "ms", 1e3),
                              ("no_reuse_throughput_ratio", "tokens/s", 1.0)):
-        e = r[key]
+        e = r.get(key)
+        if e is None:  # a run from before the figure existed
+            continue
         k = e.get("kvbm", {}).get("median")
         a = e.get("anchor", {}).get("median")
         digits = 1 if unit == "ms" else 0

@@ -320,8 +320,14 @@ def test_bench_lists_no_distributed(run_kvbm):
 def test_vllm_quick(tmp_path):
     out = _kvbm_json("bench", "vllm", "--quick", "--json", "--dir", str(tmp_path), timeout=1500)
     n = out["pairs"]
-    for key in ("ttft_g2_vs_recompute", "ttft_g3_vs_recompute", "no_reuse_throughput_ratio", "ttft_g2_vs_limit"):
+    for key in ("ttft_g2_vs_recompute", "ttft_g3_vs_recompute", "no_reuse_throughput_ratio", "ttft_g2_vs_limit",
+                "ttft_g2_vs_g1_hit", "ttft_g3_vs_g1_hit"):
         _check_ratio(out[key], n)
+    for tier in ("g2", "g3"):
+        # The same pairs' hits over vLLM's own G1 hits of the same prompts.
+        g1 = out[f"ttft_{tier}_vs_g1_hit"]
+        assert g1["kvbm"]["median"] == pytest.approx(out[f"ttft_{tier}_vs_recompute"]["kvbm"]["median"])
+        assert 0 < g1["anchor"]["max"] < out[f"ttft_{tier}_vs_recompute"]["anchor"]["min"]
     assert out["outputs_identical"] is True
     assert out["onboarded_blocks_g2"]["min"] > 0 and out["onboarded_blocks_g3"]["min"] > 0
     lim = out["ttft_g2_vs_limit"]

@@ -13,7 +13,9 @@ ignored by the parent). Prompts are named by ``{"seed": s, "length": n}`` and bu
 
 Commands (``op``):
 
-* ``ttft``: one prompt, prefix cache reset first -> ``ttft_s``, ``tokens``;
+* ``ttft``: one prompt, prefix cache reset first -> ``ttft_s``, ``tokens``; with ``then_hit``
+  the same prompt again, from vLLM's own prefix cache (G1) -> also ``g1_hit_ttft_s``,
+  ``g1_hit_tokens``, ``g1_cached_tokens``;
 * ``reload_ttft``: one prompt (kvbm stores it), prefix cache reset, the same prompt again
   (kvbm loads it) -> the second ``ttft_s``, ``tokens``, onboarded block counts;
 * ``batch``: prompts at once, no reuse -> ``tokens_per_s``;
@@ -58,8 +60,15 @@ class _Engine:
         op = cmd.get("op")
         if op == "ttft":
             self.llm.reset_prefix_cache()
-            r = vr.run_sequential(self.llm, [_prompt(cmd["prompt"])], max_tokens=int(cmd.get("max_tokens", 4)))
-            return {"ttft_s": r.ttft_s[0], "tokens": r.tokens[0]}
+            p = _prompt(cmd["prompt"])
+            mt = int(cmd.get("max_tokens", 4))
+            r = vr.run_sequential(self.llm, [p], max_tokens=mt)
+            out = {"ttft_s": r.ttft_s[0], "tokens": r.tokens[0]}
+            if cmd.get("then_hit"):
+                hit = vr.run_sequential(self.llm, [p], max_tokens=mt)
+                out.update(g1_hit_ttft_s=hit.ttft_s[0], g1_hit_tokens=hit.tokens[0],
+                           g1_cached_tokens=hit.engine_cached_tokens[0])
+            return out
         if op == "reload_ttft":
             p = _prompt(cmd["prompt"])
             mt = int(cmd.get("max_tokens", 4))

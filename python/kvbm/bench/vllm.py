@@ -16,6 +16,10 @@ the same prompt or batch, order alternated:
   same bytes in blocks of the same size, as many threads as kvbm's copy path), plus the TTFT of
   a one-block prompt that hits nothing on the same engine. ``ttft_g3_vs_limit`` likewise with
   fio's O_DIRECT read bandwidth (same block size and queue depth, the disk tier's directory).
+* ``ttft_g2_vs_g1_hit``: each pair's G2 TTFT over vLLM's own prefix-cache (G1) hit of the same
+  prompt, timed on ``base`` right after its recompute (the anchor side of the same pair): the
+  like-kind floor, since a G1 hit also runs the prompt's last block against the whole context
+  and copies nothing. ``ttft_g3_vs_g1_hit`` likewise.
 
 ``outputs_identical``: the tokens generated after every load equal those vLLM computes alone.
 """
@@ -153,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
         limit_s = {"g2": [], "g3": []}
         bandwidth = {"g2": [], "g3": []}
         miss_ttft = {"g2": [], "g3": []}
+        g1_hit_ttft = {"g2": [], "g3": []}
         base_tokens: dict[int, list[int]] = {}
         fio = _FioRead(bytes_per_block, long_blocks, disk) if shutil.which("fio") else None
 
@@ -181,11 +186,15 @@ def run(args: argparse.Namespace) -> int:
 
             def anchor_side(i: int) -> float:
                 nonlocal outputs_identical
-                r = base.call({"op": "ttft", "prompt": prompt(seed0 + i, s["tokens"])})
+                r = base.call({"op": "ttft", "prompt": prompt(seed0 + i, s["tokens"]), "then_hit": True})
+                if r["g1_cached_tokens"] <= 0:
+                    raise RuntimeError(f"vLLM's own prefix cache did not hit the repeated prompt ({r['g1_cached_tokens']} "
+                                       "cached tokens): the G1 anchor needs a G1 that holds the prompt")
                 if i >= 0:
-                    if base_tokens.get(seed0 + i) not in (None, r["tokens"]):
+                    if base_tokens.get(seed0 + i) not in (None, r["tokens"]) or r["g1_hit_tokens"] != r["tokens"]:
                         outputs_identical = False
                     base_tokens.setdefault(seed0 + i, r["tokens"])
+                    g1_hit_ttft[tier].append(r["g1_hit_ttft_s"])
                 return r["ttft_s"]
 
             return _pairs.run_pairs(kvbm_side, anchor_side, pairs)
@@ -213,6 +222,7 @@ def run(args: argparse.Namespace) -> int:
             lim["bandwidth_gbps"] = _pairs.summarize([x for x in bandwidth[tier] if x is not None])
             lim["bandwidth_source"] = "memcpy" if tier == "g2" else "fio read"
             result[f"ttft_{tier}_vs_limit"] = lim
+            result[f"ttft_{tier}_vs_g1_hit"] = _pairs.ratio_series(hit_ttft[tier], g1_hit_ttft[tier])
         if args.profile:
             result["profile"] = {
                 tier: engine.call({"op": "profile_reload", "prompt": prompt(seed, s["tokens"])})
@@ -240,7 +250,7 @@ def run(args: argparse.Namespace) -> int:
         r = result[f"ttft_{tier}_vs_recompute"]
         print(f"  TTFT {tier.upper()} hit {1000 * r['kvbm']['median']:7.1f} ms, recompute "
               f"{1000 * r['anchor']['median']:7.1f} ms: x recompute {f(r, 3)}   "
-              f"x limit {f(result[f'ttft_{tier}_vs_limit'])}")
+              f"x limit {f(result[f'ttft_{tier}_vs_limit'])}   x vLLM's own G1 hit {f(result[f'ttft_{tier}_vs_g1_hit'])}")
     print(f"  no-reuse throughput with/without kvbm: {f(result['no_reuse_throughput_ratio'])}")
     print(f"  outputs identical: {outputs_identical}")
     for tier, prof in result.get("profile", {}).items():
