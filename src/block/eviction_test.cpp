@@ -32,7 +32,7 @@ TEST(Eviction, PolicyNamesRoundTrip) {
   EXPECT_EQ(ParseEvictionPolicy("reuse-interval"), EvictionPolicy::kReuse);
   EXPECT_FALSE(ParseEvictionPolicy("opt").has_value());  // replay only: it needs the future
   EXPECT_FALSE(ParseEvictionPolicy("mru").has_value());
-  EXPECT_EQ(kDefaultEvictionPolicy, EvictionPolicy::kLeafFirst);
+  EXPECT_EQ(kDefaultEvictionPolicy, EvictionPolicy::kAdaptive);
   EXPECT_TRUE(MakeEvictor(EvictionPolicy::kReuse, 4)->leaf_only());
   EXPECT_TRUE(MakeEvictor(EvictionPolicy::kAdaptive, 4)->leaf_only());
 }

@@ -71,7 +71,13 @@ nb::dict MetricsDict(const KvbmMetrics& m) {
   return d;
 }
 
-nb::dict PoolDict(BlockPool* pool) { return pool ? PoolStatsDict(pool->stats()) : nb::dict(); }
+// A pool's counters and its eviction policy's name ("policy"); empty when the tier is off.
+nb::dict PoolDict(BlockPool* pool) {
+  if (!pool) return nb::dict();
+  nb::dict d = PoolStatsDict(pool->stats());
+  d["policy"] = std::string(pool->policy_name());
+  return d;
+}
 
 class PyLeader {
  public:

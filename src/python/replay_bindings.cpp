@@ -237,7 +237,7 @@ void BindReplay(nanobind::module_& m) {
         return ResultDict(bridge.Run([&] { return RunReplay(trace, o); }), block_size);
       },
       "trace"_a, "block_size"_a = kTraceBlockTokens, "g1_blocks"_a.none() = nb::none(),
-      "g2_blocks"_a.none() = nb::none(), "g3_blocks"_a.none() = 0, "policy"_a = "leaf-first",
+      "g2_blocks"_a.none() = nb::none(), "g3_blocks"_a.none() = 0, "policy"_a = "adaptive",
       "disk_policy"_a.none() = nb::none(),
       "prefill_tokens_per_s"_a = 10000.0, "decode_tokens_per_s"_a = 50.0, "move_bytes"_a = false,
       "bytes_per_token"_a = 8, "progress"_a.none() = nb::none(), "progress_every"_a = 256,
@@ -246,7 +246,7 @@ void BindReplay(nanobind::module_& m) {
       "docs/REPLAY.md).\n"
       "Sizes in blocks: None = unlimited (computed from the trace), 0 = off (G1: no prefix "
       "cache).\n"
-      "`policy` orders G2 and G3 ('reuse', 'leaf-first', 'lru', or 'opt': Belady's MIN from the "
+      "`policy` orders G2 and G3 ('adaptive', kvbm's default; 'reuse', 'leaf-first', 'lru', or 'opt': Belady's MIN from the "
       "trace); `disk_policy` overrides it for G3.\n"
       "`progress(finished, total, trace_seconds, token_hit_rate)` is called every "
       "`progress_every`\n"
@@ -294,7 +294,7 @@ void BindReplay(nanobind::module_& m) {
       },
       "trace"_a, "instances"_a = 1, "g4_blocks"_a = 0, "assign"_a = "conversation", "seed"_a = 0,
       "block_size"_a = kTraceBlockTokens, "g1_blocks"_a.none() = nb::none(), "g2_blocks"_a.none() = nb::none(),
-      "g3_blocks"_a.none() = 0, "policy"_a = "leaf-first", "disk_policy"_a.none() = nb::none(),
+      "g3_blocks"_a.none() = 0, "policy"_a = "adaptive", "disk_policy"_a.none() = nb::none(),
       "prefill_tokens_per_s"_a = 10000.0, "decode_tokens_per_s"_a = 50.0, "progress"_a.none() = nb::none(),
       "progress_every"_a = 256, "linger_seconds"_a = 0.0,
       "Replays `trace` on `instances` engines (each with its own G1/G2/G3 of the given sizes) that share "

@@ -173,3 +173,19 @@ def test_kv_events_match_the_pools(tmp_path):
     assert len(stored) - len(removed) == registered
     sub.close()
     ctx.term()
+
+
+def test_eviction_policy_defaults_to_adaptive_and_follows_the_environment():
+    """G2's and G3's order: kvbm's default (adaptive) when nothing is set, the environment's
+    DYN_KVBM_{HOST,DISK}_EVICTION_POLICY when set, an engine's explicit choice above both, and a
+    clear error naming the variable for an unknown name."""
+    def policies(policy=None, **env):
+        leader = _core.Leader(BLOCK, 4096, policy=policy, host_blocks=8, disk_blocks=0, env=env)
+        return leader.pool_stats("host")["policy"]
+
+    assert policies() == "adaptive"
+    assert policies(DYN_KVBM_HOST_EVICTION_POLICY="lru") == "lru"
+    assert policies(DYN_KVBM_HOST_EVICTION_POLICY="Leaf-First") == "leaf-first"
+    assert policies("reuse", DYN_KVBM_HOST_EVICTION_POLICY="lru") == "reuse"
+    with pytest.raises(ConfigError, match="DYN_KVBM_HOST_EVICTION_POLICY=mru: unknown eviction policy"):
+        policies(DYN_KVBM_HOST_EVICTION_POLICY="mru")

@@ -85,13 +85,18 @@ def fio_env() -> dict:
     return env
 
 
-def fio_gbps(path: str, rw: str, bs: int, size: int, iodepth: int) -> float:
-    """One fio pass over ``path`` (O_DIRECT, io_uring); its own bandwidth figure in GB/s."""
+def fio_gbps(path: str, rw: str, bs: int, size: int, iodepth: int, io_size: int | None = None) -> float:
+    """One fio pass over ``path`` (O_DIRECT, io_uring); its own bandwidth figure in GB/s.
+
+    ``io_size`` larger than ``size`` makes fio go over the file's first ``size`` bytes again until
+    it has moved ``io_size`` bytes (fio's own option)."""
     fio = shutil.which("fio")
     if fio is None:
         raise FileNotFoundError("fio is not installed (apt-get install fio)")
     cmd = [fio, "--name=kvbm-anchor", f"--filename={path}", f"--bs={bs}", f"--size={size}", "--direct=1",
            "--ioengine=io_uring", f"--iodepth={iodepth}", f"--rw={rw}", "--output-format=json"]
+    if io_size is not None:
+        cmd.append(f"--io_size={io_size}")
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False, env=fio_env())
     if out.returncode != 0:
         raise RuntimeError(f"fio failed ({out.returncode}): {out.stderr.strip() or out.stdout.strip()}")

@@ -122,8 +122,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                        help="KV bytes per token for the GB sizes: a number or a preset "
                        f"({', '.join(sorted(BYTES_PER_TOKEN_PRESETS))}); with --bytes, the bytes moved per token "
                        "(default 8)")
-    p.add_argument("--policy", choices=list(POLICIES), default="leaf-first",
-                   help="eviction policy of G2 and G3 (default leaf-first; opt = Belady's MIN from the trace's future, "
+    p.add_argument("--policy", choices=list(POLICIES), default="adaptive",
+                   help="eviction policy of G2 and G3 (default adaptive, kvbm's; opt = Belady's MIN from the trace's future, "
                    "the upper limit; G1 is always LRU, like the engine's)")
     p.add_argument("--disk-policy", choices=list(POLICIES), help="eviction policy of G3 (default: --policy)")
     p.add_argument("--load-steps", type=_load_steps, default=0, metavar="N",

@@ -121,7 +121,8 @@ class DynamoKVBMConnectorLeader(KvCacheConnectorScheduler):
         self.page_size = _tokens_per_block(llm_args)
         _, self.world_size = _parallel(llm_args)
         extra = getattr(llm_args, "kvbm_config", None) or {}
-        self._policy = extra.get("policy", "leaf-first") if isinstance(extra, dict) else "leaf-first"
+        # None: DYN_KVBM_{HOST,DISK}_EVICTION_POLICY, else kvbm's default (as in vLLM)
+        self._policy = extra.get("policy") if isinstance(extra, dict) else None
         self._leader = leader  # tests may pass a core to share
         self._blocks: dict[str, list[int]] = {}  # device blocks reported so far, per request
         self._tokens: dict[str, list[int]] = {}  # tokens reported through RequestData
