@@ -77,6 +77,7 @@ def vllm_table(r: dict) -> str:
     for key, unit, scale in (("ttft_g2_vs_recompute", "ms", 1e3), ("ttft_g3_vs_recompute", "ms", 1e3),
                              ("ttft_g2_vs_limit", "ms", 1e3), ("ttft_g3_vs_limit", "ms", 1e3),
                              ("ttft_g2_vs_g1_hit", "ms", 1e3), ("ttft_g3_vs_g1_hit", "ms", 1e3),
+                             ("g1_hit_vs_g2_limit", "ms", 1e3),
                              ("no_reuse_throughput_ratio", "tokens/s", 1.0)):
         e = r.get(key)
         if e is None:  # a run from before the figure existed

@@ -328,6 +328,10 @@ def test_vllm_quick(tmp_path):
         g1 = out[f"ttft_{tier}_vs_g1_hit"]
         assert g1["kvbm"]["median"] == pytest.approx(out[f"ttft_{tier}_vs_recompute"]["kvbm"]["median"])
         assert 0 < g1["anchor"]["max"] < out[f"ttft_{tier}_vs_recompute"]["anchor"]["min"]
+    # vLLM's own G1 hits (the G2 pairs') over the G2 limits of the same pairs.
+    _check_ratio(out["g1_hit_vs_g2_limit"], n)
+    assert out["g1_hit_vs_g2_limit"]["kvbm"] == out["ttft_g2_vs_g1_hit"]["anchor"]
+    assert out["g1_hit_vs_g2_limit"]["anchor"] == out["ttft_g2_vs_limit"]["limit_s"]
     assert out["outputs_identical"] is True
     assert out["onboarded_blocks_g2"]["min"] > 0 and out["onboarded_blocks_g3"]["min"] > 0
     lim = out["ttft_g2_vs_limit"]

@@ -73,6 +73,10 @@ def test_quick_report_has_every_field_and_both_sides_hit_the_whole_chain(quick_r
                  "leader_request_miss_us", "leader_request_hit_us"):
         assert r[name] > 0, name
     assert r["vllm"]["version"] and r["vllm"]["hash_algo"]
+    # Every eviction policy's cost per operation, the median of the pairs' own figures.
+    assert set(r["policy_cycles_per_s"]) == {"lru", "leaf-first", "reuse", "adaptive"}
+    for name, rate in r["policy_cycles_per_s"].items():
+        assert rate == statistics.median(p["kvbm"]["policy_cycles_per_s"][name] for p in r["pairs"]) > 0
 
 
 @_needs_vllm

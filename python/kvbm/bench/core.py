@@ -178,6 +178,9 @@ def measure(s: dict, vllm_error: str | None) -> dict:
     report.update({name: kvbm[0][name] for name in ("blocks_matched", "blocks_stored", "blocks_loaded")})
     report["spread"] = {name: {"min": min(k[name] for k in kvbm), "max": max(k[name] for k in kvbm)}
                         for name in _KVBM_FIGURES}
+    # Each eviction policy's pool cycle (with eviction), median over the pairs: its cost per operation.
+    report["policy_cycles_per_s"] = {name: statistics.median(k["policy_cycles_per_s"][name] for k in kvbm)
+                                     for name in kvbm[0]["policy_cycles_per_s"]}
 
     if vllm_error is None:
         from kvbm.bench import vllm_anchor
@@ -246,6 +249,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"hash_token_blocks      {r['hash_tokens_per_s'] / 1e6:10.1f} M tokens/s  (block size {BLOCK_SIZE})")
     print(f"pool cycle             {r['pool_cycles_per_s'] / 1e6:10.2f} M cycles/s  "
           "(allocate+complete+register+drop)")
+    print("eviction policies      " + ", ".join(f"{name} {rate / 1e6:.2f}" for name, rate in
+                                                 sorted(r["policy_cycles_per_s"].items())) + " M cycles/s (with eviction)")
     print(f"leader 128k request    {r['leader_request_miss_us']:10.1f} us miss (add, match, alloc, "
           f"{r['blocks_stored']} stores, finish)")
     print(f"                       {r['leader_request_hit_us']:10.1f} us hit  ({r['blocks_loaded']} blocks loaded)")
