@@ -315,11 +315,19 @@ def test_bench_lists_no_distributed(run_kvbm):
 # --- vLLM: kvbm bench vllm and kvbm bench serve (real engine, real server, vLLM's client) -------
 
 
+def test_vllm_cpu_must_be_an_allowed_cpu(run_kvbm):
+    for bad in ("9999", "-1", "one"):
+        r = run_kvbm("bench", "vllm", "--quick", "--cpu", bad)
+        assert r.returncode == 2, r.stderr
+        assert f"--cpu {bad!r} is not a CPU this process may use" in r.stderr
+
+
 @_with_vllm
 @pytest.mark.slow
 def test_vllm_quick(tmp_path):
     out = _kvbm_json("bench", "vllm", "--quick", "--json", "--dir", str(tmp_path), timeout=1500)
     n = out["pairs"]
+    assert out["pinned_cpu"] == max(os.sched_getaffinity(0))  # the default: the last allowed CPU
     for key in ("ttft_g2_vs_recompute", "ttft_g3_vs_recompute", "no_reuse_throughput_ratio", "ttft_g2_vs_limit",
                 "ttft_g2_vs_g1_hit", "ttft_g3_vs_g1_hit"):
         _check_ratio(out[key], n)

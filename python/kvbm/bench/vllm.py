@@ -3,8 +3,9 @@ hardware's limit, and kvbm's cost without reuse, in the real vLLM engine (tiny L
 
 Three engines run at once, each in its own process (kvbm/bench/_engine_proc.py), started with
 the same warm-up: vLLM alone (``base``), vLLM + kvbm with G2 and G3 (``g2``), and vLLM + kvbm
-with only G3 sized (``g3``). Every ratio comes from interleaved pairs (kvbm/bench/_pairs.py) on
-the same prompt or batch, order alternated:
+with only G3 sized (``g3``). The driver and the three engines run on one CPU (``--cpu``, see
+``pick_cpu``). Every ratio comes from interleaved pairs (kvbm/bench/_pairs.py) on the same
+prompt or batch, order alternated:
 
 * ``ttft_g2_vs_recompute``: a long prompt run once on ``g2`` (kvbm stores it), the prefix cache
   reset, the prompt again (kvbm loads it from G2): that TTFT over ``base`` computing the same
@@ -62,6 +63,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=None,
                    help=f"no-reuse batch: tokens generated each (default {DEFAULT['max_tokens']})")
     p.add_argument("--dir", default=None, help="directory for the disk tier (default: a new one in /tmp)")
+    p.add_argument("--cpu", default=None,
+                   help="run the benchmark and its three engines on this one CPU (default: the last CPU this "
+                        "process may use; 'all': no pinning)")
     p.add_argument("--profile", action="store_true",
                    help="also profile one G2 and one G3 hit (cProfile of the engine's timed run) into the JSON")
     return p
@@ -74,6 +78,30 @@ def _settings(args) -> dict:
         if v < 1:
             raise ValueError(f"--{k.replace('_', '-')} must be at least 1, got {v}")
     return s
+
+
+def pick_cpu(text: str | None) -> int | None:
+    """The CPU ``--cpu`` names (default: the last allowed one), or None for 'all'. Raises
+    ValueError naming the text when it is not an allowed CPU.
+
+    Why one CPU: on a VM whose speed drifts (vLLM's recompute of the same prompt took 210, 254 and
+    then 285 ms in three back-to-back invocations), a hit, vLLM's G1 hit and a recompute are
+    spread differently over the two vCPUs and slow down by different factors, and the TTFT
+    ratios moved +-11-18% between invocations. With the driver and every engine on one CPU
+    (processes inherit the affinity), they held within +-2-12% (BENCHMARKS.md)."""
+    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if text is not None and text.strip().lower() == "all":
+        return None
+    if not allowed:
+        if text is None:
+            return None
+        raise ValueError(f"--cpu {text}: this platform cannot pin processes to a CPU; use --cpu all")
+    if text is None:
+        return allowed[-1]
+    if not text.strip().isdigit() or int(text) not in allowed:
+        raise ValueError(f"--cpu {text!r} is not a CPU this process may use ({', '.join(map(str, allowed))}) "
+                         "or 'all'")
+    return int(text)
 
 
 def _memcpy_gbps(block_bytes: int, blocks: int, directory: str, passes: int = 3) -> float:
@@ -122,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         pairs = _pairs.pair_count(args)
         s = _settings(args)
+        cpu = pick_cpu(args.cpu)
     except ValueError as e:
         print(f"kvbm bench vllm: error: {e}", file=sys.stderr)
         return 2
@@ -162,6 +191,9 @@ def run(args: argparse.Namespace) -> int:
     }
     engines: dict[str, EngineProc] = {}
     t_start = time.perf_counter()
+    affinity = os.sched_getaffinity(0) if cpu is not None else None
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})  # the engines, fio and the memcpy threads started below inherit it
     try:
         for name, cfg in configs.items():
             engines[name] = EngineProc(name, cfg, log_dir=work)
@@ -222,7 +254,8 @@ def run(args: argparse.Namespace) -> int:
 
             return _pairs.run_pairs(kvbm_side, anchor_side, pairs)
 
-        result: dict = {"bench": "vllm", "quick": bool(args.quick), "pairs": pairs, "prompt_tokens": s["tokens"],
+        result: dict = {"bench": "vllm", "quick": bool(args.quick), "pairs": pairs, "pinned_cpu": cpu,
+                        "prompt_tokens": s["tokens"],
                         "bytes_per_block": bytes_per_block, "engine_startup_s": startup}
         result["ttft_g2_vs_recompute"] = hit_series("g2", g2, 7_000_000)
         result["ttft_g3_vs_recompute"] = hit_series("g3", g3, 7_500_000)
@@ -265,6 +298,8 @@ def run(args: argparse.Namespace) -> int:
         for e in engines.values():
             e.close()
         shutil.rmtree(work, ignore_errors=True)
+        if affinity is not None:
+            os.sched_setaffinity(0, affinity)
     result["wall_s"] = time.perf_counter() - t_start
     result["machine"] = _pairs.machine(args.dir or tempfile.gettempdir())
     ok = outputs_identical and result["onboarded_blocks_g2"]["min"] and result["onboarded_blocks_g3"]["min"]
