@@ -54,7 +54,7 @@ def pair_count(args: argparse.Namespace) -> int:
     return QUICK_PAIRS if args.quick else getattr(args, "_stable_pairs", STABLE_PAIRS)
 
 
-def _pin_process(cpus: set[int]) -> None:
+def pin_process(cpus: set[int]) -> None:
     """Every thread of this process (kvbm's native threads too) on ``cpus``."""
     for tid in os.listdir("/proc/self/task"):
         try:
@@ -77,10 +77,10 @@ def on_each_cpu(sample: Callable[[], T]) -> list[tuple[int | None, T]]:
     out = []
     try:
         for cpu in sorted(allowed):
-            _pin_process({cpu})
+            pin_process({cpu})
             out.append((cpu, sample()))
     finally:
-        _pin_process(allowed)
+        pin_process(allowed)
     return out
 
 

@@ -88,7 +88,8 @@ def pick_cpu(text: str | None) -> int | None:
     then 285 ms in three back-to-back invocations), a hit, vLLM's G1 hit and a recompute are
     spread differently over the two vCPUs and slow down by different factors, and the TTFT
     ratios moved +-11-18% between invocations. With the driver and every engine on one CPU
-    (processes inherit the affinity), they held within +-2-12% (BENCHMARKS.md)."""
+    (processes inherit the affinity), the recompute held within +-2-4% and most ratios within
+    +-10-12% (BENCHMARKS.md)."""
     allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     if text is not None and text.strip().lower() == "all":
         return None
@@ -193,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     affinity = os.sched_getaffinity(0) if cpu is not None else None
     if cpu is not None:
-        os.sched_setaffinity(0, {cpu})  # the engines, fio and the memcpy threads started below inherit it
+        _pairs.pin_process({cpu})  # the engines, fio and the memcpy threads started below inherit it
     try:
         for name, cfg in configs.items():
             engines[name] = EngineProc(name, cfg, log_dir=work)
@@ -299,7 +300,7 @@ def run(args: argparse.Namespace) -> int:
             e.close()
         shutil.rmtree(work, ignore_errors=True)
         if affinity is not None:
-            os.sched_setaffinity(0, affinity)
+            _pairs.pin_process(affinity)
     result["wall_s"] = time.perf_counter() - t_start
     result["machine"] = _pairs.machine(args.dir or tempfile.gettempdir())
     ok = outputs_identical and result["onboarded_blocks_g2"]["min"] and result["onboarded_blocks_g3"]["min"]
