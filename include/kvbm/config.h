@@ -53,6 +53,10 @@ struct KvbmConfig {
   uint32_t cache_stats_log_interval_secs = 5;
   std::string events_endpoint;  // DYN_KVBM_EVENTS_ENDPOINT; empty: no KV events published
   bool promote_disk_hits = false;  // DYN_KVBM_PROMOTE_DISK_HITS: copy onboarded G3 blocks up to G2
+  // DYN_KVBM_SYNC_LOAD_MAX_MB: a load served wholly from G2 of at most this many MB per rank is
+  // synchronous where the engine allows it (the request is scheduled in the step that loads it,
+  // and the worker waits for the copy before the forward pass); 0: every load asynchronous.
+  uint64_t sync_load_max_mb = 256;
   // DYN_KVBM_HOST_EVICTION_POLICY / DYN_KVBM_DISK_EVICTION_POLICY (lower-cased; checked against
   // the known policies, eviction.h, when the tier chain is built). Empty: the default policy.
   std::string host_eviction_policy, disk_eviction_policy;

@@ -11,7 +11,7 @@
 //   GetNumNewMatchedTokens     how many tokens past the engine's own prefix hit kvbm can load
 //                              (the chain's run); no side effects; never the whole prompt
 //   UpdateStateAfterAlloc      the engine gave device blocks: matched blocks are pinned and
-//                              load operations emitted (the load is asynchronous)
+//                              load operations emitted (asynchronous, or synchronous: below)
 //   OnScheduled                per step: blocks completed by this step's forward pass go to
 //                              the chain (write-through)
 //   BuildStepMetadata          the step's operations for the workers
@@ -55,7 +55,9 @@ struct LeaderOptions {
 
 struct MatchResult {
   uint64_t external_tokens = 0;  // tokens past num_computed_tokens kvbm will load
-  bool async = false;            // the load is asynchronous (true whenever tokens > 0)
+  // The load is asynchronous: the engine waits for the worker to report it before scheduling
+  // the request. False with tokens > 0: a synchronous load (SetSyncLoadMaxBlocks).
+  bool async = false;
   uint32_t host_blocks = 0;      // of which from G2
   uint32_t disk_blocks = 0;      // of which from G3
   uint32_t remote_blocks = 0;    // of which from G4 (through G2)
@@ -96,6 +98,14 @@ class ConnectorLeader {
   // Tokens known for the request (so an adapter passes only the new ones).
   size_t NumTokens(const std::string& request_id) const;
   Status ExtendTokens(const std::string& request_id, std::span<const Token> new_tokens);
+
+  // Loads served wholly from G2 of at most `max_blocks` blocks are synchronous (MatchResult::async
+  // false): for an engine that schedules such a request in the step that loads it, whose worker
+  // waits for the copy before the forward pass, and that reports the load done through
+  // OnWorkerOutput like any other (vLLM: the worker's per-step metadata). 0 (the default): every
+  // load is asynchronous. G3 and G4 loads always are: their latency is a disk's or a network's.
+  void SetSyncLoadMaxBlocks(uint64_t max_blocks) { sync_load_max_blocks_ = max_blocks; }
+  uint64_t sync_load_max_blocks() const { return sync_load_max_blocks_; }
 
   Result<MatchResult> GetNumNewMatchedTokens(const std::string& request_id, uint64_t num_computed_tokens);
   Status UpdateStateAfterAlloc(const std::string& request_id, std::span<const uint32_t> block_ids,
@@ -145,6 +155,7 @@ class ConnectorLeader {
   std::unordered_map<std::string, Slot> slots_;
   uint64_t step_ = 0;
   uint64_t next_op_id_ = 1;
+  uint64_t sync_load_max_blocks_ = 0;
   std::vector<TransferOp> ops_;  // this step's loads
   std::vector<std::string> finished_while_loading_;
   std::vector<BlockKey> keys_;                         // scratch

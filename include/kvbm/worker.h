@@ -26,6 +26,7 @@
 #include <memory>
 #include <mutex>
 #include <set>
+#include <span>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -113,6 +114,10 @@ class KvbmWorker {
   // Waits until every load started so far has finished (its request is then reported by
   // GetFinished): for engines that load synchronously, before the forward pass reads the blocks.
   void WaitForLoads();
+  // Waits until the loads of these requests have finished (loads of other requests may still
+  // run): a synchronous load's blocks are in place before the forward pass that reads them,
+  // without waiting for another request's asynchronous load from a slower tier.
+  void WaitForRequestLoads(std::span<const std::string> request_ids);
   // Test seam: holds back the completion of every load started from now on by `delay`, as a
   // slow tier would, so engine tests can abort or preempt requests while loads are in flight.
   void SetLoadDelayForTesting(std::chrono::milliseconds delay) { test_load_delay_ms_ = delay.count(); }

@@ -207,6 +207,8 @@ KvbmConfig KvbmConfig::FromEnvironment(const std::function<const char*(const cha
   }
   if (auto v = get("DYN_KVBM_REMOTE_REQUIRED")) c.remote_required = ParseBool("DYN_KVBM_REMOTE_REQUIRED", *v);
   if (auto v = get("DYN_KVBM_PROMOTE_DISK_HITS")) c.promote_disk_hits = ParseBool("DYN_KVBM_PROMOTE_DISK_HITS", *v);
+  if (auto v = get("DYN_KVBM_SYNC_LOAD_MAX_MB"))
+    c.sync_load_max_mb = ParseUnsigned("DYN_KVBM_SYNC_LOAD_MAX_MB", *v, 0, uint64_t{1} << 30);
   for (auto [name, field] : {std::pair{"DYN_KVBM_HOST_EVICTION_POLICY", &c.host_eviction_policy},
                              std::pair{"DYN_KVBM_DISK_EVICTION_POLICY", &c.disk_eviction_policy}}) {
     if (auto v = get(name)) {

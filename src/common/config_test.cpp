@@ -50,6 +50,8 @@ TEST(Config, ErrorsNameVariableAndValue) {
   expect_error({{"DYN_KVBM_REMOTE_TIMEOUT_MS", "0"}}, "DYN_KVBM_REMOTE_TIMEOUT_MS");
   expect_error({{"DYN_KVBM_HOST_EVICTION_POLICY", ""}}, "DYN_KVBM_HOST_EVICTION_POLICY");
   expect_error({{"DYN_KVBM_PROMOTE_DISK_HITS", "often"}}, "DYN_KVBM_PROMOTE_DISK_HITS");
+  expect_error({{"DYN_KVBM_SYNC_LOAD_MAX_MB", "-1"}}, "DYN_KVBM_SYNC_LOAD_MAX_MB=\"-1\"");
+  expect_error({{"DYN_KVBM_SYNC_LOAD_MAX_MB", "1.5"}}, "DYN_KVBM_SYNC_LOAD_MAX_MB");
 }
 
 TEST(Config, TierSettings) {
@@ -63,6 +65,8 @@ TEST(Config, TierSettings) {
   EXPECT_EQ(c.remote_namespace, "kvbm");
   EXPECT_TRUE(c.promote_disk_hits);
   EXPECT_EQ(c.disk_eviction_policy, "lru");
+  EXPECT_EQ(c.sync_load_max_mb, 256u);  // the default
+  EXPECT_EQ(KvbmConfig::FromMap({{"DYN_KVBM_CPU_CACHE_GB", "1"}, {"DYN_KVBM_SYNC_LOAD_MAX_MB", "0"}}).sync_load_max_mb, 0u);
 }
 
 TEST(Config, ReferenceOnlySettingsParseAndValidate) {

@@ -97,7 +97,8 @@ Result<MatchResult> ConnectorLeader::GetNumNewMatchedTokens(const std::string& r
   r.disk_blocks = m.disk;
   r.remote_blocks = m.remote;
   r.external_tokens = uint64_t{m.total()} * bs;
-  r.async = r.external_tokens > 0;
+  const bool from_host_only = m.disk == 0 && m.remote == 0 && m.host <= sync_load_max_blocks_;
+  r.async = r.external_tokens > 0 && !from_host_only;
   slot->pending_match = r;
   slot->pending_match_start = start;
   return r;

@@ -1,5 +1,6 @@
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <numeric>
 
 #include "kvbm/leader.h"
@@ -102,6 +103,54 @@ TEST(Leader, LoadOpsPinUntilFinishedAndAbortDelaysFree) {
   for (int i = 0; i < 4; ++i) l.BuildStepMetadata();
   EXPECT_EQ(l.host_pool()->stats().active, 0u);
   EXPECT_EQ(l.num_slots(), 0u);
+}
+
+TEST(Leader, SmallHostLoadsAreSynchronousWhenAskedAndPinUntilTheWorkerReports) {
+  KvbmConfig c;
+  c.cpu_cache_num_blocks = 8;
+  c.disk_cache_num_blocks = 64;
+  LeaderOptions o;
+  o.page_size = 4;
+  o.bytes_per_block = 1000;
+  ConnectorLeader l(c, o);
+  auto t = Tokens(20);
+  RunRequest(l, "a", t);
+  Flush(l);
+  // Off by default: every load is asynchronous.
+  l.AddRequest("b", t);
+  auto m = *l.GetNumNewMatchedTokens("b", 0);
+  ASSERT_EQ(m.host_blocks, 4u);
+  EXPECT_TRUE(m.async);
+  // At most 3 blocks synchronous: 4 from G2 stay asynchronous; 4 allowed: synchronous.
+  l.SetSyncLoadMaxBlocks(3);
+  EXPECT_TRUE(l.GetNumNewMatchedTokens("b", 0)->async);
+  EXPECT_FALSE(l.GetNumNewMatchedTokens("b", 4)->async);  // the engine holds one block: 3 left
+  l.SetSyncLoadMaxBlocks(4);
+  m = *l.GetNumNewMatchedTokens("b", 0);
+  EXPECT_FALSE(m.async);
+  EXPECT_EQ(m.external_tokens, 16u);
+  // The load is emitted and pinned like an asynchronous one, until the worker reports it.
+  ASSERT_TRUE(l.UpdateStateAfterAlloc("b", Ids(5), m.external_tokens).has_value());
+  auto meta = l.BuildStepMetadata();
+  auto load = std::find_if(meta.ops.begin(), meta.ops.end(), [](const TransferOp& op) { return op.kind == OpKind::kLoadHost; });
+  ASSERT_NE(load, meta.ops.end());
+  EXPECT_EQ(load->request_id, "b");
+  EXPECT_EQ(load->blocks.size(), 4u);
+  EXPECT_TRUE(l.IsLoading("b"));
+  EXPECT_EQ(l.host_pool()->stats().active, 4u);
+  std::vector<std::string> done = {"b"};
+  l.OnWorkerOutput(done, {}, {});
+  EXPECT_FALSE(l.IsLoading("b"));
+  Flush(l);
+  EXPECT_EQ(l.host_pool()->stats().active, 0u);
+  // A run that reaches into G3 stays asynchronous, however short.
+  const char* fillers[] = {"f0", "f1", "f2", "f3"};
+  RunRequest(l, "a2", t);  // second sight: admitted to G3
+  for (int i = 0; i < 4; ++i) RunRequest(l, fillers[i], Tokens(20, 1000 + 100 * i));
+  l.AddRequest("d", t);
+  m = *l.GetNumNewMatchedTokens("d", 0);
+  ASSERT_GT(m.disk_blocks, 0u);
+  EXPECT_TRUE(m.async);
 }
 
 TEST(Leader, LoadErrorInvalidatesTheSourceBlock) {

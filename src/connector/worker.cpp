@@ -748,4 +748,13 @@ void KvbmWorker::WaitForLoads() {
   cv_.wait(lock, [&] { return loads_in_flight_.empty(); });
 }
 
+void KvbmWorker::WaitForRequestLoads(std::span<const std::string> request_ids) {
+  std::unique_lock lock(mu_);
+  cv_.wait(lock, [&] {
+    for (const std::string& r : request_ids)
+      if (loads_in_flight_.count(r)) return false;
+    return true;
+  });
+}
+
 }  // namespace kvbm

@@ -96,6 +96,42 @@ TEST(Worker, FinishedInTheStepThatStartsItsLoadWaitsForTheLoad) {
   EXPECT_TRUE(recving.empty());  // reported once, as sent
 }
 
+// A synchronous load (the engine waits for it before the forward pass) waits for its own
+// request's copies only, not for another request's slow load started earlier.
+TEST(Worker, WaitForRequestLoadsWaitsForThoseRequestsOnly) {
+  SimulatedEngine engine(HostOnly(8), SimEngineOptions{});
+  KvbmWorker& w = engine.worker();
+  const Layout& g1 = *w.device_layout();
+  const uint64_t chunk = g1.dims().chunk_bytes();
+  std::memset(w.device_memory().ChunkAddress(0, 0, 0), 0x5C, chunk);
+  StepMetadata store;
+  store.host_blocks = 8;
+  store.ops.push_back({1, OpKind::kStoreHost, "a", {{0, 0, 7}}});  // G1 block 0 -> G2 slot 0
+  ASSERT_TRUE(w.BindStep(store).has_value());
+  ASSERT_TRUE(w.ForwardPassDone().has_value());
+  w.SetLoadDelayForTesting(std::chrono::milliseconds(2000));
+  StepMetadata slow;
+  slow.host_blocks = 8;
+  slow.ops.push_back({2, OpKind::kLoadHost, "slow", {{0, 4, 7}}});
+  ASSERT_TRUE(w.BindStep(slow).has_value());
+  w.SetLoadDelayForTesting(std::chrono::milliseconds(0));
+  StepMetadata fast;
+  fast.host_blocks = 8;
+  fast.ops.push_back({3, OpKind::kLoadHost, "fast", {{0, 5, 7}}});
+  ASSERT_TRUE(w.BindStep(fast).has_value());
+  auto t0 = std::chrono::steady_clock::now();
+  std::vector<std::string> ids = {"fast"};
+  w.WaitForRequestLoads(ids);
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::milliseconds(1500)) << "waited for the slow load";
+  auto [sending, recving] = w.GetFinished();
+  EXPECT_EQ(recving, std::vector<std::string>{"fast"});
+  EXPECT_EQ(std::memcmp(w.device_memory().ChunkAddress(5, 0, 0), w.device_memory().ChunkAddress(0, 0, 0), chunk), 0)
+      << "the waited-for load's bytes are not in place";
+  w.WaitIdle();
+  auto [sending2, recving2] = w.GetFinished();
+  EXPECT_EQ(recving2, std::vector<std::string>{"slow"});
+}
+
 // A host slot whose promotion (G3 -> G2) failed holds no block; writing it down to G3 again
 // must not give a disk slot that verifies with the stale bytes the host slot still had (the
 // checksum is computed over what is written). Seen by the soak with G4 fetches, whose slots are

@@ -84,7 +84,7 @@ class PyLeader {
   PyLeader(uint32_t page_size, uint64_t bytes_per_block, std::optional<std::string> policy,
            std::optional<uint64_t> host_blocks, std::optional<uint64_t> disk_blocks,
            std::optional<std::map<std::string, std::string>> env, bool shared_metrics,
-           const std::string& remote_descriptor, uint32_t world_size) {
+           const std::string& remote_descriptor, uint32_t world_size, bool sync_loads) {
     KvbmConfig config = ConfigFrom(env);
     if (page_size == 0) throw ConfigError("kvbm leader: page_size (engine block size) must be > 0");
     std::optional<EvictionPolicy> p;
@@ -95,6 +95,9 @@ class PyLeader {
                                   : std::make_shared<KvbmMetrics>(config.cache_stats_max_requests);
     manager_ = std::make_unique<KvBlockManager>(config, tiers, page_size, metrics);
     leader_ = std::make_unique<ConnectorLeader>(manager_->chain(), config, page_size, metrics);
+    // DYN_KVBM_SYNC_LOAD_MAX_MB is per rank: the ranks copy their shards in parallel.
+    const uint64_t per_rank = world_size ? bytes_per_block / world_size : 0;
+    if (sync_loads && per_rank) leader_->SetSyncLoadMaxBlocks(config.sync_load_max_mb * 1'000'000 / per_rank);
   }
   ~PyLeader() {
     leader_.reset();  // its pins go before the manager's observability
@@ -136,10 +139,17 @@ void BindConnector(nb::module_& m) {
   nb::class_<PyLeader>(m, "Leader",
                        "Leader side of the connector core (scheduler process): pools, policy, per-request slots.")
       .def(nb::init<uint32_t, uint64_t, std::optional<std::string>, std::optional<uint64_t>, std::optional<uint64_t>,
-                    std::optional<std::map<std::string, std::string>>, bool, const std::string&, uint32_t>(),
+                    std::optional<std::map<std::string, std::string>>, bool, const std::string&, uint32_t, bool>(),
            "page_size"_a, "bytes_per_block"_a, "policy"_a = nb::none(), "host_blocks"_a = nb::none(),
            "disk_blocks"_a = nb::none(), "env"_a = nb::none(), "shared_metrics"_a = true,
-           "remote_descriptor"_a = "", "world_size"_a = 1)
+           "remote_descriptor"_a = "", "world_size"_a = 1, "sync_loads"_a = false,
+           "sync_loads: the engine can take synchronous loads (G2-only, up to DYN_KVBM_SYNC_LOAD_MAX_MB per rank); "
+           "get_num_new_matched_tokens then answers async=False for them.")
+      .def_prop_rw(
+          "sync_load_max_blocks", [](PyLeader& l) { return l.leader().sync_load_max_blocks(); },
+          [](PyLeader& l, uint64_t n) { l.leader().SetSyncLoadMaxBlocks(n); },
+          "G2-only loads of at most this many blocks are synchronous (0: none); set from "
+          "DYN_KVBM_SYNC_LOAD_MAX_MB when the engine takes synchronous loads")
       .def_prop_ro("has_remote", [](PyLeader& l) { return l.leader().chain().remote() != nullptr; })
       .def_prop_ro("host_blocks", [](PyLeader& l) { return l.leader().host_blocks(); })
       .def_prop_ro("disk_blocks", [](PyLeader& l) { return l.leader().disk_blocks(); })
@@ -297,6 +307,11 @@ void BindConnector(nb::module_& m) {
       .def("wait_idle", [](PyWorker& w) { w.w().WaitIdle(); }, nb::call_guard<nb::gil_scoped_release>())
       .def("wait_for_loads", [](PyWorker& w) { w.w().WaitForLoads(); }, nb::call_guard<nb::gil_scoped_release>(),
            "Blocks until every load started so far finished (synchronous loading engines).")
+      .def("wait_for_request_loads",
+           [](PyWorker& w, const std::vector<std::string>& ids) { w.w().WaitForRequestLoads(ids); },
+           "request_ids"_a, nb::call_guard<nb::gil_scoped_release>(),
+           "Blocks until these requests' loads finished (a synchronous load, before the forward pass); "
+           "other requests' loads may still run.")
       .def("set_load_delay_for_testing",
            [](PyWorker& w, int64_t ms) {
              if (ms < 0) throw ConfigError("set_load_delay_for_testing: the delay must be >= 0 ms");

@@ -133,6 +133,54 @@ def test_onboarded_bytes_match_blocks(first_pass, kvbm_engine):
     assert w["load_errors"] == 0
 
 
+def _steps_to_first_token(llm, rid: str, prompt: list[int]) -> tuple[int, list[int]]:
+    """Engine steps until the request's first (and only) token, and that token."""
+    from vllm import SamplingParams
+
+    engine = llm.llm_engine
+    engine.add_request(rid, {"prompt_token_ids": prompt},
+                       SamplingParams(temperature=0, max_tokens=1, detokenize=False, ignore_eos=True))
+    for step in range(1, 50):
+        for out in engine.step():
+            if out.request_id.startswith(rid) and out.outputs and out.outputs[0].token_ids:
+                return step, list(out.outputs[0].token_ids)
+    raise AssertionError(f"{rid}: no token after 50 steps")
+
+
+def test_g2_hit_is_one_engine_step_synchronous_load(first_pass, kvbm_engine):
+    """A hit served wholly from G2 is a synchronous load: vLLM schedules the request in the step
+    that loads it, so the first token comes after one engine step, as for vLLM's own prefix-cache
+    hit. With synchronous loads off (the asynchronous path, as for G3), the request first waits a
+    step for its load. Both give the tokens vLLM computes without any hit."""
+    from kvbm.testing.chat_workload import block_tokens
+
+    llm = kvbm_engine["llm"]
+    leader, _ = _connectors()
+    assert leader.leader.sync_load_max_blocks > 0, "DYN_KVBM_SYNC_LOAD_MAX_MB's default turned synchronous loads off"
+    default_max = leader.leader.sync_load_max_blocks
+    steps, tokens = {}, {}
+    try:
+        for mode, seed in (("sync", 910_000), ("async", 920_000)):
+            leader.leader.sync_load_max_blocks = default_max if mode == "sync" else 0
+            prompt = block_tokens(seed, 6 * 32 + 5, 2000)  # 6 full blocks: within G2's 24
+            computed_steps, computed = _steps_to_first_token(llm, f"{mode}-first", prompt)
+            assert computed_steps == 1
+            llm.reset_prefix_cache()  # G1 forgets it; kvbm's G2 still holds it
+            before = dict(leader.leader.stats())
+            steps[mode], tokens[mode] = _steps_to_first_token(llm, f"{mode}-hit", prompt)
+            d = _delta(dict(leader.leader.stats()), before)
+            assert d["onboard_host_blocks"] == 6 and d["onboard_disk_blocks"] == 0, (mode, d)
+            assert tokens[mode] == computed, mode
+            _drain(llm)
+            assert not any(leader.leader.is_loading(r) for r in list(leader._requests)), mode
+    finally:
+        leader.leader.sync_load_max_blocks = default_max
+    assert steps == {"sync": 1, "async": 2}, steps
+    for tier in ("host", "disk"):
+        pool = leader.leader.pool_stats(tier)
+        assert pool["free"] + pool["inactive"] == pool["num_blocks"], (tier, pool)  # pins released
+
+
 def _corrupt_disk_file(disk_dir: str) -> int:
     """Overwrites kvbm's (unlinked, still open) G3 file through /proc/self/fd; returns bytes."""
     for fd in os.listdir("/proc/self/fd"):

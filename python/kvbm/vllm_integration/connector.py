@@ -16,6 +16,16 @@ Timing inside a worker step: ``bind_connector_metadata`` binds the step (loads s
 before the forward pass); ``wait_for_save`` runs after the forward pass and copies the blocks
 that the pass completed G1 -> G2 (or G3), returning once G1 has been read.
 
+Synchronous loads: a hit served wholly from G2, of at most ``DYN_KVBM_SYNC_LOAD_MAX_MB`` per
+rank (default 256), is answered ``load_async=False``: vLLM schedules the request in the step
+that loads it, and the worker waits for those copies (only those) before the forward pass,
+instead of the request waiting a step in WAITING_FOR_REMOTE_KVS for the load to be reported.
+A G2 hit then costs one engine step, as vLLM's own prefix-cache hit does. vLLM does not expect
+a synchronous load in ``finished_recving``, so the worker reports it done through the step's
+worker metadata (``build_connector_worker_meta``), and the leader releases its pins there. G3
+and G4 loads stay asynchronous. With a vLLM that has no worker-metadata channel, every load is
+asynchronous.
+
 Counters across processes: behind vLLM's OpenAI server the engine core (scheduler, kvbm's
 leader and its Prometheus endpoint) and the workers are separate processes. Each worker reports
 the transfer counters it updated since its last report through vLLM's connector-stats channel
@@ -46,6 +56,11 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorMetadata,
     KVConnectorRole,
 )
+
+try:  # vLLM >= 0.32: the worker -> scheduler channel a synchronous load reports through
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorWorkerMetadata
+except ImportError:  # pragma: no cover - older vLLM: every load asynchronous
+    KVConnectorWorkerMetadata = None
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 
 from kvbm import _core
@@ -83,9 +98,34 @@ def live_connectors(role: str | None = None) -> list["DynamoConnector"]:
 
 @dataclass
 class DynamoConnectorMetadata(KVConnectorMetadata):
-    """One step's transfer operations for the workers: the leader's msgpack bytes, opaque here."""
+    """One step's transfer operations for the workers: the leader's msgpack bytes, opaque here,
+    and the requests whose loads in it are synchronous (the forward pass reads them)."""
 
     payload: bytes
+    sync_loads: list[str] = field(default_factory=list)
+
+
+if KVConnectorWorkerMetadata is not None:
+
+    @dataclass
+    class KvbmWorkerMetadata(KVConnectorWorkerMetadata):
+        """A worker's report for one step: the requests whose synchronous loads finished.
+
+        Every rank waits for its synchronous loads before the step's forward pass, so by the
+        time vLLM hands the step's aggregated output to the scheduler every rank has finished
+        them: the union is what the leader may release."""
+
+        loaded: list[str] = field(default_factory=list)
+
+        def aggregate(self, other: "KVConnectorWorkerMetadata") -> "KVConnectorWorkerMetadata":
+            if isinstance(other, KvbmWorkerMetadata):
+                self.loaded = sorted(set(self.loaded) | set(other.loaded))
+            return self
+
+    SYNC_LOADS_SUPPORTED = True
+else:  # pragma: no cover
+    KvbmWorkerMetadata = None
+    SYNC_LOADS_SUPPORTED = False
 
 
 @dataclass
@@ -235,7 +275,10 @@ class DynamoConnector(KVConnectorBase_V1):
             per_rank = bytes_per_block_from_config(kv_cache_config)
             self.bytes_per_block = per_rank * self._world_size
             self.leader = _core.Leader(self._block_size, self.bytes_per_block, policy=extra.get("policy"),
-                                       remote_descriptor=remote_descriptor(vllm_config), world_size=self._world_size)
+                                       remote_descriptor=remote_descriptor(vllm_config), world_size=self._world_size,
+                                       sync_loads=SYNC_LOADS_SUPPORTED)
+            self._sync_match: dict[str, bool] = {}  # request -> its last match is a synchronous load
+            self._sync_step: list[str] = []  # synchronous loads allocated for the step being built
             # Request objects by id: their token lists grow in place as the engine decodes.
             self._requests: dict[str, Request] = {}
             self._block_ids: dict[str, list[int]] = {}
@@ -255,6 +298,8 @@ class DynamoConnector(KVConnectorBase_V1):
             self.bytes_per_block = 0
             self._on_cuda = False
             self._reported: dict = {}  # transfer counters as of the last get_kv_connector_stats
+            self._sync_pending: set[str] = set()  # synchronous loads bound, not yet seen finished
+            self._sync_done: list[str] = []  # synchronous loads finished, for the step's worker metadata
         with _live_lock:
             _live.append(weakref.ref(self))
 
@@ -298,6 +343,7 @@ class DynamoConnector(KVConnectorBase_V1):
             self.recorder.on_arrival(request.request_id)
         self._sync_tokens(request)
         external, is_async, _host, _disk = self.leader.get_num_new_matched_tokens(request.request_id, num_computed_tokens)
+        self._sync_match[request.request_id] = external > 0 and not is_async
         return int(external), bool(is_async) and external > 0
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int):
@@ -308,6 +354,8 @@ class DynamoConnector(KVConnectorBase_V1):
         groups = blocks.get_block_ids()
         block_ids = list(groups[0]) if groups else []
         self.leader.update_state_after_alloc(rid, block_ids, num_external_tokens)
+        if self._sync_match.pop(rid, False) and num_external_tokens > 0:
+            self._sync_step.append(rid)  # vLLM schedules it in this very step
 
     def _scheduled(self, rid: str, num_computed: int, num_scheduled: int, prompt_token_ids=None) -> None:
         request = self._requests.get(rid)
@@ -337,14 +385,19 @@ class DynamoConnector(KVConnectorBase_V1):
             elif new_ids is not None:
                 self._block_ids.setdefault(rid, []).extend(new_ids[0])
             self._scheduled(rid, cached.num_computed_tokens[i], so.num_scheduled_tokens.get(rid, 0))
-        return DynamoConnectorMetadata(self.leader.build_step_metadata())
+        sync, self._sync_step = self._sync_step, []
+        return DynamoConnectorMetadata(self.leader.build_step_metadata(), sync)
 
     def update_connector_output(self, connector_output: "KVConnectorOutput"):
         stats = getattr(connector_output, "kv_connector_stats", None)
         if isinstance(stats, KVConnectorStats) and not stats.is_empty():
             self._fold_worker_counters(stats.data)
+        loaded = list(connector_output.finished_recving or ())
+        worker_meta = getattr(connector_output, "kv_connector_worker_meta", None)
+        if KvbmWorkerMetadata is not None and isinstance(worker_meta, KvbmWorkerMetadata):
+            loaded += worker_meta.loaded  # synchronous loads: their pins are released here
         self.leader.on_worker_output(
-            list(connector_output.finished_recving or ()),
+            loaded,
             list(connector_output.finished_sending or ()),
             list(connector_output.invalid_block_ids or ()),
         )
@@ -368,6 +421,7 @@ class DynamoConnector(KVConnectorBase_V1):
             self.recorder.on_finished(request)
         self._requests.pop(rid, None)
         self._block_ids.pop(rid, None)
+        self._sync_match.pop(rid, None)
         # True: a load still writes the request's blocks; vLLM keeps them until the worker
         # reports the request in finished_sending.
         return bool(self.leader.request_finished(rid)), None
@@ -405,12 +459,20 @@ class DynamoConnector(KVConnectorBase_V1):
         super().bind_connector_metadata(connector_metadata)
         assert isinstance(connector_metadata, DynamoConnectorMetadata), type(connector_metadata)
         self.worker.bind_step(connector_metadata.payload)
+        if connector_metadata.sync_loads:
+            # This step's forward pass reads these blocks: wait for their copies (only theirs;
+            # another request's G3 load may go on). Here rather than in start_load_kv, which
+            # vLLM calls after launching the forward pass on steps it thinks have no
+            # synchronous load: the bytes are in place before any forward pass, whatever vLLM
+            # believes.
+            self._sync_pending.update(connector_metadata.sync_loads)
+            self.worker.wait_for_request_loads(list(connector_metadata.sync_loads))
 
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
-        pass  # loads already started when the step was bound
+        pass  # loads started when the step was bound; synchronous ones are already in place
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        pass  # kvbm loads only into requests that wait for them (WAITING_FOR_REMOTE_KVS)
+        pass  # every layer of a synchronous load was in place before the forward pass
 
     def save_kv_layer(self, layer_name: str, kv_layer, attn_metadata, **kwargs: Any) -> None:
         pass  # stores run once per step, after the forward pass, in wait_for_save
@@ -428,7 +490,23 @@ class DynamoConnector(KVConnectorBase_V1):
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         sending, recving = self.worker.get_finished()
+        if self._sync_pending:
+            self._sync_pending.difference_update(sending)  # finished while loading: reported as sent
+            # vLLM expects only asynchronous loads here (a running request in finished_recving
+            # is an error there): synchronous ones go back through build_connector_worker_meta.
+            sync = [r for r in recving if r in self._sync_pending]
+            if sync:
+                self._sync_pending.difference_update(sync)
+                self._sync_done.extend(sync)
+                recving = [r for r in recving if r not in sync]
         return (set(sending) or None), (set(recving) or None)
+
+    def build_connector_worker_meta(self):
+        """The synchronous loads that finished this step, for the leader (None: none)."""
+        if self.worker is None or not self._sync_done or KvbmWorkerMetadata is None:
+            return None
+        done, self._sync_done = self._sync_done, []
+        return KvbmWorkerMetadata(loaded=done)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return set(self.worker.take_load_errors())
