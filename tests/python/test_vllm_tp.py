@@ -104,6 +104,8 @@ def tp_run(model_dir, reference, tmp_path_factory):
             "leader_bytes_per_block": leader.bytes_per_block,
             "leader_tiers": (leader.leader.host_blocks, leader.leader.disk_blocks),
             "leader_world_size": leader.world_size,
+            "sync_loads": (leader.sync_loads_started, leader.sync_loads_reported),
+            "loading_after": [r for r in list(leader._requests) if leader.leader.is_loading(r)],
         }
     finally:
         vr.close_llm(llm)
@@ -123,6 +125,15 @@ def test_outputs_identical_and_hits_from_g2_and_g3(reference, tp_run):
     assert stats["onboard_host_blocks"] > 0, stats
     assert stats["onboard_disk_blocks"] > 0, stats
     assert stats["load_errors"] == 0, stats
+
+
+def test_synchronous_g2_loads_come_back_from_both_ranks(tp_run):
+    """G2 hits load synchronously; the worker processes report each one through vLLM's worker
+    metadata (pickled across processes, aggregated over the ranks), and the leader releases it."""
+    started, reported = tp_run["sync_loads"]
+    assert started > 0, "no G2 hit was a synchronous load"
+    assert reported == started, tp_run["sync_loads"]
+    assert tp_run["loading_after"] == []
 
 
 def test_sizing_across_ranks(tp_run):

@@ -279,6 +279,10 @@ class DynamoConnector(KVConnectorBase_V1):
                                        sync_loads=SYNC_LOADS_SUPPORTED)
             self._sync_match: dict[str, bool] = {}  # request -> its last match is a synchronous load
             self._sync_step: list[str] = []  # synchronous loads allocated for the step being built
+            # Synchronous loads sent to the workers, and reported back by them (tests check that
+            # the worker-metadata channel carries every one, across processes too).
+            self.sync_loads_started = 0
+            self.sync_loads_reported = 0
             # Request objects by id: their token lists grow in place as the engine decodes.
             self._requests: dict[str, Request] = {}
             self._block_ids: dict[str, list[int]] = {}
@@ -386,6 +390,7 @@ class DynamoConnector(KVConnectorBase_V1):
                 self._block_ids.setdefault(rid, []).extend(new_ids[0])
             self._scheduled(rid, cached.num_computed_tokens[i], so.num_scheduled_tokens.get(rid, 0))
         sync, self._sync_step = self._sync_step, []
+        self.sync_loads_started += len(sync)
         return DynamoConnectorMetadata(self.leader.build_step_metadata(), sync)
 
     def update_connector_output(self, connector_output: "KVConnectorOutput"):
@@ -396,6 +401,7 @@ class DynamoConnector(KVConnectorBase_V1):
         worker_meta = getattr(connector_output, "kv_connector_worker_meta", None)
         if KvbmWorkerMetadata is not None and isinstance(worker_meta, KvbmWorkerMetadata):
             loaded += worker_meta.loaded  # synchronous loads: their pins are released here
+            self.sync_loads_reported += len(worker_meta.loaded)
         self.leader.on_worker_output(
             loaded,
             list(connector_output.finished_sending or ()),
