@@ -82,6 +82,31 @@ def test_connector_output_fields():
     assert {"finished_sending", "finished_recving", "invalid_block_ids"} <= _fields(KVConnectorOutput)
 
 
+def test_worker_metadata_channel_for_synchronous_loads():
+    """Synchronous G2 loads are reported through the worker -> scheduler metadata of each step
+    (vLLM asserts on a running request in finished_recving): the channel must exist, be
+    aggregated over the ranks with ``aggregate``, and reach ``update_connector_output``."""
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorWorkerMetadata
+    from vllm.v1.outputs import KVConnectorOutput
+
+    from kvbm.vllm_integration import connector as kc
+
+    assert "kv_connector_worker_meta" in _fields(KVConnectorOutput)
+    assert _params(KVConnectorBase_V1.build_connector_worker_meta) == []
+    assert _params(KVConnectorWorkerMetadata.aggregate) == ["other"]
+    assert kc.SYNC_LOADS_SUPPORTED
+    # Ranks' reports merge into one list (each rank waited for its loads before the step's forward).
+    a, b = kc.KvbmWorkerMetadata(loaded=["r1", "r2"]), kc.KvbmWorkerMetadata(loaded=["r2", "r3"])
+    assert a.aggregate(b).loaded == ["r1", "r2", "r3"]
+    # The scheduler calls update_connector_output with the step's output, worker metadata included.
+    import vllm.v1.core.sched.scheduler as sched
+
+    src = inspect.getsource(sched.Scheduler._update_from_kv_xfer_finished)
+    assert "update_connector_output(kv_connector_output)" in src
+    # A synchronous load: vLLM schedules the request in the same step (no WAITING_FOR_REMOTE_KVS).
+    assert "has_sync_kv_loads = True" in inspect.getsource(sched.Scheduler.schedule)
+
+
 def test_request_attributes():
     from vllm.v1.request import Request
 
