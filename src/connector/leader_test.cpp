@@ -46,6 +46,29 @@ MatchResult RunRequest(ConnectorLeader& l, const std::string& id, const std::vec
   return m;
 }
 
+// G2 of 8 blocks and G3 of 64, both sized in blocks.
+KvbmConfig HostAndDisk() {
+  KvbmConfig c;
+  c.cpu_cache_num_blocks = 8;
+  c.disk_cache_num_blocks = 64;
+  return c;
+}
+
+// Blocks of 4 tokens, 1000 bytes each.
+LeaderOptions Page4() {
+  LeaderOptions o;
+  o.page_size = 4;
+  o.bytes_per_block = 1000;
+  return o;
+}
+
+// Four requests of 5 blocks each with prefixes of their own: an 8-block G2 evicts what it held.
+void FlushHostWithOtherPrefixes(ConnectorLeader& l) {
+  // (Names built with fmt-free literals: g++ 12 -O3 warns falsely on "f" + to_string.)
+  const char* fillers[] = {"f0", "f1", "f2", "f3"};
+  for (int i = 0; i < 4; ++i) RunRequest(l, fillers[i], Tokens(20, 1000 + 100 * i));
+}
+
 TEST(Leader, NeverMatchesTheWholePrompt) {
   LeaderOptions o;
   o.page_size = 4;
@@ -106,13 +129,7 @@ TEST(Leader, LoadOpsPinUntilFinishedAndAbortDelaysFree) {
 }
 
 TEST(Leader, SmallHostLoadsAreSynchronousWhenAskedAndPinUntilTheWorkerReports) {
-  KvbmConfig c;
-  c.cpu_cache_num_blocks = 8;
-  c.disk_cache_num_blocks = 64;
-  LeaderOptions o;
-  o.page_size = 4;
-  o.bytes_per_block = 1000;
-  ConnectorLeader l(c, o);
+  ConnectorLeader l(HostAndDisk(), Page4());
   auto t = Tokens(20);
   RunRequest(l, "a", t);
   Flush(l);
@@ -144,9 +161,8 @@ TEST(Leader, SmallHostLoadsAreSynchronousWhenAskedAndPinUntilTheWorkerReports) {
   Flush(l);
   EXPECT_EQ(l.host_pool()->stats().active, 0u);
   // A run that reaches into G3 stays asynchronous, however short.
-  const char* fillers[] = {"f0", "f1", "f2", "f3"};
   RunRequest(l, "a2", t);  // second sight: admitted to G3
-  for (int i = 0; i < 4; ++i) RunRequest(l, fillers[i], Tokens(20, 1000 + 100 * i));
+  FlushHostWithOtherPrefixes(l);
   l.AddRequest("d", t);
   m = *l.GetNumNewMatchedTokens("d", 0);
   ASSERT_GT(m.disk_blocks, 0u);
@@ -211,22 +227,14 @@ TEST(Leader, ChunkedPrefillStoresEachBlockOnceAfterItsForwardPass) {
 }
 
 TEST(Leader, DiskAdmissionOnReuseAndDiskContinuation) {
-  KvbmConfig c;
-  c.cpu_cache_num_blocks = 8;
-  c.disk_cache_num_blocks = 64;
-  LeaderOptions o;
-  o.page_size = 4;
-  o.bytes_per_block = 1000;
-  ConnectorLeader l(c, o);
+  ConnectorLeader l(HostAndDisk(), Page4());
   auto t = Tokens(20);
   RunRequest(l, "a", t);
   EXPECT_EQ(l.chain().stats().offload_disk_blocks, 0u);  // first sight: filtered
   RunRequest(l, "b", t);  // second sight: the 4 G2 hits and the recomputed last block
   EXPECT_EQ(l.chain().stats().offload_disk_blocks, 5u);
   // Flush G2 with other prefixes; the match then continues from G3.
-  // (Names built with fmt-free literals: g++ 12 -O3 warns falsely on "f" + to_string.)
-  const char* fillers[] = {"f0", "f1", "f2", "f3"};
-  for (int i = 0; i < 4; ++i) RunRequest(l, fillers[i], Tokens(20, 1000 + 100 * i));
+  FlushHostWithOtherPrefixes(l);
   l.AddRequest("c", t);
   auto m = *l.GetNumNewMatchedTokens("c", 0);
   EXPECT_EQ(m.host_blocks + m.disk_blocks, 4u);

@@ -18,6 +18,15 @@ KvbmConfig HostOnly(uint64_t blocks) {
   return c;
 }
 
+// One step that stores G1 block 0 into G2 slot 0 (sequence hash 7), the forward pass done.
+void StoreBlock0(KvbmWorker& w) {
+  StepMetadata store;
+  store.host_blocks = 8;
+  store.ops.push_back({1, OpKind::kStoreHost, "a", {{0, 0, 7}}});
+  ASSERT_TRUE(w.BindStep(store).has_value());
+  ASSERT_TRUE(w.ForwardPassDone().has_value());
+}
+
 TEST(Worker, RejectsMalformedOutOfRangeAndMissizedSteps) {
   SimulatedEngine engine(HostOnly(8), SimEngineOptions{});
   KvbmWorker& w = engine.worker();
@@ -76,11 +85,7 @@ TEST(Worker, FinishedWhileLoadingIsReportedAsSent) {
 TEST(Worker, FinishedInTheStepThatStartsItsLoadWaitsForTheLoad) {
   SimulatedEngine engine(HostOnly(8), SimEngineOptions{});
   KvbmWorker& w = engine.worker();
-  StepMetadata store;
-  store.host_blocks = 8;
-  store.ops.push_back({1, OpKind::kStoreHost, "a", {{0, 0, 7}}});  // G1 block 0 -> G2 slot 0
-  ASSERT_TRUE(w.BindStep(store).has_value());
-  ASSERT_TRUE(w.ForwardPassDone().has_value());
+  StoreBlock0(w);
   w.SetLoadDelayForTesting(std::chrono::milliseconds(1000));
   StepMetadata m;
   m.host_blocks = 8;
@@ -104,11 +109,7 @@ TEST(Worker, WaitForRequestLoadsWaitsForThoseRequestsOnly) {
   const Layout& g1 = *w.device_layout();
   const uint64_t chunk = g1.dims().chunk_bytes();
   std::memset(w.device_memory().ChunkAddress(0, 0, 0), 0x5C, chunk);
-  StepMetadata store;
-  store.host_blocks = 8;
-  store.ops.push_back({1, OpKind::kStoreHost, "a", {{0, 0, 7}}});  // G1 block 0 -> G2 slot 0
-  ASSERT_TRUE(w.BindStep(store).has_value());
-  ASSERT_TRUE(w.ForwardPassDone().has_value());
+  StoreBlock0(w);
   w.SetLoadDelayForTesting(std::chrono::milliseconds(2000));
   StepMetadata slow;
   slow.host_blocks = 8;
