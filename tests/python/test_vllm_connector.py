@@ -150,8 +150,8 @@ def _steps_to_first_token(llm, rid: str, prompt: list[int]) -> tuple[int, list[i
 def test_g2_hit_is_one_engine_step_synchronous_load(first_pass, kvbm_engine):
     """A hit served wholly from G2 is a synchronous load: vLLM schedules the request in the step
     that loads it, so the first token comes after one engine step, as for vLLM's own prefix-cache
-    hit. With synchronous loads off (the asynchronous path, as for G3), the request first waits a
-    step for its load. Both give the tokens vLLM computes without any hit."""
+    hit. With synchronous loads off (the asynchronous path, as for G3), the request first waits at
+    least a step for its load. Both give the tokens vLLM computes without any hit."""
     from kvbm.testing.chat_workload import block_tokens
 
     llm = kvbm_engine["llm"]
@@ -175,7 +175,9 @@ def test_g2_hit_is_one_engine_step_synchronous_load(first_pass, kvbm_engine):
             assert not any(leader.leader.is_loading(r) for r in list(leader._requests)), mode
     finally:
         leader.leader.sync_load_max_blocks = default_max
-    assert steps == {"sync": 1, "async": 2}, steps
+    # Asynchronous: at least one step waiting for the load (more when the load has not finished by
+    # the end of the step that started it: the worker reports it at the next step's end).
+    assert steps["sync"] == 1 and steps["async"] >= 2, steps
     for tier in ("host", "disk"):
         pool = leader.leader.pool_stats(tier)
         assert pool["free"] + pool["inactive"] == pool["num_blocks"], (tier, pool)  # pins released
