@@ -68,6 +68,7 @@ struct KvEvent {
   BlockKey key;
   std::vector<Token> tokens;  // stored only; may be empty when the caller kept no tokens
   uint64_t event_id = 0;
+  BlockInputs inputs;  // stored only: what besides the tokens entered the block's hash
 };
 
 // Presence of each sequence hash across tiers; emits exactly one stored event when a hash
@@ -76,7 +77,8 @@ class BlockRegistry {
  public:
   using Sink = std::function<void(const KvEvent&)>;
   void AddSink(Sink sink);
-  void OnStored(TierId tier, const BlockKey& key, std::span<const Token> tokens);
+  void OnStored(TierId tier, const BlockKey& key, std::span<const Token> tokens,
+                const BlockInputs* inputs = nullptr);
   void OnRemoved(TierId tier, const BlockKey& key);
   // Tiers (bit i = TierId i) currently holding `hash`.
   uint32_t TiersHolding(SequenceHash hash) const;
@@ -224,9 +226,11 @@ class BlockPool : public std::enable_shared_from_this<BlockPool> {
   // Allocate + Complete + Register for each key, in order, under one lock: a key already held
   // gives the existing block. Stops at the first key that gets no block (the pool is full of
   // referenced or protected blocks) or collides; the run is shorter then. `tokens`, when not
-  // empty, has one entry per key (for the stored KV event).
+  // empty, has one entry per key (for the stored KV event), and so has `inputs` (the block's
+  // extra keys, for the same event).
   StoreRunResult StoreRun(std::span<const BlockKey> keys, uint32_t priority,
-                          std::span<const std::span<const Token>> tokens = {});
+                          std::span<const std::span<const Token>> tokens = {},
+                          std::span<const BlockInputs> inputs = {});
   // Longest prefix of `keys` held in this pool, each returned block referenced (pinned).
   // The first key may have any parent (a match continuing another tier's run); after it the
   // chain must be unbroken. An empty list matches nothing.
@@ -295,7 +299,7 @@ class BlockPool : public std::enable_shared_from_this<BlockPool> {
   void ReleaseLocked(uint32_t id);
   void MaybeEvictableLocked(uint32_t id);
   void UnevictableLocked(uint32_t id);
-  void RegisterLocked(uint32_t id, std::span<const Token> tokens);
+  void RegisterLocked(uint32_t id, std::span<const Token> tokens, const BlockInputs* inputs = nullptr);
   void UnregisterLocked(uint32_t id);
   void EvictLocked(uint32_t id);
   std::optional<uint32_t> TakeBlockLocked();

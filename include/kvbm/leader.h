@@ -90,10 +90,13 @@ class ConnectorLeader {
   const TierChain& chain() const { return *chain_; }
   const std::shared_ptr<KvbmMetrics>& metrics() const { return metrics_; }
 
-  // Creates the request's slot (idempotent: a known request keeps its tokens).
+  // Creates the request's slot (idempotent: a known request keeps its tokens). `extra`: the
+  // prompt's multimodal items and embedding digests (tokens.h), folded into the hashes of the
+  // blocks they shape; made for this leader's page size (else ConfigError).
   void AddRequest(const std::string& request_id, std::span<const Token> tokens,
                   const std::optional<std::string>& salt = std::nullopt,
-                  const std::optional<std::string>& lora_name = std::nullopt, uint32_t priority = 0);
+                  const std::optional<std::string>& lora_name = std::nullopt, uint32_t priority = 0,
+                  BlockExtraKeys extra = {});
   bool HasRequest(const std::string& request_id) const { return slots_.count(request_id) > 0; }
   // Tokens known for the request (so an adapter passes only the new ones).
   size_t NumTokens(const std::string& request_id) const;
@@ -133,6 +136,9 @@ class ConnectorLeader {
   struct Slot {
     std::string id;
     std::unique_ptr<TokenBlockSequence> seq;
+    // What KV events list beside the tokens (BlockInputs); `has_inputs` when any is set.
+    std::optional<std::string> salt, lora_name;
+    bool has_inputs = false;
     uint32_t priority = 0;
     std::vector<uint32_t> device_blocks;
     size_t offload_cursor = 0;  // blocks [0, cursor) are stored, skipped or cut off
@@ -147,6 +153,8 @@ class ConnectorLeader {
 
   Slot* Find(const std::string& request_id);
   void KeysFrom(const Slot& slot, size_t first, size_t last, std::vector<BlockKey>& out) const;
+  // Block `index`'s extra keys, as its stored event lists them.
+  static BlockInputs InputsOf(const Slot& slot, size_t index);
 
   const KvbmConfig config_;
   const uint32_t page_size_;
@@ -160,6 +168,7 @@ class ConnectorLeader {
   std::vector<std::string> finished_while_loading_;
   std::vector<BlockKey> keys_;                         // scratch
   std::vector<std::span<const Token>> tokens_;         // scratch
+  std::vector<BlockInputs> inputs_;                    // scratch
   LeaderStats stats_;
 };
 

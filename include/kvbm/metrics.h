@@ -11,7 +11,9 @@
 #include <cstdint>
 #include <deque>
 #include <mutex>
+#include <optional>
 #include <string>
+#include <string_view>
 
 namespace kvbm {
 
@@ -76,6 +78,15 @@ enum class DiskRecoveryResult : uint8_t { kVerified, kTorn, kCorrupt, kOtherLayo
 inline constexpr size_t kNumDiskRecoveryResults = static_cast<size_t>(DiskRecoveryResult::kCount);
 const char* DiskRecoveryResultLabel(DiskRecoveryResult result);  // "verified", "torn", ...
 
+// Why a request was neither matched nor stored: an input kvbm cannot key (a multimodal item
+// without a usable identifier or position, prompt embeddings it cannot read, or an input of the
+// engine's it does not know). Such a request is never served from a key that ignores an input.
+enum class BypassReason : uint8_t { kMultimodal, kPromptEmbeds, kUnknownInput, kCount };
+inline constexpr size_t kNumBypassReasons = static_cast<size_t>(BypassReason::kCount);
+const char* BypassReasonLabel(BypassReason reason);  // "multimodal", "prompt_embeds", "unknown_input"
+// The label back to its reason; nullopt for a label that names none.
+std::optional<BypassReason> BypassReasonFromLabel(std::string_view label);
+
 struct KvbmMetrics {
   explicit KvbmMetrics(size_t hit_rate_window = 1000)
       : host_hit_rate(hit_rate_window), disk_hit_rate(hit_rate_window) {}
@@ -101,6 +112,10 @@ struct KvbmMetrics {
   // scheduler side put back into its G3 pool (matchable again).
   std::array<std::atomic<uint64_t>, kNumDiskRecoveryResults> disk_recovery_blocks{};
   std::atomic<uint64_t> disk_restored_blocks{0};
+  // Requests kvbm left alone (BypassReason), and requests that must not read cached KV (vLLM's
+  // skip_reading_prefix_cache: prompt logprobs, some pooling tasks), stored but never loaded.
+  std::array<std::atomic<uint64_t>, kNumBypassReasons> bypassed_requests{};
+  std::atomic<uint64_t> read_skipped_requests{0};
   WindowedHitRate host_hit_rate;
   WindowedHitRate disk_hit_rate;
   // Pool occupancy per tier, refreshed by the manager when metrics are read.

@@ -137,9 +137,11 @@ class TierChain {
                       uint64_t& next_op_id);
 
   // Write-through of blocks the engine computed into `device_blocks` (one per key, in order).
-  // `tokens`, when not empty, has one entry per key (KV events carry them).
+  // `tokens`, when not empty, has one entry per key (KV events carry them), and so has
+  // `inputs` (each block's extra keys, for the same events).
   void Store(std::span<const BlockKey> keys, std::span<const std::span<const Token>> tokens,
-             std::span<const uint32_t> device_blocks, uint32_t priority);
+             std::span<const uint32_t> device_blocks, uint32_t priority,
+             std::span<const BlockInputs> inputs = {});
 
   // A load from `tier` of `key` failed verification or I/O: never matched again.
   void LoadFailed(TierId tier, const BlockKey& key);

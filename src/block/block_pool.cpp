@@ -14,13 +14,15 @@ void BlockRegistry::AddSink(Sink sink) {
   sinks_.push_back(std::move(sink));
 }
 
-void BlockRegistry::OnStored(TierId tier, const BlockKey& key, std::span<const Token> tokens) {
+void BlockRegistry::OnStored(TierId tier, const BlockKey& key, std::span<const Token> tokens,
+                             const BlockInputs* inputs) {
   std::lock_guard lock(mu_);
   uint32_t& mask = presence_[key.sequence_hash];
   bool first = mask == 0;
   mask |= 1u << static_cast<unsigned>(tier);
   if (first && !sinks_.empty()) {
-    KvEvent e{KvEvent::Kind::kStored, tier, key, std::vector<Token>(tokens.begin(), tokens.end()), next_event_id_++};
+    KvEvent e{KvEvent::Kind::kStored, tier, key, std::vector<Token>(tokens.begin(), tokens.end()), next_event_id_++,
+              inputs ? *inputs : BlockInputs{}};
     for (auto& sink : sinks_) sink(e);
   }
 }
@@ -261,7 +263,7 @@ void BlockPool::ReleaseLocked(uint32_t id) {
   }
 }
 
-void BlockPool::RegisterLocked(uint32_t id, std::span<const Token> tokens) {
+void BlockPool::RegisterLocked(uint32_t id, std::span<const Token> tokens, const BlockInputs* inputs) {
   Slot& s = slots_[id];
   s.state = BlockState::kRegistered;
   by_hash_.emplace(s.key.sequence_hash, id);
@@ -278,7 +280,7 @@ void BlockPool::RegisterLocked(uint32_t id, std::span<const Token> tokens) {
       if (++parent.children == 1 && leaf_only_) UnevictableLocked(p->second);
     }
   }
-  if (registry_) registry_->OnStored(tier_, s.key, tokens);
+  if (registry_) registry_->OnStored(tier_, s.key, tokens, inputs);
 }
 
 void BlockPool::UnregisterLocked(uint32_t id) {
@@ -430,7 +432,8 @@ Result<ImmutableBlock> BlockPool::Register(MutableBlock&& block) {
 }
 
 StoreRunResult BlockPool::StoreRun(std::span<const BlockKey> keys, uint32_t priority,
-                                   std::span<const std::span<const Token>> tokens) {
+                                   std::span<const std::span<const Token>> tokens,
+                                   std::span<const BlockInputs> inputs) {
   StoreRunResult out{BlockRun(weak_from_this(), tier_), {}};
   out.run.ids_.reserve(keys.size());
   out.fresh.reserve(keys.size());
@@ -453,7 +456,8 @@ StoreRunResult BlockPool::StoreRun(std::span<const BlockKey> keys, uint32_t prio
     s.key = key;
     s.priority = priority;
     s.refs = 1;  // active_ was counted by TakeBlockLocked
-    RegisterLocked(*id, tokens.empty() ? std::span<const Token>() : tokens[i]);
+    RegisterLocked(*id, tokens.empty() ? std::span<const Token>() : tokens[i],
+                   i < inputs.size() && !inputs[i].empty() ? &inputs[i] : nullptr);
     out.run.ids_.push_back(*id);
     out.fresh.push_back(1);
   }

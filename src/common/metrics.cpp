@@ -29,6 +29,23 @@ const char* DropReasonLabel(DropReason reason) {
   return "unknown";
 }
 
+const char* BypassReasonLabel(BypassReason reason) {
+  switch (reason) {
+    case BypassReason::kMultimodal: return "multimodal";
+    case BypassReason::kPromptEmbeds: return "prompt_embeds";
+    case BypassReason::kUnknownInput: return "unknown_input";
+    case BypassReason::kCount: break;
+  }
+  return "unknown";
+}
+
+std::optional<BypassReason> BypassReasonFromLabel(std::string_view label) {
+  for (size_t r = 0; r < kNumBypassReasons; ++r) {
+    if (label == BypassReasonLabel(static_cast<BypassReason>(r))) return static_cast<BypassReason>(r);
+  }
+  return std::nullopt;
+}
+
 const char* DiskRecoveryResultLabel(DiskRecoveryResult result) {
   switch (result) {
     case DiskRecoveryResult::kVerified: return "verified";

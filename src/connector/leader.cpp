@@ -41,11 +41,14 @@ ConnectorLeader::Slot* ConnectorLeader::Find(const std::string& request_id) {
 
 void ConnectorLeader::AddRequest(const std::string& request_id, std::span<const Token> tokens,
                                  const std::optional<std::string>& salt, const std::optional<std::string>& lora_name,
-                                 uint32_t priority) {
+                                 uint32_t priority, BlockExtraKeys extra) {
   if (slots_.count(request_id)) return;
   Slot slot;
   slot.id = request_id;
-  slot.seq = std::make_unique<TokenBlockSequence>(page_size_, ComputeSaltHash(salt, lora_name));
+  slot.has_inputs = salt || lora_name || !extra.empty();
+  slot.salt = salt;
+  slot.lora_name = lora_name;
+  slot.seq = std::make_unique<TokenBlockSequence>(page_size_, ComputeSaltHash(salt, lora_name), std::move(extra));
   slot.seq->Extend(tokens);
   slot.priority = priority;
   // Per request, only the leading run of blocks at or above the threshold is offloaded.
@@ -77,6 +80,16 @@ void ConnectorLeader::KeysFrom(const Slot& slot, size_t first, size_t last, std:
   last = std::min(last, blocks.size());
   if (first < last) out.reserve(last - first);
   for (size_t i = first; i < last; ++i) out.push_back(KeyOf(blocks[i]));
+}
+
+BlockInputs ConnectorLeader::InputsOf(const Slot& slot, size_t index) {
+  BlockInputs in;
+  in.lora_name = slot.lora_name;
+  if (index == 0) in.cache_salt = slot.salt;
+  const BlockExtraKeys& extra = slot.seq->extra_keys();
+  for (const auto& [id, offset] : extra.MultimodalKeys(index)) in.multimodal.emplace_back(std::string(id), offset);
+  if (const EmbedsDigest* e = extra.Embeds(index)) in.embeds = *e;
+  return in;
 }
 
 Result<MatchResult> ConnectorLeader::GetNumNewMatchedTokens(const std::string& request_id, uint64_t num_computed_tokens) {
@@ -174,9 +187,13 @@ Status ConnectorLeader::OnScheduled(const std::string& request_id, std::span<con
   if (slot->offload_cursor < full) {
     KeysFrom(*slot, slot->offload_cursor, full, keys_);
     tokens_.clear();
-    for (size_t i = slot->offload_cursor; i < full; ++i) tokens_.push_back(slot->seq->block_tokens(i));
+    inputs_.clear();
+    for (size_t i = slot->offload_cursor; i < full; ++i) {
+      tokens_.push_back(slot->seq->block_tokens(i));
+      if (slot->has_inputs) inputs_.push_back(InputsOf(*slot, i));
+    }
     std::span<const uint32_t> devices(slot->device_blocks.data() + slot->offload_cursor, full - slot->offload_cursor);
-    chain_->Store(keys_, tokens_, devices, slot->priority);
+    chain_->Store(keys_, tokens_, devices, slot->priority, inputs_);
   }
   slot->offload_cursor = std::max(slot->offload_cursor, full);
   return {};

@@ -104,11 +104,14 @@ void PackStored(Packer& pk, const KvEvent& e, uint32_t default_block_size, KvEve
   auto field = [&](std::string_view name) {
     if (enc == KvEventEncoding::kMap) PackStr(pk, name);
   };
+  // extra_keys only when the block has any: a text block's event is as before.
+  const bool extra = !e.inputs.empty();
+  const uint32_t fields = extra ? 9 : 8;
   if (enc == KvEventEncoding::kArray) {
-    pk.pack_array(8);
+    pk.pack_array(fields);
     PackStr(pk, "BlockStored");
   } else {
-    pk.pack_map(8);
+    pk.pack_map(fields);
     PackStr(pk, "type");
     PackStr(pk, "BlockStored");
   }
@@ -131,7 +134,32 @@ void PackStored(Packer& pk, const KvEvent& e, uint32_t default_block_size, KvEve
   field("medium");
   PackStr(pk, KvEventMedium(e.tier));
   field("lora_name");
-  pk.pack_nil();
+  if (e.inputs.lora_name) {
+    PackStr(pk, *e.inputs.lora_name);
+  } else {
+    pk.pack_nil();
+  }
+  if (extra) {
+    // vLLM's untagged per-block list: LoRA name, (identifier, offset) pairs, cache salt,
+    // embeddings digest; one entry, as each event names one block.
+    const BlockInputs& in = e.inputs;
+    field("extra_keys");
+    pk.pack_array(1);
+    pk.pack_array(static_cast<uint32_t>(in.multimodal.size() + (in.lora_name ? 1 : 0) + (in.cache_salt ? 1 : 0) +
+                                        (in.embeds ? 1 : 0)));
+    if (in.lora_name) PackStr(pk, *in.lora_name);
+    for (const auto& [id, offset] : in.multimodal) {
+      pk.pack_array(2);
+      PackStr(pk, id);
+      pk.pack_int64(offset);
+    }
+    if (in.cache_salt) PackStr(pk, *in.cache_salt);
+    if (in.embeds) {
+      uint64_t words[2] = {in.embeds->low, in.embeds->high};
+      pk.pack_bin(sizeof(words));
+      pk.pack_bin_body(reinterpret_cast<const char*>(words), sizeof(words));
+    }
+  }
 }
 
 void PackRemoved(Packer& pk, const KvEvent& e, KvEventEncoding enc) {

@@ -110,6 +110,15 @@ std::string RenderPrometheusText(const KvbmMetrics& m) {
     fmt::format_to(std::back_inserter(out), "kvbm_offload_dropped_blocks{{reason=\"{}\"}} {}\n",
                    DropReasonLabel(static_cast<DropReason>(r)), Load(m.dropped_offloads[r]));
   }
+  Header(out, "kvbm_bypassed_requests", "counter",
+         "Requests neither matched nor stored: an input kvbm cannot key, by reason.");
+  for (size_t r = 0; r < kNumBypassReasons; ++r) {
+    fmt::format_to(std::back_inserter(out), "kvbm_bypassed_requests{{reason=\"{}\"}} {}\n",
+                   BypassReasonLabel(static_cast<BypassReason>(r)), Load(m.bypassed_requests[r]));
+  }
+  Header(out, "kvbm_read_skipped_requests", "counter",
+         "Requests that must not read cached KV (prompt logprobs, some pooling tasks): stored, never loaded.");
+  Sample(out, "kvbm_read_skipped_requests", Load(m.read_skipped_requests));
   Header(out, "kvbm_load_errors", "counter", "Blocks reported to the engine as failed loads.");
   Sample(out, "kvbm_load_errors", Load(m.load_errors));
   Header(out, "kvbm_corrupt_blocks", "counter",

@@ -287,13 +287,14 @@ void TierChain::SeeForRemote(const BlockRun& host_run, size_t index, const Block
 }
 
 void TierChain::Store(std::span<const BlockKey> keys, std::span<const std::span<const Token>> tokens,
-                      std::span<const uint32_t> device_blocks, uint32_t priority) {
+                      std::span<const uint32_t> device_blocks, uint32_t priority,
+                      std::span<const BlockInputs> inputs) {
   if (keys.empty()) return;
   Check(device_blocks.size() >= keys.size() && (tokens.empty() || tokens.size() == keys.size()),
         "TierChain::Store: one device block (and token list) per key");
   // With G2 sized blocks go G1 -> G2 (and later G2 -> G3); with only G3, G1 -> G3 directly.
   BlockPool& target = host_ ? *host_ : *disk_;
-  StoreRunResult stored = target.StoreRun(keys, priority, tokens);
+  StoreRunResult stored = target.StoreRun(keys, priority, tokens, inputs);
   for (size_t i = 0; i < stored.run.size(); ++i) {
     const BlockKey& key = keys[i];
     if (!stored.fresh[i]) {

@@ -53,6 +53,10 @@ nb::dict MetricsDict(const KvbmMetrics& m) {
   }
   for (size_t r = 0; r < kNumDropReasons; ++r)
     d[(std::string("dropped_") + DropReasonLabel(static_cast<DropReason>(r))).c_str()] = m.dropped_offloads[r].load();
+  for (size_t r = 0; r < kNumBypassReasons; ++r)
+    d[(std::string("bypassed_") + BypassReasonLabel(static_cast<BypassReason>(r))).c_str()] =
+        m.bypassed_requests[r].load();
+  d["read_skipped_requests"] = m.read_skipped_requests.load();
   d["matched_tokens"] = m.matched_tokens.load();
   d["requested_tokens"] = m.requested_tokens.load();
   d["load_errors"] = m.load_errors.load();
@@ -158,8 +162,21 @@ void BindConnector(nb::module_& m) {
       .def_prop_ro("events_endpoint", [](PyLeader& l) { return l.manager().events_endpoint(); })
       .def("add_request",
            [](PyLeader& l, const std::string& id, const std::vector<Token>& tokens, std::optional<std::string> salt,
-              std::optional<std::string> lora, uint32_t priority) { l.leader().AddRequest(id, tokens, salt, lora, priority); },
-           "request_id"_a, "tokens"_a, "salt"_a = nb::none(), "lora_name"_a = nb::none(), "priority"_a = 0)
+              std::optional<std::string> lora, uint32_t priority, const BlockExtraKeys* extra) {
+             l.leader().AddRequest(id, tokens, salt, lora, priority, extra ? *extra : BlockExtraKeys{});
+           },
+           "request_id"_a, "tokens"_a, "salt"_a = nb::none(), "lora_name"_a = nb::none(), "priority"_a = 0,
+           "extra_keys"_a = nb::none())
+      .def("count_bypass",
+           [](PyLeader& l, const std::string& reason) {
+             auto r = BypassReasonFromLabel(reason);
+             if (!r) throw nb::value_error(("kvbm: unknown bypass reason '" + reason + "'").c_str());
+             ++l.leader().metrics()->bypassed_requests[static_cast<size_t>(*r)];
+           },
+           "reason"_a, "Counts a request left alone (kvbm_bypassed_requests{reason}): 'multimodal', "
+           "'prompt_embeds' or 'unknown_input'")
+      .def("count_read_skipped", [](PyLeader& l) { ++l.leader().metrics()->read_skipped_requests; },
+           "Counts a request that must not read cached KV (kvbm_read_skipped_requests)")
       .def("has_request", [](PyLeader& l, const std::string& id) { return l.leader().HasRequest(id); })
       .def("num_tokens", [](PyLeader& l, const std::string& id) { return l.leader().NumTokens(id); })
       .def("extend_tokens", [](PyLeader& l, const std::string& id, const std::vector<Token>& tokens) {

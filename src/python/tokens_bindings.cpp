@@ -9,6 +9,8 @@
 
 #include <fmt/format.h>
 #include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/pair.h>
 #include <nanobind/stl/map.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/shared_ptr.h>
@@ -64,12 +66,55 @@ void BindHashing(nb::module_& m) {
           return ChainSequenceHash(ToSequenceHash(parent), block_hash, salt_hash).value();
         },
         "parent"_a.none(), "block_hash"_a, "salt_hash"_a);
+  using Bytes = nb::ndarray<const uint8_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+  nb::class_<BlockExtraKeys>(m, "BlockExtraKeys",
+                             "What besides its tokens shapes each block of a prompt: multimodal items "
+                             "and prompt-embedding slices (folded into the block hashes).")
+      .def(nb::init<>())
+      .def("__init__",
+           [](BlockExtraKeys* self, uint32_t block_size, uint64_t num_prompt_tokens,
+              const std::vector<std::tuple<std::string, uint64_t, uint64_t>>& mm_items, std::optional<Bytes> embeds,
+              size_t embeds_row_bytes, std::optional<Bytes> is_token) {
+             std::vector<MultimodalItem> items;
+             items.reserve(mm_items.size());
+             for (const auto& [id, offset, length] : mm_items) items.push_back({id, offset, length});
+             std::vector<EmbedsDigest> digests;
+             if (embeds) {
+               std::span<const uint8_t> data(embeds->data(), embeds->size());
+               std::span<const uint8_t> mask;
+               if (is_token) mask = std::span<const uint8_t>(is_token->data(), is_token->size());
+               if (data.size() / std::max<size_t>(embeds_row_bytes, 1) != num_prompt_tokens)
+                 ThrowIfError(MakeError(ErrorCode::kInvalidArgument,
+                                        fmt::format("prompt embeddings have {} bytes: not {} rows of {} bytes",
+                                                    data.size(), num_prompt_tokens, embeds_row_bytes)));
+               nb::gil_scoped_release release;
+               digests = ThrowIfError(HashEmbedsBlocks(data, embeds_row_bytes, block_size, mask));
+             }
+             new (self) BlockExtraKeys(
+                 ThrowIfError(BlockExtraKeys::Make(block_size, num_prompt_tokens, std::move(items), std::move(digests))));
+           },
+           "block_size"_a, "num_prompt_tokens"_a, "mm_items"_a = std::vector<std::tuple<std::string, uint64_t, uint64_t>>{},
+           "embeds"_a = nb::none(), "embeds_row_bytes"_a = 0, "is_token"_a = nb::none(),
+           "mm_items: (identifier, offset, length) per item; embeds: the prompt's embeddings as one contiguous "
+           "uint8 array of num_prompt_tokens rows of embeds_row_bytes; is_token: one byte per position, nonzero "
+           "where the position is a token id (mixed prompts). InvalidArgumentError names what is wrong.")
+      .def_prop_ro("empty", &BlockExtraKeys::empty)
+      .def_prop_ro("block_size", &BlockExtraKeys::block_size)
+      .def("digest", &BlockExtraKeys::Digest, "index"_a)
+      .def("multimodal_keys",
+           [](const BlockExtraKeys& k, size_t i) {
+             std::vector<std::pair<std::string, int64_t>> out;
+             for (const auto& [id, off] : k.MultimodalKeys(i)) out.emplace_back(std::string(id), off);
+             return out;
+           },
+           "index"_a, "(identifier, offset relative to the block) of each item overlapping block `index`");
   m.def("hash_token_blocks",
-        [](const Tokens& tokens, uint32_t block_size, uint64_t salt_hash) {
-          return ThrowIfError(HashTokenBlocks(tokens, block_size, salt_hash));
+        [](const Tokens& tokens, uint32_t block_size, uint64_t salt_hash, const BlockExtraKeys* extra) {
+          static const BlockExtraKeys kNone;
+          return ThrowIfError(HashTokenBlocks(tokens, block_size, salt_hash, extra ? *extra : kNone));
         },
-        "tokens"_a, "block_size"_a, "salt_hash"_a, Release(),
-        "Hashes of the full blocks of `tokens`; a partial tail is ignored.");
+        "tokens"_a, "block_size"_a, "salt_hash"_a, "extra_keys"_a = nb::none(), Release(),
+        "Hashes of the full blocks of `tokens`; a partial tail is ignored; `extra_keys` folded in.");
 
   nb::class_<TokenBlockSequence>(m, "TokenBlockSequence",
                                  "A token sequence whose full blocks are hashed as they complete.")

@@ -65,6 +65,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStat
 
 from kvbm import _core
 from kvbm.vllm_integration.layout import element_order
+from kvbm.vllm_integration.request_keys import log_bypass_once, request_keys
 
 if TYPE_CHECKING:
     import torch
@@ -191,9 +192,11 @@ class TraceRecorder:
     def _id(self, sequence_hash: int) -> int:
         return self._ids.setdefault(sequence_hash, len(self._ids))
 
-    def hash_ids(self, prompt: list[int], salt: str | None, lora_name: str | None) -> list[int]:
+    def hash_ids(self, prompt: list[int], salt: str | None, lora_name: str | None, extra_keys=None) -> list[int]:
+        """`extra_keys`: the prompt's multimodal and embedding keys for 512-token blocks
+        (request_keys), so two prompts that differ only in an image get different ids."""
         salt_hash = _core.compute_salt_hash(salt, lora_name)
-        full = _core.hash_token_blocks(prompt, self.BLOCK_TOKENS, salt_hash)
+        full = _core.hash_token_blocks(prompt, self.BLOCK_TOKENS, salt_hash, extra_keys)
         ids = [self._id(int(b.sequence_hash)) for b in full]
         tail = prompt[len(full) * self.BLOCK_TOKENS:]
         if tail:
@@ -207,14 +210,15 @@ class TraceRecorder:
         arrival = self._arrival_ms.pop(rid, None)
         if arrival is None:
             arrival = int((time.monotonic() - self._start) * 1000)
-        prompt = list(request.prompt_token_ids or [])
+        prompt = list(request.prompt_token_ids or [0] * int(getattr(request, "num_prompt_tokens", 0) or 0))
         lora = getattr(request, "lora_request", None)
+        keys = request_keys(request, self.BLOCK_TOKENS)
         line = {
             "timestamp": arrival,
             "input_length": len(prompt),
             "output_length": int(getattr(request, "num_output_tokens", 0) or len(request.output_token_ids)),
             "hash_ids": self.hash_ids(prompt, getattr(request, "cache_salt", None),
-                                      lora.lora_name if lora is not None else None),
+                                      lora.lora_name if lora is not None else None, keys.extra),
         }
         self._file.write(json.dumps(line, separators=(",", ":")) + "\n")
         self._file.flush()
@@ -286,6 +290,9 @@ class DynamoConnector(KVConnectorBase_V1):
             # Request objects by id: their token lists grow in place as the engine decodes.
             self._requests: dict[str, Request] = {}
             self._block_ids: dict[str, list[int]] = {}
+            # Requests with an input kvbm cannot key: never matched, never stored (request_keys).
+            self._bypassed: set[str] = set()
+            self._read_skipped: set[str] = set()  # counted once each (kvbm_read_skipped_requests)
             self.preemptions = 0  # requests vLLM preempted (tests check that paths were exercised)
             self.recorder: TraceRecorder | None = None
             record, record_path = _core.record_settings()
@@ -324,28 +331,52 @@ class DynamoConnector(KVConnectorBase_V1):
 
     # ------------------------------------------------------------------ scheduler side
 
-    def _sync_tokens(self, request: "Request") -> None:
-        """Adds the request to the leader, or passes it the tokens it has not seen yet."""
+    def _bypass(self, rid: str, reason: str, detail: str) -> None:
+        self._bypassed.add(rid)
+        self.leader.count_bypass(reason)
+        log_bypass_once(reason, detail)
+
+    def _sync_tokens(self, request: "Request") -> bool:
+        """Adds the request to the leader, or passes it the tokens it has not seen yet. False:
+        the request is bypassed (an input kvbm cannot key), and the leader never sees it."""
         rid = request.request_id
+        if rid in self._bypassed:
+            return False
         tokens = request.all_token_ids
         if not self.leader.has_request(rid):
+            keys = request_keys(request, self._block_size)
+            if keys.bypass is not None:
+                self._bypass(rid, keys.bypass, keys.detail)
+                return False
             lora = getattr(request, "lora_request", None)
             self.leader.add_request(
                 rid,
                 list(tokens),
                 salt=getattr(request, "cache_salt", None),
                 lora_name=lora.lora_name if lora is not None else None,
+                extra_keys=keys.extra,
             )
-            return
+            return True
         known = self.leader.num_tokens(rid)
         if len(tokens) > known:
             self.leader.extend_tokens(rid, list(tokens[known:]))
+        return True
 
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
         self._requests[request.request_id] = request
         if self.recorder is not None:
             self.recorder.on_arrival(request.request_id)
-        self._sync_tokens(request)
+        if not self._sync_tokens(request):
+            return 0, False
+        if getattr(request, "skip_reading_prefix_cache", False):
+            # Prompt logprobs and some pooling tasks must be computed, not loaded: vLLM zeroes
+            # what a connector offers for them after asking, so kvbm offers nothing and pins
+            # nothing (its blocks are still stored).
+            if request.request_id not in self._read_skipped:
+                self._read_skipped.add(request.request_id)
+                self.leader.count_read_skipped()
+            self._sync_match[request.request_id] = False
+            return 0, False
         external, is_async, _host, _disk = self.leader.get_num_new_matched_tokens(request.request_id, num_computed_tokens)
         self._sync_match[request.request_id] = external > 0 and not is_async
         return int(external), bool(is_async) and external > 0
@@ -354,21 +385,34 @@ class DynamoConnector(KVConnectorBase_V1):
         rid = request.request_id
         if not self.leader.has_request(rid):
             self._requests[rid] = request
-            self._sync_tokens(request)
+            if not self._sync_tokens(request):
+                return
         groups = blocks.get_block_ids()
         block_ids = list(groups[0]) if groups else []
         self.leader.update_state_after_alloc(rid, block_ids, num_external_tokens)
         if self._sync_match.pop(rid, False) and num_external_tokens > 0:
             self._sync_step.append(rid)  # vLLM schedules it in this very step
 
-    def _scheduled(self, rid: str, num_computed: int, num_scheduled: int, prompt_token_ids=None) -> None:
+    def _scheduled(self, rid: str, num_computed: int, num_scheduled: int, new=None) -> None:
+        if rid in self._bypassed:
+            return
         request = self._requests.get(rid)
         if request is not None:
-            self._sync_tokens(request)
+            if not self._sync_tokens(request):
+                return
         elif not self.leader.has_request(rid):
+            prompt_token_ids = getattr(new, "prompt_token_ids", None)
             if prompt_token_ids is None:
                 return  # never seen and no tokens: nothing kvbm could store for it
-            self.leader.add_request(rid, list(prompt_token_ids))
+            if getattr(new, "mm_features", None) or getattr(new, "prompt_embeds", None) is not None:
+                # Only the scheduler's Request carries what keys these inputs; never store them
+                # under their token ids alone.
+                self._bypass(rid, "multimodal" if getattr(new, "mm_features", None) else "prompt_embeds",
+                             "scheduled without being seen by get_num_new_matched_tokens")
+                return
+            lora = getattr(new, "lora_request", None)
+            self.leader.add_request(rid, list(prompt_token_ids),
+                                    lora_name=lora.lora_name if lora is not None else None)
         self.leader.on_scheduled(rid, self._block_ids.get(rid, []), num_computed, num_scheduled)
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
@@ -379,8 +423,7 @@ class DynamoConnector(KVConnectorBase_V1):
             self._block_ids[rid] = []
         for new in so.scheduled_new_reqs:
             self._block_ids[new.req_id] = list(new.block_ids[0]) if new.block_ids else []
-            self._scheduled(new.req_id, new.num_computed_tokens, so.num_scheduled_tokens.get(new.req_id, 0),
-                            new.prompt_token_ids)
+            self._scheduled(new.req_id, new.num_computed_tokens, so.num_scheduled_tokens.get(new.req_id, 0), new)
         cached = so.scheduled_cached_reqs
         for i, rid in enumerate(cached.req_ids):
             new_ids = cached.new_block_ids[i]
@@ -428,6 +471,10 @@ class DynamoConnector(KVConnectorBase_V1):
         self._requests.pop(rid, None)
         self._block_ids.pop(rid, None)
         self._sync_match.pop(rid, None)
+        self._read_skipped.discard(rid)
+        if rid in self._bypassed:
+            self._bypassed.discard(rid)
+            return False, None
         # True: a load still writes the request's blocks; vLLM keeps them until the worker
         # reports the request in finished_sending.
         return bool(self.leader.request_finished(rid)), None
