@@ -1,18 +1,21 @@
-"""A tiny random-weight PaliGemma-shaped model (SigLIP vision tower + Gemma LM) for vLLM CPU.
+"""Tiny random-weight vision-language models for vLLM CPU: PaliGemma-shaped (SigLIP vision tower
++ Gemma LM) and Llava-shaped (the same SigLIP tower + a Llama LM).
 
-Why PaliGemma: on this machine's vLLM CPU 0.32 no torchvision matches the CPU torch, and most of
+Why these two: on this machine's vLLM CPU 0.32 no torchvision matches the CPU torch, and most of
 vLLM's VLM modules (llava, qwen2_vl, gemma3_mm, internvl, ...) reach torchvision at import through
-transformers' pixtral image processor. paligemma imports without it, its processor has a PIL
-backend (SiglipImageProcessorPil), and its two towers are plain SigLIP and Gemma, which vLLM
-runs on CPU. One import remains (:func:`install_pixtral_stub`).
+transformers' pixtral image processor. paligemma imports without it; llava imports once that one
+transformers module is satisfied (:func:`install_pixtral_stub`, and
+:func:`register_llava_in_process` for vLLM's registry). Both processors have a PIL backend
+(SiglipImageProcessorPil), and SigLIP, Gemma and Llama all run on vLLM's CPU backend.
 
-What vLLM does with a PaliGemma prompt (vllm/model_executor/models/paligemma.py): it *inserts*
-``image_tokens * n + [bos]`` at the start of the prompt (after ``[bos]`` when the tokenizer's
-``add_bos_token`` is true; false here) and appends ``"\\n"`` when the prompt does not end with it.
-So the image is always at offset 0 and a prompt carries at most one image; an image token written
-inside the prompt is not expanded (it stays an ordinary text token). For an image in the middle
-of a long prompt, put the text before it in the same request: the *prefix* blocks are then the
-image's blocks, and :func:`image_prompt` with ``text_after`` long gives the long-tail case.
+Where the image goes:
+- PaliGemma (vllm/model_executor/models/paligemma.py) *inserts* ``<image> * n + [<bos>]`` at the
+  start of the prompt (after ``<bos>`` when the tokenizer's ``add_bos_token`` is true; false
+  here) and appends ``"\\n"`` unless the prompt ends with it. So the image is always at offset 0,
+  one per prompt, and an ``<image>`` token written inside the prompt stays an ordinary text token.
+- Llava (vllm/model_executor/models/llava.py) *replaces* each ``<image>`` token of the prompt by
+  ``n`` placeholders: images go anywhere, several per prompt (:func:`interleaved_prompt`). Use it
+  for an image in the middle of a long prompt.
 
 Everything is written locally (config.json, model.safetensors, tokenizer, image processor,
 processor config) so vLLM runs with ``HF_HUB_OFFLINE=1``. The weights are a pure function of
@@ -106,17 +109,80 @@ def write_tiny_paligemma(directory: str | os.PathLike, *, seed: int = 0, std: fl
     sqrt(hidden) and ties the LM head to them, so large ones make every step repeat the last
     token and the output ignores the image. Idempotent like ``write_tiny_llama``.
     """
+    vision = dict(VISION_CONFIG, **(vision or {}))
+    text = dict(TEXT_CONFIG, **(text or {}))
+    return _write_model("paligemma", directory, vision, text, seed=seed, std=std, embed_std=embed_std,
+                        projector_std=projector_std)
+
+
+def write_tiny_llava(directory: str | os.PathLike, *, seed: int = 0, std: float = 0.08, embed_std: float = 0.08,
+                     projector_std: float = 0.02, vision: dict | None = None, text: dict | None = None) -> Path:
+    """A Llava-shaped model (the same SigLIP tower, a Llama LM like the tiny Llama, a two-layer
+    projector) for what PaliGemma cannot do: vLLM's llava processor *replaces* each ``<image>``
+    token of the prompt by the image's placeholders, so images go anywhere, several per prompt.
+
+    vLLM's llava module imports transformers' pixtral processor at import time, so
+    :func:`install_pixtral_stub` is needed here too.
+    """
+    vision = dict(VISION_CONFIG, **(vision or {}))
+    text = dict(LLAVA_TEXT_CONFIG, **(text or {}))
+    return _write_model("llava", directory, vision, text, seed=seed, std=std, embed_std=embed_std,
+                        projector_std=projector_std)
+
+
+LLAVA_TEXT_CONFIG = {
+    "model_type": "llama",
+    "hidden_size": 256,
+    "intermediate_size": 1024,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 64,
+    "vocab_size": VOCAB_SIZE,
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "hidden_act": "silu",
+    "tie_word_embeddings": False,
+    "torch_dtype": "float32",
+    "pad_token_id": PAD_ID,
+    "bos_token_id": BOS_ID,
+    "eos_token_id": EOS_ID,
+}
+
+
+def _llava_config(vision: dict, text: dict) -> dict:
+    return {
+        "architectures": ["LlavaForConditionalGeneration"],
+        "model_type": "llava",
+        "image_token_index": IMAGE_TOKEN_ID,
+        # SigLIP has no CLS token: "full" keeps every patch, one placeholder per patch.
+        "vision_feature_select_strategy": "full",
+        "vision_feature_layer": -1,
+        "projector_hidden_act": "gelu",
+        "multimodal_projector_bias": True,
+        "image_seq_length": image_tokens_per_image(vision),
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+        "pad_token_id": PAD_ID,
+        "bos_token_id": BOS_ID,
+        "eos_token_id": EOS_ID,
+        "vision_config": dict(vision),
+        "text_config": dict(text),
+    }
+
+
+def _write_model(kind: str, directory, vision: dict, text: dict, *, seed: int, std: float, embed_std: float,
+                 projector_std: float) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    vision = dict(VISION_CONFIG, **(vision or {}))
-    text = dict(TEXT_CONFIG, **(text or {}))
     if text["vocab_size"] <= FIRST_WORD_ID:
         raise ValueError(f"text vocab_size {text['vocab_size']} leaves no word tokens (first word id {FIRST_WORD_ID})")
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
-    stamp = {"vision": vision, "text": text, "seed": seed, "std": std, "embed_std": embed_std,
-             "projector_std": projector_std, "layout": 1}
+    stamp = {"kind": kind, "vision": vision, "text": text, "seed": seed, "std": std, "embed_std": embed_std,
+             "projector_std": projector_std, "layout": 2}
     stamp_file = path / "kvbm_tiny_vlm.json"
     weights = path / "model.safetensors"
     if weights.exists() and stamp_file.exists() and json.loads(stamp_file.read_text()) == stamp:
@@ -151,16 +217,26 @@ def write_tiny_paligemma(directory: str | os.PathLike, *, seed: int = 0, std: fl
         tensors[lp + "mlp.fc2.bias"] = torch.zeros(vh)
     tensors[v + "post_layernorm.weight"] = torch.ones(vh)
     tensors[v + "post_layernorm.bias"] = torch.zeros(vh)
-    tensors["multi_modal_projector.linear.weight"] = normal(th, vh, s=projector_std)
-    tensors["multi_modal_projector.linear.bias"] = torch.zeros(th)
+    if kind == "paligemma":
+        tensors["multi_modal_projector.linear.weight"] = normal(th, vh, s=projector_std)
+        tensors["multi_modal_projector.linear.bias"] = torch.zeros(th)
+    else:
+        tensors["multi_modal_projector.linear_1.weight"] = normal(th, vh, s=projector_std)
+        tensors["multi_modal_projector.linear_1.bias"] = torch.zeros(th)
+        tensors["multi_modal_projector.linear_2.weight"] = normal(th, th, s=projector_std)
+        tensors["multi_modal_projector.linear_2.bias"] = torch.zeros(th)
 
+    # Gemma's RMSNorm scales by (1 + weight), Llama's by weight: both start as the identity.
+    norm_one = torch.zeros(th) if kind == "paligemma" else torch.ones(th)
     lm = "language_model.model."
     tensors[lm + "embed_tokens.weight"] = normal(vocab, th, s=embed_std)
-    tensors[lm + "norm.weight"] = torch.zeros(th)  # Gemma's RMSNorm scales by (1 + weight)
+    tensors[lm + "norm.weight"] = norm_one.clone()
+    if kind == "llava":
+        tensors["language_model.lm_head.weight"] = normal(vocab, th)
     for i in range(text["num_hidden_layers"]):
         lp = f"{lm}layers.{i}."
-        tensors[lp + "input_layernorm.weight"] = torch.zeros(th)
-        tensors[lp + "post_attention_layernorm.weight"] = torch.zeros(th)
+        tensors[lp + "input_layernorm.weight"] = norm_one.clone()
+        tensors[lp + "post_attention_layernorm.weight"] = norm_one.clone()
         tensors[lp + "self_attn.q_proj.weight"] = normal(heads * head_dim, th)
         tensors[lp + "self_attn.k_proj.weight"] = normal(kv_heads * head_dim, th)
         tensors[lp + "self_attn.v_proj.weight"] = normal(kv_heads * head_dim, th)
@@ -169,10 +245,11 @@ def write_tiny_paligemma(directory: str | os.PathLike, *, seed: int = 0, std: fl
         tensors[lp + "mlp.up_proj.weight"] = normal(ti, th)
         tensors[lp + "mlp.down_proj.weight"] = normal(th, ti)
 
-    (path / "config.json").write_text(json.dumps(_config(vision, text), indent=1))
+    config = _config(vision, text) if kind == "paligemma" else _llava_config(vision, text)
+    (path / "config.json").write_text(json.dumps(config, indent=1))
     save_file(tensors, str(weights), metadata={"format": "pt"})
     _write_tokenizer(path, vocab, text["max_position_embeddings"])
-    _write_processor(path, vision)
+    _write_processor(path, vision, kind)
     stamp_file.write_text(json.dumps(stamp))
     return path
 
@@ -215,12 +292,13 @@ def _write_tokenizer(path: Path, vocab_size: int, max_len: int) -> None:
     }))
 
 
-def _write_processor(path: Path, vision: dict) -> None:
+def _write_processor(path: Path, vision: dict, kind: str) -> None:
     size = vision["image_size"]
+    processor_class = "PaliGemmaProcessor" if kind == "paligemma" else "LlavaProcessor"
     (path / "preprocessor_config.json").write_text(json.dumps({
         # The PIL backend: transformers' torchvision backend cannot load here.
         "image_processor_type": "SiglipImageProcessorPil",
-        "processor_class": "PaliGemmaProcessor",
+        "processor_class": processor_class,
         "do_resize": True,
         "size": {"height": size, "width": size},
         "resample": 3,
@@ -232,7 +310,11 @@ def _write_processor(path: Path, vision: dict) -> None:
         "do_convert_rgb": True,
         "image_seq_length": image_tokens_per_image(vision),
     }))
-    (path / "processor_config.json").write_text(json.dumps({"processor_class": "PaliGemmaProcessor"}))
+    processor = {"processor_class": processor_class}
+    if kind == "llava":
+        processor.update(patch_size=vision["patch_size"], vision_feature_select_strategy="full",
+                         num_additional_image_tokens=0, image_token="<image>")
+    (path / "processor_config.json").write_text(json.dumps(processor))
 
 
 _PIXTRAL_IMAGE_PROCESSOR = "transformers.models.pixtral.image_processing_pixtral"
@@ -277,7 +359,7 @@ def install_pixtral_stub() -> bool:
 
 
 def engine_kwargs(model_dir: str | os.PathLike, *, gpu_blocks: int | None = None, max_model_len: int = 2048,
-                  **extra) -> dict:
+                  images_per_prompt: int = 1, **extra) -> dict:
     """Keyword arguments for ``vllm.LLM`` running the tiny VLM on CPU (no kvbm; add
     ``kv_transfer_config`` through ``extra``). The tokenizer is loaded: the multimodal processor
     needs it."""
@@ -290,7 +372,7 @@ def engine_kwargs(model_dir: str | os.PathLike, *, gpu_blocks: int | None = None
         max_model_len=max_model_len,
         kv_cache_memory_bytes=64 << 20,
         num_gpu_blocks_override=gpu_blocks,
-        limit_mm_per_prompt={"image": 1},
+        limit_mm_per_prompt={"image": images_per_prompt},  # PaliGemma takes at most 1
         seed=0,
     )
     kw.update(extra)
@@ -322,13 +404,29 @@ def text_tokens(seed: int, n: int, vocab_size: int = VOCAB_SIZE) -> list[int]:
 
 
 def image_prompt(image, text: list[int]) -> dict:
-    """A vLLM prompt: ``text`` token ids with one image. vLLM inserts the image's placeholder
+    """A PaliGemma prompt: ``text`` token ids with one image. vLLM inserts the image's placeholder
     tokens and a ``<bos>`` at the start and a ``"\\n"`` at the end (see the module docstring)."""
     return {"prompt_token_ids": list(text), "multi_modal_data": {"image": image}}
 
 
+def interleaved_prompt(parts: list) -> dict:
+    """A Llava prompt from ``parts``: lists of text token ids and PIL images, in order. Each image
+    becomes one ``<image>`` token, which vLLM replaces by the image's placeholders."""
+    ids: list[int] = []
+    images = []
+    for part in parts:
+        if isinstance(part, list):
+            ids.extend(part)
+        else:
+            ids.append(IMAGE_TOKEN_ID)
+            images.append(part)
+    if not images:
+        raise ValueError("interleaved_prompt: no image among the parts (use a plain token prompt)")
+    return {"prompt_token_ids": ids, "multi_modal_data": {"image": images if len(images) > 1 else images[0]}}
+
+
 def expanded_prompt_len(text_len: int, vision_config: dict = VISION_CONFIG) -> int:
-    """Prompt tokens vLLM schedules for :func:`image_prompt` with ``text_len`` text ids."""
+    """Prompt tokens vLLM schedules for a PaliGemma :func:`image_prompt` with ``text_len`` text ids."""
     return image_tokens_per_image(vision_config) + 1 + text_len + 1  # image, <bos>, text, "\n"
 
 
@@ -340,3 +438,18 @@ def mm_identifier(image, model_id: str, algorithm: str = "blake3") -> str:
     from vllm.multimodal.hasher import MultiModalHasher
 
     return MultiModalHasher.hash_kwargs(algorithm, model_id=model_id, image=image)
+
+
+def register_llava_in_process() -> None:
+    """Makes vLLM inspect its llava model class in this process (call after
+    :func:`install_pixtral_stub`, before building a Llava engine).
+
+    vLLM's model registry inspects a lazily registered architecture in a fresh Python subprocess
+    (``_run_in_subprocess`` in vllm/model_executor/models/registry.py), which imports llava.py
+    without the stub and fails on torchvision. Registering the already imported class object
+    (the same class vLLM would load) makes the registry inspect it here.
+    """
+    from vllm import ModelRegistry
+    from vllm.model_executor.models.llava import LlavaForConditionalGeneration
+
+    ModelRegistry.register_model("LlavaForConditionalGeneration", LlavaForConditionalGeneration)
