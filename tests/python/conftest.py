@@ -1,7 +1,8 @@
 """Shared fixtures for the Python tests of kvbm.
 
 The tests import the installed package (``pip install .`` builds ``kvbm._core``); they never
-put python/ on sys.path, whose kvbm has no compiled extension.
+put python/ on sys.path, whose kvbm has no compiled extension. Test-only helpers live in
+tests/python/support/ (``from support.tiny_vlm import ...``), whatever pytest's import mode.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 @pytest.fixture
