@@ -81,7 +81,8 @@ class LayerGroup:
         """The salt group ``index``'s hashes are computed under (group 0: the request's own)."""
         if self.index == 0:
             return salt
-        return f"{salt or ''}{_GROUP_SEP}{self.index}:{self.description}"
+        own = "" if salt is None else f"salt={salt}"  # no salt and an empty one stay apart, as in group 0
+        return f"{own}{_GROUP_SEP}{self.index}:{self.description}"
 
 
 def group_request_id(request_id: str, group: int) -> str:
@@ -112,10 +113,10 @@ def _classify(index: int, group, block_size: int) -> LayerGroup:
             "for every group")
     if isinstance(spec, MambaSpec):
         raise UnsupportedKvCacheGroups(
-            f"kvbm: {layers} is a Mamba / linear-attention state ({type(spec).__name__}). vLLM keeps one recurrent "
-            "state per request there, not one per block, so kvbm cannot store the state at a block boundary that a "
-            "later hit would need, and loading only the attention groups would pair them with a wrong state. "
-            "Run this model without kvbm's connector (or without --kv-transfer-config).")
+            f"kvbm: {layers} is a Mamba / linear-attention state ({type(spec).__name__}, mamba_cache_mode="
+            f"{getattr(spec, 'mamba_cache_mode', '?')!r}). kvbm does not store recurrent states: a hit needs the state "
+            "at its exact block boundary, and loading only the attention groups would pair their KV with a state "
+            "computed for another prefix. Run this model without kvbm's connector (no --kv-transfer-config).")
     if isinstance(spec, SlidingWindowSpec):
         return LayerGroup(index, "sliding_window", names, block_size, int(spec.sliding_window),
                           int(getattr(spec, "extra_retained_tokens", 0) or 0))
