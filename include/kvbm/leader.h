@@ -116,6 +116,11 @@ class ConnectorLeader {
   // `block_ids`: all of the request's device blocks, in order, after this step's allocation.
   Status OnScheduled(const std::string& request_id, std::span<const uint32_t> block_ids,
                      uint64_t num_computed_tokens, uint64_t num_scheduled_tokens);
+  // Blocks before `first_block` are never stored for this request (those not stored yet are
+  // skipped): for a layer group that keeps only a window of blocks, such as vLLM's sliding-window
+  // groups, whose blocks outside every possible hit's window no later hit reads. Never moves the
+  // store cursor back.
+  Status SkipStores(const std::string& request_id, uint64_t first_block);
   // The engine preempted the request and freed its device blocks.
   void OnPreempted(const std::string& request_id);
   StepMetadata BuildStepMetadata();

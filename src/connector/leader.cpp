@@ -199,6 +199,13 @@ Status ConnectorLeader::OnScheduled(const std::string& request_id, std::span<con
   return {};
 }
 
+Status ConnectorLeader::SkipStores(const std::string& request_id, uint64_t first_block) {
+  Slot* slot = Find(request_id);
+  if (!slot) return MakeError(ErrorCode::kNotFound, "skip_stores: unknown request " + request_id);
+  slot->offload_cursor = std::max<size_t>(slot->offload_cursor, first_block);
+  return {};
+}
+
 void ConnectorLeader::OnPreempted(const std::string& request_id) {
   if (Slot* slot = Find(request_id)) slot->device_blocks.clear();
 }

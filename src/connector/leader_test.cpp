@@ -226,6 +226,20 @@ TEST(Leader, ChunkedPrefillStoresEachBlockOnceAfterItsForwardPass) {
   EXPECT_EQ(meta.ops[0].blocks[0].src, 2u);
 }
 
+TEST(Leader, SkippedBlocksAreNeverStoredAndTheCursorNeverGoesBack) {
+  ConnectorLeader l(HostOnly(), Page4());
+  l.AddRequest("a", Tokens(22));
+  ASSERT_TRUE(l.UpdateStateAfterAlloc("a", Ids(6), 0).has_value());
+  ASSERT_TRUE(l.SkipStores("a", 3).has_value());  // a window group: blocks 0..2 fell out of every hit's window
+  ASSERT_TRUE(l.SkipStores("a", 1).has_value());  // no effect: the cursor stays at block 3
+  ASSERT_TRUE(l.OnScheduled("a", Ids(6), 0, 22).has_value());
+  auto meta = l.BuildStepMetadata();
+  ASSERT_EQ(meta.ops.size(), 1u);
+  ASSERT_EQ(meta.ops[0].blocks.size(), 2u);  // blocks 3 and 4 (block 5 is partial)
+  EXPECT_EQ(meta.ops[0].blocks[0].src, 3u);
+  EXPECT_FALSE(l.SkipStores("unknown", 1).has_value());
+}
+
 TEST(Leader, DiskAdmissionOnReuseAndDiskContinuation) {
   ConnectorLeader l(HostAndDisk(), Page4());
   auto t = Tokens(20);

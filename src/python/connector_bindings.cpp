@@ -199,6 +199,13 @@ void BindConnector(nb::module_& m) {
              ThrowIfError(l.leader().OnScheduled(id, blocks, computed, scheduled));
            },
            "request_id"_a, "block_ids"_a, "num_computed_tokens"_a, "num_scheduled_tokens"_a)
+      .def("skip_stores",
+           [](PyLeader& l, const std::string& id, uint64_t first_block) {
+             ThrowIfError(l.leader().SkipStores(id, first_block));
+           },
+           "request_id"_a, "first_block"_a,
+           "Blocks before first_block are never stored for the request (a sliding-window group's blocks "
+           "outside the window of every later hit).")
       .def("on_preempted", [](PyLeader& l, const std::string& id) { l.leader().OnPreempted(id); })
       .def("build_step_metadata",
            [](PyLeader& l) {

@@ -202,6 +202,20 @@ def test_refuses_a_pool_that_is_not_the_engines_layout(kvbm_env):
         trt.DynamoKVBMConnectorWorker(make_llm_args(PAGE, attn_backend="NOPE"))
 
 
+def test_sliding_window_attention_is_refused_at_start(kvbm_env):
+    for windows, max_seq in (([4096, 512], 4096), ([512], 4096), (512, 4096)):
+        args = make_llm_args(PAGE)
+        args.kv_cache_config.max_attention_window = windows
+        args.max_seq_len = max_seq
+        for side in (trt.DynamoKVBMConnectorLeader, trt.DynamoKVBMConnectorWorker):
+            with pytest.raises(ValueError, match=r"max_attention_window=.*sliding-window"):
+                side(args)
+    args = make_llm_args(PAGE)
+    args.kv_cache_config.max_attention_window = [4096]  # one window as long as the sequence: full attention
+    args.max_seq_len = 4096
+    trt.DynamoKVBMConnectorLeader(args)
+
+
 def test_scheduler_before_registration_is_a_clear_error(kvbm_env):
     trt._rank0_worker_ref = None
     s = trt.DynamoKVBMConnectorLeader(make_llm_args(PAGE))

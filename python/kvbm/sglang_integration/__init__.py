@@ -127,7 +127,8 @@ def pool_geometry(pool: Any) -> PoolGeometry:
     buf = getattr(pool, "kv_buffer", None)
     if buf is None or layout is None:
         raise ValueError("kvbm: the host pool has no kv_buffer/layout (only MHA host pools are supported; "
-                         f"got {type(pool).__name__})")
+                         f"got {type(pool).__name__}: SGLang's hybrid SWA, Mamba and MLA host pools are refused, "
+                         "their pages are not one layer-uniform block per key)")
     page = int(pool.page_size)
     s = buf.stride()
     shape = tuple(buf.shape)

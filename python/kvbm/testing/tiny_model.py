@@ -84,6 +84,97 @@ def write_tiny_llama(directory: str | os.PathLike, *, std: float = 0.08, seed: i
     return path
 
 
+GEMMA3_CONFIG = {
+    "architectures": ["Gemma3ForCausalLM"],
+    "model_type": "gemma3_text",
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "num_hidden_layers": 6,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 64,
+    "vocab_size": 2000,
+    "max_position_embeddings": 16384,
+    "rms_norm_eps": 1e-6,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "query_pre_attn_scalar": 64,
+    "sliding_window": 64,
+    # Gemma 3's pattern: five sliding-window layers, then one global layer.
+    "layer_types": ["sliding_attention"] * 5 + ["full_attention"],
+    "rope_parameters": {
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+    },
+    "attn_logit_softcapping": None,
+    "final_logit_softcapping": None,
+    "tie_word_embeddings": True,
+    "torch_dtype": "float32",
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+
+
+def write_tiny_gemma3(directory: str | os.PathLike, *, std: float = 0.08, seed: int = 0, **overrides) -> Path:
+    """A Gemma-3-shaped text model (``Gemma3ForCausalLM``): sliding-window and global layers.
+
+    By default five sliding-window layers (window 64 tokens, two 32-token blocks) and one global
+    layer, as in Gemma 3, so vLLM's hybrid KV cache manager keeps two KV cache groups' worth of
+    layers apart and frees sliding-window blocks that fall out of the window. ``layer_types``
+    (one entry per layer) and ``sliding_window`` may be overridden. Same weights rule as
+    :func:`write_tiny_llama` (seeded normals, idempotent); Gemma's norms scale by ``1 + w``, so
+    their weights are zeros.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = dict(GEMMA3_CONFIG, **overrides)
+    if "layer_types" not in overrides and "num_hidden_layers" in overrides:
+        n = cfg["num_hidden_layers"]
+        cfg["layer_types"] = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(n)]
+    if len(cfg["layer_types"]) != cfg["num_hidden_layers"]:
+        raise ValueError(f"layer_types has {len(cfg['layer_types'])} entries for {cfg['num_hidden_layers']} layers")
+    stamp = {"config": cfg, "std": std, "seed": seed}
+    stamp_file = path / "kvbm_tiny_model.json"
+    weights = path / "model.safetensors"
+    if weights.exists() and stamp_file.exists() and json.loads(stamp_file.read_text()) == stamp:
+        return path
+
+    g = torch.Generator().manual_seed(seed)
+    hidden, inter, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    heads, kv_heads, head_dim = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+
+    def normal(*shape):
+        return (torch.randn(*shape, generator=g) * std).contiguous()
+
+    # Gemma scales the embeddings by sqrt(hidden) and ties them to the output head: smaller
+    # embeddings keep the first layer's input in the same range as the Llama's.
+    tensors = {
+        "model.embed_tokens.weight": normal(vocab, hidden) / hidden**0.5 * 4,
+        "model.norm.weight": torch.zeros(hidden),
+    }
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        for norm in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                     "post_feedforward_layernorm"):
+            tensors[p + norm + ".weight"] = torch.zeros(hidden)
+        tensors[p + "self_attn.q_norm.weight"] = torch.zeros(head_dim)
+        tensors[p + "self_attn.k_norm.weight"] = torch.zeros(head_dim)
+        tensors[p + "self_attn.q_proj.weight"] = normal(heads * head_dim, hidden)
+        tensors[p + "self_attn.k_proj.weight"] = normal(kv_heads * head_dim, hidden)
+        tensors[p + "self_attn.v_proj.weight"] = normal(kv_heads * head_dim, hidden)
+        tensors[p + "self_attn.o_proj.weight"] = normal(hidden, heads * head_dim)
+        tensors[p + "mlp.gate_proj.weight"] = normal(inter, hidden)
+        tensors[p + "mlp.up_proj.weight"] = normal(inter, hidden)
+        tensors[p + "mlp.down_proj.weight"] = normal(hidden, inter)
+    (path / "config.json").write_text(json.dumps(cfg, indent=1))
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    stamp_file.write_text(json.dumps(stamp))
+    return path
+
+
 def prepare_cpu_environment() -> None:
     """Environment vLLM needs for an offline, single-process CPU run; call before importing vllm.
 

@@ -105,6 +105,27 @@ def _tokens_per_block(llm_args: Any) -> int:
     return int(n)
 
 
+def _refuse_attention_windows(llm_args: Any) -> None:
+    """kvbm stores a block as every layer's KV of its tokens. With TensorRT-LLM's (variable)
+    sliding-window attention, ``kv_cache_config.max_attention_window`` shorter than the sequence
+    for some layers, the engine keeps those layers' blocks in per-window pools whose blocks it
+    reuses in place once they fall out of the window: one block id is not every layer's KV of the
+    same tokens, and a stored or loaded block would be wrong. Refused at start."""
+    kv = getattr(llm_args, "kv_cache_config", None)
+    windows = getattr(kv, "max_attention_window", None)
+    if not windows:
+        return
+    windows = [int(w) for w in (windows if isinstance(windows, (list, tuple)) else [windows])]
+    max_seq = getattr(llm_args, "max_seq_len", None)
+    if len(set(windows)) > 1 or (max_seq and min(windows) < int(max_seq)):
+        raise ValueError(
+            f"kvbm: kv_cache_config.max_attention_window={windows} (sliding-window / variable sliding-window "
+            "attention) is not supported by kvbm's TensorRT-LLM connector: the engine reuses window layers' blocks "
+            "in place, so a block would not hold every layer's KV of its tokens. Unset max_attention_window, or "
+            "run this model without the kvbm connector (vLLM with kvbm serves sliding-window models per KV cache "
+            "group, docs/VLLM.md).")
+
+
 def _rid(request_id: int) -> str:
     return str(int(request_id))
 
@@ -119,6 +140,7 @@ class DynamoKVBMConnectorLeader(KvCacheConnectorScheduler):
     def __init__(self, llm_args: Any, *, leader: "_core.Leader | None" = None):
         super().__init__(llm_args)
         self.page_size = _tokens_per_block(llm_args)
+        _refuse_attention_windows(llm_args)
         _, self.world_size = _parallel(llm_args)
         extra = getattr(llm_args, "kvbm_config", None) or {}
         # None: DYN_KVBM_{HOST,DISK}_EVICTION_POLICY, else kvbm's default (as in vLLM)
@@ -223,6 +245,7 @@ class DynamoKVBMConnectorWorker(KvCacheConnectorWorker):
         super().__init__(llm_args)
         self.rank, self.world_size = _parallel(llm_args)
         self.page_size = _tokens_per_block(llm_args)
+        _refuse_attention_windows(llm_args)
         backend = str(getattr(llm_args, "attn_backend", "TRTLLM") or "TRTLLM").upper()
         if backend not in ELEMENT_ORDER_BY_BACKEND:
             raise ValueError(f"kvbm: attention backend {backend!r} has no known KV element order "

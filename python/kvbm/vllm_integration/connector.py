@@ -55,6 +55,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    SupportsHMA,
 )
 
 try:  # vLLM >= 0.32: the worker -> scheduler channel a synchronous load reports through
@@ -64,6 +65,8 @@ except ImportError:  # pragma: no cover - older vLLM: every load asynchronous
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 
 from kvbm import _core
+from kvbm.vllm_integration.groups import KvCacheGroups
+from kvbm.vllm_integration.hybrid import GroupedFinished, GroupedScheduler
 from kvbm.vllm_integration.layout import element_order
 from kvbm.vllm_integration.request_keys import log_bypass_once, request_keys
 
@@ -236,18 +239,27 @@ def bytes_per_block_from_config(kv_cache_config: "KVCacheConfig") -> int:
     return total
 
 
-def remote_descriptor(vllm_config: "VllmConfig") -> str:
+def group_block_bytes(kv_cache_config: "KVCacheConfig") -> int:
+    """Bytes of one group's block on this rank (a hybrid model's kvbm block, groups.py): every
+    group has as many layers and the same page size under vLLM's HMA."""
+    group = kv_cache_config.kv_cache_groups[0]
+    return int(group.kv_cache_spec.page_size_bytes) * len(group.layer_names)
+
+
+def remote_descriptor(vllm_config: "VllmConfig", groups: KvCacheGroups | None = None) -> str:
     """What makes two engines' KV blocks interchangeable in G4 (the remote tier): the model, the
     KV dtype and the block size. Engines that agree on it share prefixes through G4; the tensor-
     parallel layout and rank are added by kvbm, and every value is verified on read. Set
     ``kv_connector_extra_config.remote_model_id`` when instances name the same model differently
-    (e.g. by local path)."""
+    (e.g. by local path). A hybrid model's descriptor also names every KV cache group's kind,
+    window and layers (``KvCacheGroups.descriptor``)."""
     extra = vllm_config.kv_transfer_config.kv_connector_extra_config or {}
     model = extra.get("remote_model_id") or vllm_config.model_config.model
     dtype = vllm_config.cache_config.cache_dtype
     if dtype in (None, "auto"):
         dtype = str(vllm_config.model_config.dtype).replace("torch.", "")
-    return f"model={model}|kv_dtype={dtype}|block={int(vllm_config.cache_config.block_size)}"
+    groups_part = groups.descriptor() if groups is not None else ""
+    return f"model={model}|kv_dtype={dtype}|block={int(vllm_config.cache_config.block_size)}{groups_part}"
 
 
 def _world_size(vllm_config: "VllmConfig") -> int:
@@ -257,8 +269,13 @@ def _world_size(vllm_config: "VllmConfig") -> int:
     return int(parallel.tensor_parallel_size)
 
 
-class DynamoConnector(KVConnectorBase_V1):
-    """kvbm's vLLM connector: both roles in one class, as vLLM requires."""
+class DynamoConnector(KVConnectorBase_V1, SupportsHMA):
+    """kvbm's vLLM connector: both roles in one class, as vLLM requires.
+
+    ``SupportsHMA``: vLLM keeps its hybrid KV cache manager on with kvbm. A model with one
+    full-attention group is served as before; a hybrid one (sliding-window, chunked-local and
+    full-attention groups) per group (groups.py, hybrid.py); a Mamba hybrid is refused at start.
+    """
 
     def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole, kv_cache_config: "KVCacheConfig | None" = None):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
@@ -273,14 +290,24 @@ class DynamoConnector(KVConnectorBase_V1):
         extra = vllm_config.kv_transfer_config.kv_connector_extra_config or {}
         self.leader: _core.Leader | None = None
         self.worker: _core.Worker | None = None
+        # vLLM's KV cache groups; a hybrid model is stored per group (None: not hybrid).
+        self.kv_groups = KvCacheGroups.from_config(kv_cache_config, self._block_size) if kv_cache_config else None
+        hybrid = self.kv_groups is not None and self.kv_groups.hybrid
+        self._grouped: GroupedScheduler | None = None
+        self._grouped_finished: GroupedFinished | None = GroupedFinished(self.kv_groups) if hybrid else None
         if role == KVConnectorRole.SCHEDULER:
             if kv_cache_config is None:
                 raise ValueError("kvbm: vLLM gave the scheduler-side connector no kv_cache_config")
-            per_rank = bytes_per_block_from_config(kv_cache_config)
+            per_rank = group_block_bytes(kv_cache_config) if hybrid else bytes_per_block_from_config(kv_cache_config)
             self.bytes_per_block = per_rank * self._world_size
             self.leader = _core.Leader(self._block_size, self.bytes_per_block, policy=extra.get("policy"),
-                                       remote_descriptor=remote_descriptor(vllm_config), world_size=self._world_size,
-                                       sync_loads=SYNC_LOADS_SUPPORTED)
+                                       remote_descriptor=remote_descriptor(vllm_config, self.kv_groups),
+                                       world_size=self._world_size, sync_loads=SYNC_LOADS_SUPPORTED)
+            # Requests with an input kvbm cannot key: never matched, never stored (request_keys).
+            self._bypassed: set[str] = set()
+            self._read_skipped: set[str] = set()  # counted once each (kvbm_read_skipped_requests)
+            if hybrid:
+                self._init_grouped()
             self._sync_match: dict[str, bool] = {}  # request -> its last match is a synchronous load
             self._sync_step: list[str] = []  # synchronous loads allocated for the step being built
             # Synchronous loads sent to the workers, and reported back by them (tests check that
@@ -290,9 +317,6 @@ class DynamoConnector(KVConnectorBase_V1):
             # Request objects by id: their token lists grow in place as the engine decodes.
             self._requests: dict[str, Request] = {}
             self._block_ids: dict[str, list[int]] = {}
-            # Requests with an input kvbm cannot key: never matched, never stored (request_keys).
-            self._bypassed: set[str] = set()
-            self._read_skipped: set[str] = set()  # counted once each (kvbm_read_skipped_requests)
             self.preemptions = 0  # requests vLLM preempted (tests check that paths were exercised)
             self.recorder: TraceRecorder | None = None
             record, record_path = _core.record_settings()
@@ -331,6 +355,72 @@ class DynamoConnector(KVConnectorBase_V1):
 
     # ------------------------------------------------------------------ scheduler side
 
+    def _init_grouped(self) -> None:
+        """A hybrid model: one leader slot per (request, group), each block one group's layers."""
+        groups = self.kv_groups.groups
+        self._grouped = GroupedScheduler(self.leader, self.kv_groups, self._block_size)
+        self._grouped.bypassed = self._bypassed
+        # DYN_KVBM_SYNC_LOAD_MAX_MB bounds a request's load, which is every group's.
+        self.leader.sync_load_max_blocks = self.leader.sync_load_max_blocks // len(groups)
+        logger.info(
+            "kvbm: hybrid model, %d KV cache groups (%s) of %d layers each; kvbm keys and stores each group's blocks "
+            "(window groups only the blocks a later hit needs)", len(groups),
+            ", ".join(g.kind if g.kind == "full" else f"{g.kind} {g.window}" for g in groups),
+            self.kv_groups.layers_per_group)
+
+    def _grouped_match(self, request: "Request", num_computed_tokens: int) -> tuple[int, bool]:
+        rid = request.request_id
+        self._requests[rid] = request
+        if self.recorder is not None:
+            self.recorder.on_arrival(rid)
+        if not self._grouped_keyable(request):
+            return 0, False
+        self._grouped.sync_tokens(request, rid)
+        if getattr(request, "skip_reading_prefix_cache", False):
+            if rid not in self._read_skipped:
+                self._read_skipped.add(rid)
+                self.leader.count_read_skipped()
+            self._sync_match[rid] = False
+            return 0, False
+        external, is_async = self._grouped.match(rid, num_computed_tokens, len(request.all_token_ids))
+        self._sync_match[rid] = external > 0 and not is_async
+        return external, is_async and external > 0
+
+    def _grouped_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int) -> None:
+        rid = request.request_id
+        self._requests.setdefault(rid, request)
+        if not self._grouped_keyable(request):
+            return
+        self._grouped.sync_tokens(request, rid)
+        self._grouped.after_alloc(rid, blocks.get_block_ids(), num_external_tokens)
+        if self._sync_match.pop(rid, False) and num_external_tokens > 0:
+            self._sync_step.append(rid)
+
+    def _grouped_connector_meta(self, so: "SchedulerOutput") -> KVConnectorMetadata:
+        self.preemptions += self._grouped.schedule(so, self._requests)
+        sync, self._sync_step = self._sync_step, []
+        self.sync_loads_started += len(sync)
+        return DynamoConnectorMetadata(self.leader.build_step_metadata(), sync)
+
+    def _slot_ids(self, request_ids) -> list[str]:
+        """The leader's slots of these requests (one per group for a hybrid model)."""
+        return self._grouped.expand(request_ids) if self._grouped is not None else list(request_ids)
+
+    def _grouped_keyable(self, request: "Request") -> bool:
+        """Hybrid models key tokens, salt and LoRA per group; a request with any other input
+        (images, prompt embeddings, what vLLM adds next) is bypassed there, never keyed on its
+        tokens alone."""
+        rid = request.request_id
+        if rid in self._bypassed:
+            return False
+        keys = request_keys(request, self._block_size)
+        if keys.bypass is not None or keys.extra is not None:
+            reason = keys.bypass or ("prompt_embeds" if getattr(request, "prompt_embeds", None) is not None
+                                     else "multimodal")
+            self._bypass(rid, reason, keys.detail or "multimodal and embedding keys are not yet grouped for hybrid models")
+            return False
+        return True
+
     def _bypass(self, rid: str, reason: str, detail: str) -> None:
         self._bypassed.add(rid)
         self.leader.count_bypass(reason)
@@ -363,6 +453,8 @@ class DynamoConnector(KVConnectorBase_V1):
         return True
 
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
+        if self._grouped is not None:
+            return self._grouped_match(request, num_computed_tokens)
         self._requests[request.request_id] = request
         if self.recorder is not None:
             self.recorder.on_arrival(request.request_id)
@@ -382,6 +474,8 @@ class DynamoConnector(KVConnectorBase_V1):
         return int(external), bool(is_async) and external > 0
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int):
+        if self._grouped is not None:
+            return self._grouped_after_alloc(request, blocks, num_external_tokens)
         rid = request.request_id
         if not self.leader.has_request(rid):
             self._requests[rid] = request
@@ -417,6 +511,8 @@ class DynamoConnector(KVConnectorBase_V1):
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
         so = scheduler_output
+        if self._grouped is not None:
+            return self._grouped_connector_meta(so)
         for rid in so.preempted_req_ids or ():
             self.leader.on_preempted(rid)
             self.preemptions += 1
@@ -446,8 +542,8 @@ class DynamoConnector(KVConnectorBase_V1):
             loaded += worker_meta.loaded  # synchronous loads: their pins are released here
             self.sync_loads_reported += len(worker_meta.loaded)
         self.leader.on_worker_output(
-            loaded,
-            list(connector_output.finished_sending or ()),
+            self._slot_ids(loaded),
+            self._slot_ids(connector_output.finished_sending or ()),
             list(connector_output.invalid_block_ids or ()),
         )
 
@@ -479,12 +575,31 @@ class DynamoConnector(KVConnectorBase_V1):
         # reports the request in finished_sending.
         return bool(self.leader.request_finished(rid)), None
 
+    def request_finished_all_groups(self, request: "Request",
+                                    block_ids: tuple[list[int], ...]) -> tuple[bool, dict[str, Any] | None]:
+        """SupportsHMA's request_finished: every group's blocks (vLLM calls it instead of
+        ``request_finished`` when the connector supports HMA)."""
+        if self._grouped is None:
+            return self.request_finished(request, list(block_ids[0]) if block_ids else [])
+        rid = request.request_id
+        if self.recorder is not None:
+            self.recorder.on_finished(request)
+        self._requests.pop(rid, None)
+        self._sync_match.pop(rid, None)
+        self._read_skipped.discard(rid)
+        if rid in self._bypassed:
+            self._bypassed.discard(rid)
+            return False, None
+        return self._grouped.finished(rid), None
+
     # ------------------------------------------------------------------ worker side
 
     def register_kv_caches(self, kv_caches: dict[str, "torch.Tensor"]):
         tensors = list(kv_caches.values())  # dict order is layer order
         if not tensors:
             raise ValueError("kvbm: register_kv_caches got no KV tensors")
+        if self._grouped_finished is not None:
+            tensors = self._group_block_tensors(kv_caches)
         first = tensors[0]
         num_blocks = self._kv_cache_config.num_blocks if self._kv_cache_config is not None else first.shape[0]
         self.worker.register_kv_caches(
@@ -501,12 +616,37 @@ class DynamoConnector(KVConnectorBase_V1):
         self._on_cuda = first.device.type == "cuda"
         self.bytes_per_block = int(self.worker.bytes_per_block)
         host, disk = _core.size_tiers(self.bytes_per_block * self._world_size)
-        self.worker.allocate_tiers(host, disk, remote_descriptor(self._vllm_config))
-        self.worker.connect_remote(remote_descriptor(self._vllm_config))
+        self.worker.allocate_tiers(host, disk, remote_descriptor(self._vllm_config, self.kv_groups))
+        self.worker.connect_remote(remote_descriptor(self._vllm_config, self.kv_groups))
         logger.info(
             "kvbm worker rank %d/%d: %d layers, %s, %d bytes per block on this rank; G2 %d blocks, G3 %d blocks",
             self.rank, self._world_size, len(tensors), self.worker.layout, self.bytes_per_block, host, disk,
         )
+
+    def _group_block_tensors(self, kv_caches: dict[str, "torch.Tensor"]) -> list["torch.Tensor"]:
+        """A hybrid model's G1 as kvbm addresses it: the tensors one group's block spans.
+
+        Under HMA the groups' tensors overlay one memory (a block id belongs to one group at a
+        time), the j-th layer of every group in the same tensor; so block b of those tensors is
+        group g's block b, whichever group g holds it. Anything else is refused: kvbm's blocks
+        would not be one group's layers."""
+        groups = self.kv_groups.groups
+        out = []
+        for j in range(self.kv_groups.layers_per_group):
+            names = [g.layer_names[j] for g in groups]
+            missing = [n for n in names if n not in kv_caches]
+            if missing:
+                raise ValueError(f"kvbm: register_kv_caches has no KV tensor for layer {missing[0]}")
+            ts = [kv_caches[n] for n in names]
+            first = ts[0]
+            for n, t in zip(names, ts):
+                if (t.data_ptr(), list(t.shape), list(t.stride())) != (first.data_ptr(), list(first.shape),
+                                                                        list(first.stride())):
+                    raise ValueError(
+                        f"kvbm: layers {names[0]} and {n} (position {j} of their KV cache groups) do not share one KV "
+                        "tensor; kvbm stores a hybrid model's blocks per group and needs vLLM's overlaid group layout")
+            out.append(first)
+        return out
 
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
         super().bind_connector_metadata(connector_metadata)
@@ -519,7 +659,10 @@ class DynamoConnector(KVConnectorBase_V1):
             # synchronous load: the bytes are in place before any forward pass, whatever vLLM
             # believes.
             self._sync_pending.update(connector_metadata.sync_loads)
-            self.worker.wait_for_request_loads(list(connector_metadata.sync_loads))
+            if self._grouped_finished is not None:
+                self.worker.wait_for_request_loads(self._grouped_finished.expand(connector_metadata.sync_loads))
+            else:
+                self.worker.wait_for_request_loads(list(connector_metadata.sync_loads))
 
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
         pass  # loads started when the step was bound; synchronous ones are already in place
@@ -543,6 +686,8 @@ class DynamoConnector(KVConnectorBase_V1):
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         sending, recving = self.worker.get_finished()
+        if self._grouped_finished is not None:
+            sending, recving = self._grouped_finished.collapse(sending, recving)  # each group's slot -> the request
         if self._sync_pending:
             self._sync_pending.difference_update(sending)  # finished while loading: reported as sent
             # vLLM expects only asynchronous loads here (a running request in finished_recving
